@@ -1,0 +1,150 @@
+"""The `featx` command: parses options and calls the library; nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from featx.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, MODELS
+
+app = typer.Typer(
+    help="The very deep features of Simonyan & Zisserman (arXiv 1409.1556, Appendix B).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Model = Enum("Model", {m: m for m in MODELS}, type=str)
+
+
+class Layer(str, Enum):
+    fc7 = "fc7"
+    fc6 = "fc6"
+    pool5 = "pool5"
+
+
+class Aggregate(str, Enum):
+    mean = "mean"
+    stack = "stack"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr and a non-zero exit: how every user error ends."""
+    typer.echo(f"featx: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def call(fn, *args, **kwargs):
+    """Run a library call; user errors become one line and exit code 2, never a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
+        fail(str(e))
+
+
+def parse_scales(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(q) for q in text.replace(" ", "").split(",") if q)
+    except ValueError:
+        fail(f"--scales {text!r} is not a list of integers; write e.g. --scales 256,384,512")
+
+
+def _warn_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"featx: warning: {message}", file=sys.stderr)
+
+
+@app.command()
+def extract(
+    paths: Annotated[list[Path], typer.Argument(help="Image folders (searched recursively) and/or image files.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The Parquet file to write (or resume).")],
+    model: Annotated[Model, typer.Option(help="torchvision VGG: D = vgg16, E = vgg19.")] = "vgg16",
+    weights: Annotated[str, typer.Option(help="'default' (torchvision IMAGENET1K_V1, downloaded once), a state-dict FILE, or 'random' (tests only).")] = "default",
+    layer: Annotated[Layer, typer.Option(help="fc7 (the paper's), fc6, or pool5 (512-D).")] = Layer.fc7,
+    scales: Annotated[str, typer.Option(help="Smaller-side sizes Q, comma-separated.")] = ",".join(map(str, DEFAULT_SCALES)),
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Average with the horizontally flipped image.")] = True,
+    aggregate: Annotated[Aggregate, typer.Option(help="Combine scales by mean (VOC) or stack (Caltech).")] = Aggregate.mean,
+    precision: Annotated[Precision, typer.Option(help="Model precision (bf16 changes numbers slightly; recorded).")] = Precision.fp32,
+    device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N].")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (same-shape images only).")] = 8,
+    workers: Annotated[int, typer.Option(help="Decode threads running ahead of the model.")] = 2,
+    max_pixels: Annotated[int, typer.Option(help="Refuse larger images before decoding them.")] = DEFAULT_MAX_PIXELS,
+    seed: Annotated[int, typer.Option(help="Seed of --weights random.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an OUTPUT made with other settings.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
+    profile: Annotated[bool, typer.Option(help="Print seconds spent per stage.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Describe every image with the paper's dense multi-scale VGG descriptor; write Parquet."""
+    from featx.config import ExtractConfig
+    from featx.extract import extract as run_extract
+
+    warnings.showwarning = _warn_one_line
+    config = call(
+        ExtractConfig,
+        model=model.value, weights=weights, layer=layer.value, scales=parse_scales(scales), flip=flip,
+        aggregate=aggregate.value, precision=precision.value, device=device, batch_size=batch_size,
+        workers=workers, max_pixels=max_pixels, seed=seed,
+    )
+    result = call(run_extract, paths, output, config, overwrite=overwrite, progress=not quiet)
+    if result.interrupted:
+        typer.echo(
+            f"featx: interrupted after {result.new_rows} new images; they are kept in "
+            f"{output}.partial — rerun the same command to resume",
+            err=True,
+        )
+        raise typer.Exit(130)
+    rate = result.images_per_second
+    typer.echo(
+        f"{result.output}: {result.rows} images ({result.new_rows} new), {result.failures} failures, "
+        f"{result.seconds:.1f} s, {rate:.2f} images/s"
+        + (f"; failures listed in {result.errors_file}" if result.errors_file else "")
+    )
+    if profile:
+        total = sum(result.stage_seconds.values()) or 1.0
+        for stage, s in result.stage_seconds.items():
+            typer.echo(f"  {stage:<9} {s:8.2f} s  {100 * s / total:5.1f}%")
+    if result.rows == 0:
+        fail("no image could be described; see the errors file for why", code=1)
+    if strict and result.failures:
+        fail(f"{result.failures} images failed (--strict)", code=1)
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="A featx Parquet file or folder.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the provenance as JSON.")] = False,
+) -> None:
+    """Rows, dimension, labels and provenance of a feature file."""
+    from featx.store import read_provenance, read_table
+
+    prov = call(read_provenance, path)
+    labels = read_table(path, ["label"]).column("label").value_counts().to_pylist()
+    if json_out:
+        typer.echo(json.dumps(prov, indent=2, sort_keys=True))
+        return
+    n = sum(c["counts"] for c in labels)
+    w = prov["weights"]
+    weights = {"random": f"RANDOM (seed {w.get('seed')}) - not for recognition", "file": f"{w.get('file')} (sha256 {str(w.get('sha256'))[:12]}…)"}.get(w["kind"], w.get("name"))
+    typer.echo(f"{path}: {n} rows × {prov['dim']} float32")
+    typer.echo(f"  model      {prov['model']}, weights {weights}")
+    typer.echo(f"  descriptor {prov['descriptor']}")
+    typer.echo(f"  precision  {prov['precision']} on {prov['device']}; settings hash {prov['settings_hash']}")
+    typer.echo(f"  software   featx {prov['featx_version']}, torch {prov['torch']}, torchvision {prov['torchvision']}")
+    shown = sorted(labels, key=lambda c: (-c["counts"], str(c["values"])))
+    typer.echo(f"  labels     {len(shown)}: " + ", ".join(f"{c['values']} ({c['counts']})" for c in shown[:12]) + (" …" if len(shown) > 12 else ""))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,123 @@
+"""Decode an image upright as 8-bit RGB and rescale it so its smaller side is Q.
+
+Paper, Appendix B: "the image is isotropically rescaled to the smallest side Q". The resize
+is torchvision's (bilinear, antialiased) on the uint8 tensor, as `transforms.v2.Resize(Q)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageFile, ImageOps
+
+# featx checks the pixel count itself (max_pixels) from the header, before decoding; Pillow's
+# own bomb check would otherwise warn or refuse images the user allowed with --max-pixels.
+Image.MAX_IMAGE_PIXELS = None
+# A truncated JPEG is an error to record, never a half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+RESIZE = {
+    "op": "torchvision.transforms.v2.functional.resize",
+    "input": "uint8 RGB, EXIF-upright, alpha composited over white",
+    "smaller_side": "Q",
+    "interpolation": "bilinear",
+    "antialias": True,
+}
+
+
+class ImageError(Exception):
+    """One image could not become a row; `stage` says where it failed."""
+
+    def __init__(self, stage: str, error: str, message: str):
+        super().__init__(message)
+        self.stage, self.error, self.message = stage, error, message
+
+
+@dataclass
+class Decoded:
+    width: int  # upright, after EXIF orientation
+    height: int
+    scaled: dict[int, torch.Tensor]  # Q -> uint8 [3, h, w], smaller side Q
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB for any mode: 16-bit is scaled (not clipped), alpha is composited over white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float64)
+        # 16-bit data: full range is 0..65535 (mode "I" from a 16-bit PNG holds the same).
+        peak = 65535.0 if (img.mode.startswith("I;16") or a.max(initial=0) > 255) else 255.0
+        a = np.clip(np.rint(a * (255.0 / peak)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(a, mode="L")
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        peak = 1.0 if a.max(initial=0) <= 1.0 else 255.0
+        img = Image.fromarray(np.clip(np.rint(a * 255.0 / peak), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def open_upright(file, max_pixels: int) -> Image.Image:
+    """Open, refuse oversized images from the header alone, decode the first frame upright."""
+    try:
+        img = Image.open(file)
+    except FileNotFoundError:
+        raise ImageError("read", "FileNotFoundError", "the file vanished before it was read") from None
+    except PermissionError as e:
+        raise ImageError("read", "PermissionError", f"cannot read the file: {e.strerror}") from None
+    except Exception as e:
+        raise ImageError("decode", type(e).__name__, f"not an image Pillow can open: {e}") from None
+    with img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageError(
+                "decode",
+                "TooManyPixels",
+                f"{w}x{h} = {w * h} pixels is over --max-pixels {max_pixels}; "
+                f"raise --max-pixels to include it",
+            )
+        try:
+            img.seek(0)  # animated GIF / WebP: the first frame
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            return to_rgb(upright)
+        except Exception as e:
+            raise ImageError("decode", type(e).__name__, f"cannot decode: {e}") from None
+
+
+def scaled_size(width: int, height: int, q: int, bucket: int = 0) -> tuple[int, int]:
+    """(h, w) with the smaller side Q, as torchvision's Resize(Q); `bucket` snaps the longer side."""
+    if width <= height:
+        long = int(q * height / width)
+        if bucket:
+            long = max(q, round(long / bucket) * bucket)
+        return long, q
+    long = int(q * width / height)
+    if bucket:
+        long = max(q, round(long / bucket) * bucket)
+    return q, long
+
+
+def rescale(image: torch.Tensor, q: int, bucket: int = 0) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, h, w] with min(h, w) == Q (bilinear, antialiased)."""
+    h, w = scaled_size(image.shape[-1], image.shape[-2], q, bucket)
+    return TF.resize(image, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def decode(file, scales: tuple[int, ...], max_pixels: int, bucket: int = 0) -> Decoded:
+    """Read one image and rescale it to every Q in `scales`; raises ImageError."""
+    img = open_upright(file, max_pixels)
+    tensor = pil_to_tensor(img)
+    scaled = {q: rescale(tensor, q, bucket) for q in scales}
+    return Decoded(img.width, img.height, scaled)

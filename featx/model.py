@@ -1,0 +1,69 @@
+"""VGG applied densely: the conv trunk, then fc6 as a 7x7 conv and fc7 as a 1x1 conv.
+
+Paper, Sec. 3.2 and Appendix B: at test time the fully connected layers become convolutions
+so the net runs on the whole rescaled image and yields a class-score (here: fc7) map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from featx.weights import Weights
+
+
+class DenseVGG(nn.Module):
+    """`trunk` ends with pool5; `head` is fc6 (7x7 conv) + ReLU [+ fc7 (1x1 conv) + ReLU]."""
+
+    def __init__(self, trunk: nn.Sequential, head: nn.Sequential):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def linear_as_conv(linear: nn.Linear, in_channels: int, kernel: int) -> nn.Conv2d:
+    """The same weights as a conv: (out, in*k*k) -> (out, in, k, k), in torchvision's C,H,W order."""
+    conv = nn.Conv2d(in_channels, linear.out_features, kernel_size=kernel)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.view(linear.out_features, in_channels, kernel, kernel))
+        conv.bias.copy_(linear.bias)
+    return conv
+
+
+def dense_from_torchvision(vgg: torchvision.models.VGG, layer: str = "fc7") -> DenseVGG:
+    """Reshape torchvision's classifier into the paper's fully convolutional net, up to `layer`."""
+    fc6, fc7 = vgg.classifier[0], vgg.classifier[3]
+    head: list[nn.Module] = []
+    if layer in ("fc6", "fc7"):
+        head += [linear_as_conv(fc6, 512, 7), nn.ReLU(inplace=True)]
+    if layer == "fc7":
+        head += [linear_as_conv(fc7, fc6.out_features, 1), nn.ReLU(inplace=True)]
+    return DenseVGG(vgg.features, nn.Sequential(*head)).eval()
+
+
+def torchvision_vgg(model: str, weights: Weights) -> torchvision.models.VGG:
+    """torchvision's own VGG with the given weights (a seeded random init for 'random')."""
+    builder = getattr(torchvision.models, model)
+    if weights.state_dict is None:
+        # Seeded without disturbing the caller's global RNG stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(weights.identity["seed"])
+            return builder(weights=None).eval()
+    vgg = builder(weights=None)
+    try:
+        vgg.load_state_dict(weights.state_dict)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ValueError(
+            f"--weights {weights.identity.get('file', weights.identity)} does not fit {model} "
+            f"({first[:160]}); pass the --model it was saved from"
+        ) from None
+    return vgg.eval()
+
+
+def build(model: str, weights: Weights, layer: str = "fc7") -> DenseVGG:
+    return dense_from_torchvision(torchvision_vgg(model, weights), layer)

@@ -1,0 +1,45 @@
+"""Shared fixtures: the repo's sample images, generated images, a random-weight net."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data" / "samples"
+SHARED_MINI = REPO.parent / "shared" / "data" / "caltech101-mini" / "101_ObjectCategories"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_random_weights_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*randomly initialised VGG.*")
+        yield
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    return SAMPLES
+
+
+def smooth_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A smooth random RGB image: natural-ish statistics, so resizing matters to the features."""
+    small = rng.integers(0, 256, size=(max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+    noise = rng.integers(-20, 21, size=(height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.int32) + noise, 0, 255).astype(np.uint8))
+
+
+def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0, label: str = "cls") -> list[Path]:
+    rng = np.random.default_rng(seed)
+    (folder / label).mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, (w, h) in enumerate(sizes):
+        f = folder / label / f"img_{i:03d}.jpg"
+        smooth_image(rng, w, h).save(f, quality=92)
+        files.append(f)
+    return files
