@@ -26,6 +26,8 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device}: featx runs on cpu or cuda[:N]")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPUs are visible; use cuda:0..")
     return dev
 
 
