@@ -80,6 +80,7 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (same-shape images only).")] = 8,
     workers: Annotated[int, typer.Option(help="Decode threads running ahead of the model.")] = 2,
     max_pixels: Annotated[int, typer.Option(help="Refuse larger images before decoding them.")] = DEFAULT_MAX_PIXELS,
+    rows_per_group: Annotated[int, typer.Option(help="Rows per persisted piece: a killed run loses at most this many.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of --weights random.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an OUTPUT made with other settings.")] = False,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
@@ -95,7 +96,7 @@ def extract(
         ExtractConfig,
         model=model.value, weights=weights, layer=layer.value, scales=parse_scales(scales), flip=flip,
         aggregate=aggregate.value, precision=precision.value, device=device, batch_size=batch_size,
-        workers=workers, max_pixels=max_pixels, seed=seed,
+        workers=workers, max_pixels=max_pixels, seed=seed, rows_per_group=rows_per_group,
     )
     result = call(run_extract, paths, output, config, overwrite=overwrite, progress=not quiet)
     if result.interrupted:

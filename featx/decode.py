@@ -19,12 +19,18 @@ Image.MAX_IMAGE_PIXELS = None
 # A truncated JPEG is an error to record, never a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# Beyond this aspect ratio the longer side is centre-cropped before rescaling: a 100:1 banner
+# at Q=768 would otherwise need tens of GiB of activations for a single image.
+MAX_ASPECT = 10
+
 RESIZE = {
     "op": "torchvision.transforms.v2.functional.resize",
     "input": "uint8 RGB, EXIF-upright, alpha composited over white",
     "smaller_side": "Q",
     "interpolation": "bilinear",
     "antialias": True,
+    "max_aspect": MAX_ASPECT,
+    "beyond_max_aspect": "centre crop of the longer side",
 }
 
 
@@ -50,11 +56,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         # 16-bit data: full range is 0..65535 (mode "I" from a 16-bit PNG holds the same).
         peak = 65535.0 if (img.mode.startswith("I;16") or a.max(initial=0) > 255) else 255.0
         a = np.clip(np.rint(a * (255.0 / peak)), 0, 255).astype(np.uint8)
-        img = Image.fromarray(a, mode="L")
+        img = Image.fromarray(a)
     elif img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
         peak = 1.0 if a.max(initial=0) <= 1.0 else 255.0
-        img = Image.fromarray(np.clip(np.rint(a * 255.0 / peak), 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(np.rint(a * 255.0 / peak), 0, 255).astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -105,8 +111,21 @@ def scaled_size(width: int, height: int, q: int, bucket: int = 0) -> tuple[int, 
     return q, long
 
 
+def crop_aspect(image: torch.Tensor, max_aspect: int = MAX_ASPECT) -> torch.Tensor:
+    """Centre-crop the longer side of a [3, H, W] image to at most `max_aspect` x the shorter."""
+    h, w = image.shape[-2:]
+    if w > max_aspect * h:
+        x0 = (w - max_aspect * h) // 2
+        return image[..., :, x0 : x0 + max_aspect * h]
+    if h > max_aspect * w:
+        y0 = (h - max_aspect * w) // 2
+        return image[..., y0 : y0 + max_aspect * w, :]
+    return image
+
+
 def rescale(image: torch.Tensor, q: int, bucket: int = 0) -> torch.Tensor:
     """uint8 [3, H, W] -> uint8 [3, h, w] with min(h, w) == Q (bilinear, antialiased)."""
+    image = crop_aspect(image)
     h, w = scaled_size(image.shape[-1], image.shape[-2], q, bucket)
     return TF.resize(image, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 

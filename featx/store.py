@@ -106,10 +106,17 @@ class Pieces:
 
     def start(self, provenance: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "settings.json").write_text(json.dumps(provenance, sort_keys=True, indent=1))
+        tmp = self.folder / "settings.json.tmp"
+        tmp.write_text(json.dumps(provenance, sort_keys=True, indent=1))
+        os.replace(tmp, self.folder / "settings.json")
 
     def provenance(self) -> dict:
-        return json.loads((self.folder / "settings.json").read_text())
+        try:
+            return json.loads((self.folder / "settings.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"{self.folder}/settings.json is unreadable ({e}); pass --overwrite to start over"
+            ) from None
 
     def _next_index(self) -> int:
         if self._count is None:
@@ -159,7 +166,7 @@ def merge(out: Path, schema: pa.Schema, sources: Iterable[Path], error_sources: 
                 paths = table.column("path").to_pylist()
                 keep = [i for i, p in enumerate(paths) if p not in seen]
                 if len(keep) < len(paths):
-                    table = table.take(keep)
+                    table = table.take(pa.array(keep, pa.int64()))
                 seen.update(paths)
                 if table.num_rows:
                     writer.write_table(table.cast(schema))
