@@ -28,6 +28,7 @@ from featx.decode import RESIZE, Decoded, ImageError, decode
 from featx.descriptor import DenseDescriber, combine, resolve_device
 from featx.discover import Item, discover
 from featx.model import build
+from featx.shard import take_shard
 from featx.weights import identify, normalization, resolve
 
 STAGES = ("decode", "model", "aggregate", "write")
@@ -108,7 +109,7 @@ def differing(old: dict, new: dict) -> str:
 class Run:
     """One extraction job: decides what to resume, runs the stages, finalises the output."""
 
-    def __init__(self, paths, output, config: ExtractConfig, overwrite: bool, progress: bool):
+    def __init__(self, paths, output, config: ExtractConfig, overwrite: bool, progress: bool, shard=None):
         self.config, self.overwrite, self.show_progress = config, overwrite, progress
         self.out = Path(output).expanduser()
         if self.out.is_dir():
@@ -118,8 +119,11 @@ class Run:
         self.items = discover(paths)
         if not self.items:
             raise ValueError(f"no images found under {', '.join(map(str, paths))}; check the PATH")
+        if shard is not None:
+            self.items = take_shard(self.items, shard)
         self.pieces = store.Pieces(self.out)
         self.stage_seconds = dict.fromkeys(STAGES, 0.0)
+        self._advance: Callable[[float], None] = lambda n: None
         self._lock = threading.Lock()
 
     # -- deciding what to do -------------------------------------------------------------
@@ -214,6 +218,7 @@ class Run:
                     t = time.perf_counter()
                     self._run_batch(describer, decoded, q, batch, out, failed)
                     t_model += time.perf_counter() - t
+                    self._advance(len(batch) / len(cfg.scales))
             per_scale.append(out)
         self.stage_seconds["model"] += t_model
         t = time.perf_counter()
@@ -278,25 +283,24 @@ class Run:
             if not self.pieces.exists():
                 self.pieces.start(prov)
             try:
-                with _progress(len(todo), self.show_progress) as advance, _sigterm_as_interrupt():
+                with _progress(len(todo), self.show_progress) as self._advance, _sigterm_as_interrupt():
                     group: list[tuple[Item, Decoded]] = []
                     errors: list[dict] = []
                     for item, result in self._decoded(todo):
                         if isinstance(result, ImageError):
                             errors.append(_error_record(item, result))
+                            self._advance(1)
                         else:
                             group.append((item, result))
                         if len(group) + len(errors) >= cfg.rows_per_group:
                             written = self._flush(schema, group, errors, describer)
                             new_rows += written
                             failures += len(group) + len(errors) - written
-                            advance(len(group) + len(errors))
                             group, errors = [], []
                     if group or errors:
                         written = self._flush(schema, group, errors, describer)
                         new_rows += written
                         failures += len(group) + len(errors) - written
-                        advance(len(group) + len(errors))
             except KeyboardInterrupt:
                 interrupted = True
             except OSError as e:
@@ -351,25 +355,25 @@ def _sigterm_as_interrupt():
 
 
 @contextmanager
-def _progress(total: int, show: bool) -> Iterator[Callable[[int], None]]:
+def _progress(total: int, show: bool) -> Iterator[Callable[[float], None]]:
     if not show:
         yield lambda n: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [
         TextColumn("extract"),
         BarColumn(),
-        MofNCompleteColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} images"),
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
     ]
     start = time.perf_counter()
     with Progress(*columns, transient=False, console=_stderr_console()) as bar:
         task = bar.add_task("extract", total=total, rate="")
-        done = 0
+        done = 0.0
 
-        def advance(n: int) -> None:
+        def advance(n: float) -> None:
             nonlocal done
             done += n
             rate = done / max(time.perf_counter() - start, 1e-9)
@@ -391,15 +395,17 @@ def extract(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    shard: str | tuple[int, int] | None = None,
     **settings,
 ) -> ExtractResult:
     """Describe every image under `paths` and write the features to `output` (Parquet).
 
     Settings are an ExtractConfig or keyword arguments of one (model="vgg16", scales=(256,),
     ...). An existing `output` with the same settings is resumed; other settings are refused
-    unless `overwrite`. Paper: arXiv 1409.1556, Appendix B.
+    unless `overwrite`. `shard="K/N"` keeps only shard K of N (featx.shard: by path hash).
+    Paper: arXiv 1409.1556, Appendix B.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     config = (config or ExtractConfig()).replace(**settings) if settings else (config or ExtractConfig())
-    return Run(list(paths), output, config, overwrite, progress).run()
+    return Run(list(paths), output, config, overwrite, progress, shard).run()
