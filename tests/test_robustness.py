@@ -282,3 +282,38 @@ def test_weights_for_another_architecture_or_corrupt(tmp_path, samples):
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "x.parquet").exists()
         assert not store.partial_dir(tmp_path / "x.parquet").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_during_finalisation_keeps_the_previous_file_and_rerun_completes(kill_input, tmp_path):
+    """A real kill while the merged file is being written: OUT stays the previous complete file."""
+    inp, clean = kill_input
+    out = tmp_path / "f.parquet"
+    # A previous complete output, large enough that merging it takes a moment, holding other images.
+    prov = featx.read_provenance(clean)
+    schema = store.feature_schema(4096, prov)
+    n_old = 6000
+    rng = np.random.default_rng(0)
+    with pq.ParquetWriter(out, schema) as w:
+        for start_row in range(0, n_old, 1000):
+            paths = [f"old/{i:05d}.jpg" for i in range(start_row, start_row + 1000)]
+            w.write_table(store.rows_table(schema, paths, ["old"] * 1000, [1] * 1000, [1] * 1000,
+                                           rng.random((1000, 4096), dtype=np.float32)))
+    before = out.stat().st_mtime_ns, out.stat().st_size
+    proc = start(inp, out)
+    tmp = store.partial_dir(out) / "final.parquet.tmp"
+    reached = wait_for(tmp.exists, proc, timeout=300)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert reached, "the run ended before finalisation could be interrupted"
+    assert (out.stat().st_mtime_ns, out.stat().st_size) == before  # untouched, complete
+    assert pq.ParquetFile(out).metadata.num_rows == n_old
+    rerun = runner.invoke(app, ["extract", str(inp), "-o", str(out), *CLI])
+    assert rerun.exit_code == 0, rerun.output
+    assert f"{n_old + N_KILL} images (0 new)" in rerun.output
+    df = featx.read_features(out, columns=["path"])
+    assert len(df) == n_old + N_KILL and df["path"].is_unique
+    new = featx.read_features(out, filters=[("label", "!=", "old")])
+    reference = featx.read_features(clean).set_index("path")
+    for path, feature in zip(new["path"], new["feature"]):
+        np.testing.assert_allclose(feature, reference.loc[path, "feature"], atol=2e-6)
