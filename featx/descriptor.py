@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from featx.accel import Plan, auto_precision
 from featx.model import DenseVGG
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,11 +32,22 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32/bf16/fp16 as given; "auto" per device (featx.accel.auto_precision)."""
+    if precision == "auto":
+        return auto_precision(device)
+    if precision not in DTYPES:
+        raise ValueError(f"unknown --precision {precision!r}; choose auto, {', '.join(DTYPES)}")
+    return precision
+
+
 class DenseDescriber:
     """Runs the dense net on a batch of same-shape uint8 images; returns flip-averaged means.
 
     One code path for CPU and GPU: uint8 images travel to the device (pinned, non-blocking on
-    CUDA), are normalised there in fp32, then run in the model's precision, channels-last.
+    CUDA), are normalised there in fp32, then run channels-last in the model's precision
+    through a featx.accel.Plan: on a CPU with oneDNN every weight is packed once and ReLU is
+    fused (`prepack=False` runs the plain F.conv2d/F.linear kernels that CUDA uses).
     """
 
     def __init__(
@@ -46,12 +58,29 @@ class DenseDescriber:
         device: torch.device,
         precision: str = "fp32",
         flip: bool = True,
+        *,
+        prepack: bool = True,
+        pass_pixels: int | None = None,
+        head_rows: int | None = None,
     ):
+        device = torch.device(device)
         self.device, self.flip = device, flip
-        self.dtype = DTYPES[precision]
-        self.net = net.to(device=device, dtype=self.dtype, memory_format=torch.channels_last).eval()
+        self.precision = resolve_precision(precision, device)
+        self.dtype = DTYPES[self.precision]
+        net.eval()
+        if prepack and device.type == "cpu":
+            # Packed from the parameters as they are (fp32 when fresh) before the cast below.
+            self.plan = Plan(net, device, self.dtype, prepack, pass_pixels, head_rows)
+        # In place, as before: callers that share one net across describers find it moved.
+        self.net = net.to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
+        if not (prepack and device.type == "cpu"):
+            self.plan = Plan(self.net, device, self.dtype, False, pass_pixels, head_rows)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+
+    @property
+    def prepacked(self) -> bool:
+        return self.plan.packed
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -63,7 +92,7 @@ class DenseDescriber:
         if self.flip:
             x = torch.cat([x, x.flip(-1)])
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        pooled = self.net(x).float().mean(dim=(2, 3))
+        pooled = self.plan(x)
         if self.flip:
             pooled = (pooled[:n] + pooled[n:]) / 2
         return pooled.cpu()
