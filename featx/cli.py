@@ -149,3 +149,65 @@ def info(
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+# -- featx evaluate (the paper's transfer experiments) -----------------------------------
+
+from featx.datasets import DATASETS  # noqa: E402
+
+Dataset = Enum("Dataset", {d: d for d in DATASETS}, type=str)
+
+
+class HeadName(str, Enum):
+    svm = "svm"
+    logreg = "logreg"
+
+
+@app.command()
+def evaluate(
+    dataset: Annotated[Optional[Dataset], typer.Option(help="The paper's experiment to run (its pipelines/<dataset>.toml).")] = None,
+    pipeline: Annotated[Optional[Path], typer.Option(help="Run your own experiment file (TOML, like the shipped ones).")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Folder holding the dataset as torchvision lays it (caltech101/101_ObjectCategories, VOCdevkit/VOC2007, ...).")] = None,
+    download: Annotated[bool, typer.Option(help="Fetch the dataset from its official host into --root (md5-checked, resumable).")] = False,
+    model: Annotated[Optional[list[Model]], typer.Option(help="Net(s) to evaluate, repeatable; two give their late fusion too (D & E).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="'default' (ImageNet), a state-dict FILE, or 'random' (smoke tests: far below the paper).")] = None,
+    scales: Annotated[Optional[str], typer.Option(help="Override the pipeline's scales Q, comma-separated.")] = None,
+    aggregate: Annotated[Optional[Aggregate], typer.Option(help="Override how scales combine: stack (Caltech) or mean (VOC).")] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Override flip averaging.")] = None,
+    head: Annotated[Optional[HeadName], typer.Option(help="Classifier: svm (linear SVM, the paper's) or logreg.")] = None,
+    splits: Annotated[Optional[int], typer.Option(help="Override the number of seeded splits.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the first split (split i uses seed + i).")] = None,
+    no_background: Annotated[bool, typer.Option("--no-background", help="Caltech: drop the background/clutter class (the paper keeps it).")] = False,
+    features: Annotated[Optional[list[Path]], typer.Option(help="Evaluate already extracted feature file(s), one per net, instead of extracting.")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Where extracted features are cached, keyed by dataset and settings hash.")] = Path(".featx-cache"),
+    report: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here, with PNG plots beside it.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N].")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """Run the paper's transfer experiment (Appendix B, Table 11) and print featx beside the paper."""
+    from featx.evaluate import evaluate as run_evaluate
+    from featx.pipeline import pipeline_for
+    from featx.report import check_report_path, print_table, write_report
+
+    warnings.showwarning = _warn_one_line
+    if report is not None:
+        call(check_report_path, report)
+    chosen = call(pipeline_for, dataset.value if dataset else None, pipeline)
+    chosen = call(
+        chosen.override,
+        models=[m.value for m in model] if model else None, weights=weights,
+        scales=parse_scales(scales) if scales else None, aggregate=aggregate.value if aggregate else None,
+        flip=flip, head=head.value if head else None, splits=splits, seed=seed,
+        background=False if no_background else None,
+    )
+    log = (lambda line: typer.echo(f"featx: {line}", err=True)) if not quiet else None
+    result = call(
+        run_evaluate, chosen, root=root, download=download, cache_dir=cache_dir, features=features or (),
+        device=device, batch_size=batch_size, workers=workers, progress=not quiet, log=log,
+    )
+    print_table(result.report)
+    if report is not None:
+        for path in call(write_report, result, report):
+            typer.echo(f"wrote {path}", err=True)

@@ -19,7 +19,7 @@ from featx.datasets import VOC_CLASSES
 CALTECH_CLASSES = ("BACKGROUND_Google", "Faces", "Faces_easy", "anchor")
 
 
-def jpeg(path: Path, seed: int, size=(40, 32), gray: bool = False) -> None:
+def jpeg(path: Path, seed: int, size=(32, 32), gray: bool = False) -> None:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 255, 3)
     pixels = np.clip(base + rng.normal(0, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
