@@ -35,6 +35,7 @@ class Aggregate(str, Enum):
 
 
 class Precision(str, Enum):
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -75,11 +76,12 @@ def extract(
     scales: Annotated[str, typer.Option(help="Smaller-side sizes Q, comma-separated.")] = ",".join(map(str, DEFAULT_SCALES)),
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Average with the horizontally flipped image.")] = True,
     aggregate: Annotated[Aggregate, typer.Option(help="Combine scales by mean (VOC) or stack (Caltech).")] = Aggregate.mean,
-    precision: Annotated[Precision, typer.Option(help="Model precision (bf16 changes numbers slightly; recorded).")] = Precision.fp32,
+    precision: Annotated[Precision, typer.Option(help="Model precision; auto = bf16 where the CPU/GPU has it natively, else fp32 (bf16 changes numbers slightly; the resolved value is recorded).")] = Precision.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N].")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (same-shape images only).")] = 8,
     workers: Annotated[int, typer.Option(help="Decode threads running ahead of the model.")] = 2,
     max_pixels: Annotated[int, typer.Option(help="Refuse larger images before decoding them.")] = DEFAULT_MAX_PIXELS,
+    bucket: Annotated[int, typer.Option(help="0 = exact resize; N = snap the longer side to a multiple of N so more images share a batch (changes numbers; recorded).")] = 0,
     rows_per_group: Annotated[int, typer.Option(help="Rows per persisted piece: a killed run loses at most this many.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of --weights random.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an OUTPUT made with other settings.")] = False,
@@ -96,7 +98,7 @@ def extract(
         ExtractConfig,
         model=model.value, weights=weights, layer=layer.value, scales=parse_scales(scales), flip=flip,
         aggregate=aggregate.value, precision=precision.value, device=device, batch_size=batch_size,
-        workers=workers, max_pixels=max_pixels, seed=seed, rows_per_group=rows_per_group,
+        workers=workers, max_pixels=max_pixels, seed=seed, rows_per_group=rows_per_group, bucket=bucket,
     )
     result = call(run_extract, paths, output, config, overwrite=overwrite, progress=not quiet)
     if result.interrupted:

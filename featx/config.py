@@ -16,7 +16,7 @@ from typing import Literal
 MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
 LAYERS = ("fc7", "fc6", "pool5")
 AGGREGATES = ("mean", "stack")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The paper's Caltech setting (Appendix B); VOC uses 256..768 with aggregate="mean".
 DEFAULT_SCALES = (256, 384, 512)
 # Pillow's own decompression-bomb limit: larger images are refused before decoding.
@@ -49,7 +49,9 @@ class ExtractConfig:
     scales: tuple[int, ...] = DEFAULT_SCALES
     flip: bool = True
     aggregate: Literal["mean", "stack"] = "mean"
-    precision: str = "fp32"
+    # "auto": bf16 where the device computes it natively (CPU with AVX512-BF16/AMX, CUDA), else
+    # fp32; the resolved value enters the descriptor settings (hash and metadata).
+    precision: str = "auto"
     # 0 = exact resize; N > 0 = snap the longer side to a multiple of N (opt-in, changes numbers).
     bucket: int = 0
     seed: int = 0
@@ -115,9 +117,19 @@ def descriptor_settings(config: ExtractConfig, weights_id: dict, normalize: dict
     """The settings that define the numbers, with the weights resolved to their identity."""
     settings = {name: getattr(config, name) for name in DESCRIPTOR_FIELDS}
     settings["scales"] = list(config.scales)
+    settings["precision"] = resolved_precision(config)
     settings["weights"] = weights_id
     settings["normalize"] = normalize
     return settings
+
+
+def resolved_precision(config: ExtractConfig) -> str:
+    """The precision the run computes in: "auto" resolved for `config.device` (needs torch)."""
+    if config.precision != "auto":
+        return config.precision
+    from featx.accel import auto_precision
+
+    return auto_precision(config.device)
 
 
 def settings_hash(settings: dict) -> str:

@@ -81,7 +81,7 @@ def provenance(config: ExtractConfig, weights_id: dict, mean, std, device: torch
         "scales": list(config.scales),
         "flip": config.flip,
         "aggregate": config.aggregate,
-        "precision": config.precision,
+        "precision": settings["precision"],  # "auto" resolved for the device
         "bucket": config.bucket,
         "dim": config.dim,
         "normalize": _normalize_record(mean, std),
