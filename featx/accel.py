@@ -52,7 +52,12 @@ def auto_precision(device: torch.device | str) -> str:
     see benchmarks/extract.py), fp32 otherwise (emulated bf16 is slower than fp32).
     CUDA: bf16 on GPUs that have it (Ampere and later), fp16 before.
     """
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown --device {device!r}; use auto, cpu or cuda[:N]") from None
     if dev.type == "cuda":
         if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
             return "fp16"
