@@ -1,0 +1,275 @@
+"""`VGGFeatures`: the paper's descriptor as a scikit-learn transformer, images in, [n, D] out.
+
+Paper: Simonyan & Zisserman, arXiv 1409.1556, Appendix B. The numbers are `featx extract`'s
+for the same settings: the same decoding (featx.decode), the same dense net (featx.model,
+featx.weights) and the same pooling, flip and aggregation (featx.descriptor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from featx.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, ExtractConfig
+from featx.decode import Decoded, ImageError, decode, pil_to_tensor, rescale, to_rgb
+from featx.descriptor import DenseDescriber, combine, resolve_device
+from featx.extract import descriptor_hash
+from featx.model import DenseVGG, build
+from featx.weights import identify, resolve
+
+__all__ = ["VGGFeatures", "clear_net_cache", "describe_decoded"]
+
+# Nets kept alive between fits, so that clone() and GridSearchCV reuse one instead of loading
+# VGG (0.5 GB for vgg16) per candidate and fold. Small: a grid over `model` or `layer` holds
+# one net per value, and each fitted transformer keeps its own net alive anyway.
+NET_CACHE_SIZE = 2
+_NETS: OrderedDict[tuple, tuple[DenseVGG, tuple, tuple]] = OrderedDict()
+_NETS_LOCK = threading.Lock()
+# Weights files are identified by their sha256; hashing 0.5 GB per fit would cost more than
+# the fit, so the hash is remembered while the file's size and mtime stay the same.
+_FILE_IDS: dict[tuple, dict] = {}
+
+# Images decoded at a time: bounds memory (a 512-scale image is ~1 MB of uint8 per scale)
+# and, as `featx extract`'s row groups, is the window within which same-shape images batch.
+CHUNK = 64
+
+
+def clear_net_cache() -> None:
+    """Forget the cached nets (fitted transformers keep theirs until they are dropped)."""
+    with _NETS_LOCK:
+        _NETS.clear()
+        _FILE_IDS.clear()
+
+
+def _weights_identity(config: ExtractConfig) -> dict:
+    path = Path(config.weights).expanduser()
+    if config.weights not in ("default", "random") and path.is_file():
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _FILE_IDS:
+            _FILE_IDS[key] = identify(config.model, config.weights, config.seed, config.layer)
+        return _FILE_IDS[key]
+    return identify(config.model, config.weights, config.seed, config.layer)
+
+
+def _net(config: ExtractConfig, device: torch.device, identity: dict) -> tuple[DenseVGG, tuple, tuple]:
+    """The dense net for these settings, loaded once per process (and per cache slot)."""
+    # What defines the net's parameters as they sit on the device; scales, flip, aggregate
+    # and batch size only change how it is called, so a grid over them shares one net.
+    key = (config.model, json.dumps(identity, sort_keys=True), config.layer, config.precision, str(device))
+    with _NETS_LOCK:
+        if key in _NETS:
+            _NETS.move_to_end(key)
+            return _NETS[key]
+        weights = resolve(config.model, config.weights, config.seed, config.layer)
+        # The first DenseDescriber moves it to the device and precision in place; later
+        # ones (one per fit) find it there, so clones share the same parameters.
+        net = build(config.model, weights, config.layer)
+        _NETS[key] = (net, tuple(weights.mean), tuple(weights.std))
+        while len(_NETS) > NET_CACHE_SIZE:
+            _NETS.popitem(last=False)
+        return _NETS[key]
+
+
+def describe_decoded(
+    describer: DenseDescriber, decoded: list[Decoded], scales: tuple[int, ...], aggregate: str, batch_size: int
+) -> np.ndarray:
+    """float32 [n, D] for decoded images; same-shape images share a batch, as in `featx extract`.
+
+    Mirrors featx.extract.Run._describe (which also isolates failing images and times stages).
+    """
+    n = len(decoded)
+    per_scale = []
+    for q in scales:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, d in enumerate(decoded):
+            groups[tuple(d.scaled[q].shape)].append(i)
+        out = None
+        for _, idx in sorted(groups.items()):
+            for s in range(0, len(idx), batch_size):
+                batch = idx[s : s + batch_size]
+                pooled = describer(torch.stack([decoded[i].scaled[q] for i in batch]))
+                if out is None:
+                    out = torch.zeros(n, pooled.shape[1])
+                out[batch] = pooled
+        per_scale.append(out)
+    return combine(per_scale, aggregate).numpy()
+
+
+def _decode_one(x, i: int, scales: tuple[int, ...]) -> Decoded:
+    """One sample of X (path, PIL image, HxWx3 uint8 array) -> upright RGB rescaled to every Q."""
+    if isinstance(x, (str, os.PathLike)):
+        file = Path(x).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"X[{i}] = {str(x)!r}: no such image file; pass paths of existing images")
+        try:
+            return decode(file, scales, DEFAULT_MAX_PIXELS)
+        except ImageError as e:
+            raise ValueError(f"X[{i}] = {str(x)!r}: {e.message}") from None
+    if isinstance(x, Image.Image):
+        # As featx.decode.open_upright does for a file: EXIF orientation, then 8-bit RGB.
+        img = to_rgb(ImageOps.exif_transpose(x))
+    elif isinstance(x, np.ndarray):
+        if x.ndim != 3 or x.shape[2] != 3 or x.dtype != np.uint8:
+            raise ValueError(
+                f"X[{i}] is a {x.dtype} array of shape {x.shape}; arrays must be HxWx3 uint8 RGB "
+                f"(for gray or RGBA pass PIL.Image.fromarray(a), which is converted as files are)"
+            )
+        img = Image.fromarray(x, "RGB")
+    else:
+        raise ValueError(
+            f"X[{i}] is a {type(x).__name__}; VGGFeatures takes image paths, PIL images or "
+            f"HxWx3 uint8 arrays"
+        )
+    tensor = pil_to_tensor(img)
+    return Decoded(img.width, img.height, {q: rescale(tensor, q) for q in scales})
+
+
+def _samples(X) -> list:
+    """X as a list of samples; refuses the inputs whose iteration would not give images."""
+    if isinstance(X, (str, os.PathLike, Image.Image)):
+        raise ValueError(f"X is one image ({type(X).__name__}); pass a list of images, e.g. [x]")
+    if isinstance(X, np.ndarray):
+        if X.ndim == 3 and X.shape[-1] == 3 and X.dtype == np.uint8:
+            raise ValueError(f"X is one HxWx3 image of shape {X.shape}; pass [x] or an [n, H, W, 3] array")
+        if X.ndim == 2 and X.shape[1] == 1 and X.dtype == object:
+            return list(X[:, 0])  # a one-column selection, as ColumnTransformer passes it
+    columns = getattr(X, "columns", None)
+    if columns is not None:  # a DataFrame: its single column of paths or images
+        if len(columns) != 1:
+            raise ValueError(
+                f"X is a table with columns {list(columns)}; pass one column of image paths, "
+                f"e.g. df['path'] or ColumnTransformer([('vgg', VGGFeatures(), ['path'])])"
+            )
+        return list(X.iloc[:, 0])
+    if not isinstance(X, Iterable):
+        raise ValueError(f"X is a {type(X).__name__}; pass a list of image paths, PIL images or HxWx3 uint8 arrays")
+    return list(X)
+
+
+class VGGFeatures(TransformerMixin, BaseEstimator):
+    """The very deep features of images: paths, PIL images or HxWx3 uint8 arrays -> float32 [n, D].
+
+    Paper: arXiv 1409.1556, Appendix B. Equal to `featx extract` for the same settings (see
+    its options); `fit` ignores X and y, and loads the net once per process for all clones.
+    `weights="random"` is for tests and demos only: its features mean nothing.
+    """
+
+    def __init__(
+        self,
+        model: str = "vgg16",
+        weights: str = "default",
+        scales: tuple[int, ...] = DEFAULT_SCALES,
+        flip: bool = True,
+        aggregate: str = "mean",
+        layer: str = "fc7",
+        precision: str = "fp32",
+        device: str = "auto",
+        batch_size: int = 8,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.weights = weights
+        self.scales = scales
+        self.flip = flip
+        self.aggregate = aggregate
+        self.layer = layer
+        self.precision = precision
+        self.device = device
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def _config(self) -> ExtractConfig:
+        scales = (self.scales,) if isinstance(self.scales, (int, np.integer)) else self.scales
+        try:
+            scales = tuple(int(q) for q in scales)
+        except (TypeError, ValueError):
+            raise ValueError(f"scales={self.scales!r} is not a list of integers; write e.g. scales=(256, 384, 512)") from None
+        return ExtractConfig(
+            model=self.model, weights=str(self.weights), scales=scales, flip=bool(self.flip),
+            aggregate=self.aggregate, layer=self.layer, precision=self.precision,
+            device=self.device, batch_size=int(self.batch_size), seed=int(self.seed),
+        )
+
+    def fit(self, X=None, y=None):
+        """Load the net (or take it from the cache); X and y are ignored: the net is pre-trained."""
+        config = self._config()
+        device = resolve_device(config.device)
+        identity = _weights_identity(config)
+        net, mean, std = _net(config, device, identity)
+        self._describer = DenseDescriber(net, mean, std, device, config.precision, config.flip)
+        self.weights_ = identity
+        self.device_ = str(device)
+        self.n_features_out_ = config.dim
+        # Equal to `featx.read_provenance(file)["settings_hash"]` of a file with these features.
+        self.settings_hash_ = descriptor_hash(config)
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        """float32 [n, D], L2-normalised rows, one per image of X, in X's order."""
+        check_is_fitted(self)
+        config = self._config()
+        describer = self._fitted_describer(config)
+        samples = _samples(X)
+        out = np.zeros((len(samples), self.n_features_out_), np.float32)
+        for start in range(0, len(samples), CHUNK):
+            chunk = samples[start : start + CHUNK]
+            decoded = [_decode_one(x, start + i, config.scales) for i, x in enumerate(chunk)]
+            out[start : start + len(chunk)] = describe_decoded(
+                describer, decoded, config.scales, config.aggregate, config.batch_size
+            )
+        return out
+
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        """`fc7_0` ... for aggregate="mean"; `fc7_q256_0` ... per scale for "stack"."""
+        check_is_fitted(self)
+        config = self._config()
+        per_scale = self.n_features_out_ // (len(config.scales) if config.aggregate == "stack" else 1)
+        if config.aggregate == "stack":
+            names = [f"{config.layer}_q{q}_{i}" for q in config.scales for i in range(per_scale)]
+        else:
+            names = [f"{config.layer}_{i}" for i in range(per_scale)]
+        return np.asarray(names, dtype=object)
+
+    def _fitted_describer(self, config: ExtractConfig) -> DenseDescriber:
+        describer = self.__dict__.get("_describer")
+        if describer is not None:
+            return describer
+        # Unpickled: the net did not travel (see __getstate__); take it from the cache again,
+        # provided the weights are still the ones it was fitted with.
+        identity = _weights_identity(config)
+        if identity != self.weights_:
+            raise ValueError(
+                f"weights {self.weights!r} are not the ones this transformer was fitted with "
+                f"({self.weights_} then, {identity} now); call fit again"
+            )
+        device = torch.device(self.device_)
+        net, mean, std = _net(config, device, identity)
+        self._describer = DenseDescriber(net, mean, std, device, config.precision, config.flip)
+        return self._describer
+
+    def __getstate__(self):
+        # The net is a function of the parameters: pickles (joblib, Pipeline memory) stay small.
+        state = super().__getstate__()
+        state.pop("_describer", None)
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # Images, not a numeric matrix: a 1-D list of paths (strings), PIL images or arrays.
+        tags.input_tags.two_d_array = False
+        tags.input_tags.one_d_array = True
+        tags.input_tags.string = True
+        # The output is float32 whatever the input is.
+        tags.transformer_tags.preserves_dtype = []
+        return tags
