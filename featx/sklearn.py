@@ -22,7 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featx.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, ExtractConfig
 from featx.decode import Decoded, ImageError, decode, pil_to_tensor, rescale, to_rgb
-from featx.descriptor import DenseDescriber, combine, resolve_device
+from featx.descriptor import DenseDescriber, combine, resolve_device, resolve_precision
 from featx.extract import descriptor_hash
 from featx.model import DenseVGG, build
 from featx.weights import identify, resolve
@@ -30,10 +30,12 @@ from featx.weights import identify, resolve
 __all__ = ["VGGFeatures", "clear_net_cache", "describe_decoded"]
 
 # Nets kept alive between fits, so that clone() and GridSearchCV reuse one instead of loading
-# VGG (0.5 GB for vgg16) per candidate and fold. Small: a grid over `model` or `layer` holds
-# one net per value, and each fitted transformer keeps its own net alive anyway.
+# VGG (0.5 GB for vgg16) per candidate and fold. Each entry also keeps its DenseDescribers
+# (one per `flip`): making one packs the weights for the CPU kernels, which costs as much as
+# a forward pass. Small: a grid over `model` or `layer` holds one net per value, and each
+# fitted transformer keeps its own net alive anyway.
 NET_CACHE_SIZE = 2
-_NETS: OrderedDict[tuple, tuple[DenseVGG, tuple, tuple]] = OrderedDict()
+_NETS: OrderedDict[tuple, tuple[DenseVGG, tuple, tuple, dict[bool, DenseDescriber]]] = OrderedDict()
 _NETS_LOCK = threading.Lock()
 # Weights files are identified by their sha256; hashing 0.5 GB per fit would cost more than
 # the fit, so the hash is remembered while the file's size and mtime stay the same.
@@ -62,23 +64,25 @@ def _weights_identity(config: ExtractConfig) -> dict:
     return identify(config.model, config.weights, config.seed, config.layer)
 
 
-def _net(config: ExtractConfig, device: torch.device, identity: dict) -> tuple[DenseVGG, tuple, tuple]:
-    """The dense net for these settings, loaded once per process (and per cache slot)."""
-    # What defines the net's parameters as they sit on the device; scales, flip, aggregate
-    # and batch size only change how it is called, so a grid over them shares one net.
-    key = (config.model, json.dumps(identity, sort_keys=True), config.layer, config.precision, str(device))
+def _describer(config: ExtractConfig, device: torch.device, identity: dict) -> DenseDescriber:
+    """The describer for these settings; its net is loaded once per process (and cache slot)."""
+    # What defines the net's parameters as they sit on the device; scales, aggregate and batch
+    # size only change how it is called, so a grid over them shares one describer.
+    precision = resolve_precision(config.precision, device)
+    key = (config.model, json.dumps(identity, sort_keys=True), config.layer, precision, str(device))
     with _NETS_LOCK:
-        if key in _NETS:
-            _NETS.move_to_end(key)
-            return _NETS[key]
-        weights = resolve(config.model, config.weights, config.seed, config.layer)
-        # The first DenseDescriber moves it to the device and precision in place; later
-        # ones (one per fit) find it there, so clones share the same parameters.
-        net = build(config.model, weights, config.layer)
-        _NETS[key] = (net, tuple(weights.mean), tuple(weights.std))
-        while len(_NETS) > NET_CACHE_SIZE:
-            _NETS.popitem(last=False)
-        return _NETS[key]
+        if key not in _NETS:
+            weights = resolve(config.model, config.weights, config.seed, config.layer)
+            _NETS[key] = (build(config.model, weights, config.layer), weights.mean, weights.std, {})
+            while len(_NETS) > NET_CACHE_SIZE:
+                _NETS.popitem(last=False)
+        _NETS.move_to_end(key)
+        net, mean, std, describers = _NETS[key]
+        if config.flip not in describers:
+            # The first describer moves the net to the device and precision in place; a
+            # second one (the other flip) finds it there and shares its parameters.
+            describers[config.flip] = DenseDescriber(net, mean, std, device, precision, config.flip)
+        return describers[config.flip]
 
 
 def describe_decoded(
@@ -173,7 +177,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         flip: bool = True,
         aggregate: str = "mean",
         layer: str = "fc7",
-        precision: str = "fp32",
+        precision: str = ExtractConfig.precision,  # the CLI's default, so defaults agree
         device: str = "auto",
         batch_size: int = 8,
         seed: int = 0,
@@ -206,10 +210,10 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         config = self._config()
         device = resolve_device(config.device)
         identity = _weights_identity(config)
-        net, mean, std = _net(config, device, identity)
-        self._describer = DenseDescriber(net, mean, std, device, config.precision, config.flip)
+        self._describer = _describer(config, device, identity)
         self.weights_ = identity
         self.device_ = str(device)
+        self.precision_ = self._describer.precision  # "auto" resolved for the device
         self.n_features_out_ = config.dim
         # Equal to `featx.read_provenance(file)["settings_hash"]` of a file with these features.
         self.settings_hash_ = descriptor_hash(config)
@@ -253,9 +257,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
                 f"weights {self.weights!r} are not the ones this transformer was fitted with "
                 f"({self.weights_} then, {identity} now); call fit again"
             )
-        device = torch.device(self.device_)
-        net, mean, std = _net(config, device, identity)
-        self._describer = DenseDescriber(net, mean, std, device, config.precision, config.flip)
+        self._describer = _describer(config, torch.device(self.device_), identity)
         return self._describer
 
     def __getstate__(self):

@@ -100,6 +100,12 @@ def test_settings_hash_names_the_descriptor():
     vgg = VGGFeatures(**CLI_SETTINGS).fit()
     assert vgg.settings_hash_ == featx.descriptor_hash(featx.ExtractConfig(**CLI_SETTINGS))
     assert VGGFeatures(**dict(CLI_SETTINGS, flip=False)).fit().settings_hash_ != vgg.settings_hash_
+    # The default precision is the CLI's ("auto"), resolved for the device as the CLI does.
+    auto = VGGFeatures(**{k: v for k, v in TINY.items() if k != "precision"}).fit()
+    assert auto.get_params()["precision"] == featx.ExtractConfig().precision
+    config = featx.ExtractConfig(**{k: v for k, v in TINY.items() if k != "precision"})
+    assert auto.settings_hash_ == featx.descriptor_hash(config)
+    assert auto.precision_ in ("fp32", "bf16")
 
 
 # -- the estimator contract ------------------------------------------------------------------
@@ -177,10 +183,10 @@ def test_clones_share_one_net_and_pickles_stay_small(sample_paths):
     twin = clone(vgg)
     assert "_describer" not in twin.__dict__  # clone copies parameters, nothing learned
     twin.fit()
-    assert twin._describer.net is vgg._describer.net
+    assert twin._describer is vgg._describer
     # A grid over descriptor settings that leave the net alone shares it too.
-    other = VGGFeatures(**dict(TINY, scales=(48,), flip=False, aggregate="stack")).fit()
-    assert other._describer.net is vgg._describer.net
+    assert VGGFeatures(**dict(TINY, scales=(48,), aggregate="stack")).fit()._describer is vgg._describer
+    assert VGGFeatures(**dict(TINY, flip=False)).fit()._describer.net is vgg._describer.net
     blob = pickle.dumps(vgg)
     assert len(blob) < 10_000  # the net does not travel; it is a function of the parameters
     X = vgg.transform(sample_paths[0][:2])
@@ -197,7 +203,6 @@ def test_unpickled_transformer_refuses_other_weights(sample_paths, monkeypatch):
         pickle.loads(blob).transform(sample_paths[0][:1])
 
 
-@pytest.mark.slow
 def test_grid_search_loads_the_net_once(sample_paths, monkeypatch):
     paths, labels = sample_paths
     builds = []
