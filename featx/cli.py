@@ -186,6 +186,7 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N].")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
+    jobs: Annotated[Optional[int], typer.Option(help="Processes fitting the C grid in parallel (same results; -1: all cores).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Run the paper's transfer experiment (Appendix B, Table 11) and print featx beside the paper."""
@@ -207,7 +208,7 @@ def evaluate(
     log = (lambda line: typer.echo(f"featx: {line}", err=True)) if not quiet else None
     result = call(
         run_evaluate, chosen, root=root, download=download, cache_dir=cache_dir, features=features or (),
-        device=device, batch_size=batch_size, workers=workers, progress=not quiet, log=log,
+        device=device, batch_size=batch_size, workers=workers, jobs=jobs, progress=not quiet, log=log,
     )
     print_table(result.report)
     if report is not None:

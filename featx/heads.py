@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -102,12 +103,14 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         holdout: float = 0.2,
         scoring: str = "mean_class_recall",
         random_state: int = 0,
+        n_jobs: int | None = None,
     ):
         self.estimator = estimator
         self.Cs = Cs
         self.holdout = holdout
         self.scoring = scoring
         self.random_state = random_state
+        self.n_jobs = n_jobs
 
     def fit(self, X, y):
         X, y = validate_data(self, X, y, multi_output=True, dtype=np.float32)
@@ -126,38 +129,24 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self.scores_ = {}
         self.convergence_warnings_ = 0
         if len(Cs) > 1:
-            for C in Cs:
-                est = self._fit(clone(base).set_params(C=C), X[fit], y_arr[fit])
-                self.scores_[C] = self._score(est, X[val], y_arr[val])
+            # Each C is fit and scored on its own (in processes with n_jobs: liblinear's random
+            # state is global, so threads would make the result depend on timing).
+            runs = Parallel(n_jobs=self.n_jobs, prefer="processes")(
+                delayed(_fit_and_score)(base, C, X[fit], y_arr[fit], X[val], y_arr[val], self.scoring)
+                for C in Cs
+            )
+            for C, (score, n_warned) in zip(Cs, runs):
+                self.scores_[C] = score
+                self.convergence_warnings_ += n_warned
             scored = [C for C in Cs if not np.isnan(self.scores_[C])]
             # Nothing scorable (e.g. no positive held out): fall back to the most regularised C.
             self.C_ = max(scored, key=lambda C: (self.scores_[C], -C)) if scored else Cs[0]
         else:
             self.C_ = Cs[0]
         self.n_fit_, self.n_holdout_ = len(fit), len(val)
-        self.estimator_ = self._fit(clone(base).set_params(C=self.C_), X, y_arr)
+        self.estimator_, n_warned = _fit(clone(base).set_params(C=self.C_), X, y_arr)
+        self.convergence_warnings_ += n_warned
         return self
-
-    def _fit(self, est, X, y):
-        # liblinear's iteration cap rarely binds on L2-normalised descriptors; when it does the
-        # solution is still usable. Count instead of printing: the report carries the count.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            est.fit(X, y)
-        for w in caught:
-            if issubclass(w.category, ConvergenceWarning):
-                self.convergence_warnings_ += 1
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return est
-
-    def _score(self, est, X, y) -> float:
-        if self.scoring == "mean_class_recall":
-            return mean_class_recall(y, est.predict(X))
-        if self.scoring == "accuracy":
-            return float(np.mean(est.predict(X) == y))
-        ap = voc07_ap if self.scoring == "voc07_ap" else voc_ap
-        return mean_ap(y, est.decision_function(X), ap=ap)[0]
 
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self)
@@ -177,3 +166,33 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         return tags
 
 
+def _fit(est, X, y):
+    """Fit, counting convergence warnings instead of printing them (the report carries the count).
+
+    liblinear's iteration cap rarely binds on L2-normalised descriptors; when it does the
+    solution is still usable.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        est.fit(X, y)
+    n_warned = 0
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            n_warned += 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return est, n_warned
+
+
+def _score(est, X, y, scoring: str) -> float:
+    if scoring == "mean_class_recall":
+        return mean_class_recall(y, est.predict(X))
+    if scoring == "accuracy":
+        return float(np.mean(est.predict(X) == y))
+    ap = voc07_ap if scoring == "voc07_ap" else voc_ap
+    return mean_ap(y, est.decision_function(X), ap=ap)[0]
+
+
+def _fit_and_score(base, C, X_fit, y_fit, X_val, y_val, scoring) -> tuple[float, int]:
+    est, n_warned = _fit(clone(base).set_params(C=C), X_fit, y_fit)
+    return _score(est, X_val, y_val, scoring), n_warned

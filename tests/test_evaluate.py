@@ -212,3 +212,27 @@ def test_voc_end_to_end_with_two_nets_and_their_fusion(tmp_path):
     assert "999999.jpg" not in read_table(cached[0], ["path"]).column("path").to_pylist()
     for name in ("voc-vgg11-ap.png", "voc-vgg11-pr.png", "voc-vgg11-vgg13-ap.png"):
         assert (tmp_path / "out" / name).stat().st_size > 5000
+
+
+def test_span_coordinates_change_nothing_but_speed():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 10)
+    X = np.abs(rng.normal(size=(45, 200)) + 3 * np.eye(200)[np.r_[labels, labels[:15]]]).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    train, test = X[:30], X[30:]
+    Z_train, Z_test = ev.span_coordinates(train, test)
+    assert Z_train.shape == (30, 30) and Z_test.shape == (15, 30)
+    # Inner products with training rows, all a linear head sees, are kept.
+    np.testing.assert_allclose(Z_test @ Z_train.T, test @ train.T, atol=1e-5)
+    raw = LinearSVC(C=1.0, tol=1e-8, max_iter=100_000).fit(train, labels)
+    spanned = LinearSVC(C=1.0, tol=1e-8, max_iter=100_000).fit(Z_train, labels)
+    np.testing.assert_allclose(spanned.decision_function(Z_test), raw.decision_function(test), atol=1e-3)
+
+
+def test_parallel_grid_gives_the_same_choice():
+    index, X = _synthetic(per_class=20)
+    pipeline = builtin_pipeline("caltech101").override(models=["vgg11"])
+    (split,) = caltech_splits(index.labels, n_train=12, n_test=8, splits=1, seed=0)
+    one, _ = ev._run_split(pipeline, index, X, split)
+    two, _ = ev._run_split(pipeline, index, X, split, jobs=2)
+    assert (one["C"], one["holdout_scores"], one["value"]) == (two["C"], two["holdout_scores"], two["value"])
