@@ -215,12 +215,13 @@ def find_images(spec: DatasetSpec, root: Path) -> Path | None:
     return None
 
 
-def where_to_put(spec: DatasetSpec, root: Path) -> str:
+def where_to_put(spec: DatasetSpec, root: Path, *, downloading: bool = False) -> str:
     """One line telling how to get the dataset into `root` by hand or with --download."""
     dest = root / spec.folder
     files = " and ".join(f"{a.filename} ({a.urls[0]}, md5 {a.md5})" for a in spec.archives)
     return (
-        f"run with --download, or fetch {files} into {dest.resolve()} and rerun with --download "
+        ("to download by hand, " if downloading else "run with --download, or ")
+        + f"fetch {files} into {dest.resolve()} and rerun with --download "
         "(it verifies the md5 and unpacks)"
     )
 
@@ -244,7 +245,7 @@ def ensure_dataset(spec: DatasetSpec, root: Path, *, progress: bool = False) -> 
             except DownloadError as err:
                 errors.append(str(err))
         else:
-            raise DownloadError(f"{'; '.join(errors)}; or {where_to_put(spec, root)}")
+            raise DownloadError(f"{'; '.join(errors)}; {where_to_put(spec, root, downloading=True)}")
         unpack(path, dest, inner=archive.inner)
         mark_unpacked(dest, archive.filename, archive.md5)
 

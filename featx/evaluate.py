@@ -154,7 +154,7 @@ def evaluate(
             "root": str(Path(root).resolve()) if root is not None else None,
             "image_dir": str(index.image_dir),
             "n_images": len(index),
-            "notes": notes + ([get_spec(spec.name).note] if spec.note else []),
+            "notes": notes + ([spec.note] if spec.note else []),
             "featx_version": __version__,
             "head_seconds": round(head_seconds, 3),
             "seconds": round(time.perf_counter() - t0, 3),

@@ -33,7 +33,7 @@ def test_protocols_follow_appendix_b():
     voc07, voc12 = builtin_pipeline("voc2007"), builtin_pipeline("voc2012")
     assert voc07.features.scales == (256, 384, 512, 640, 768) and voc07.features.aggregate == "mean"
     assert (voc07.protocol.metric, voc12.protocol.metric) == ("voc07_ap", "voc_ap")
-    assert "not public" in voc12.paper_note
+    assert "evaluation server" in voc12.paper_source
 
 
 def test_overrides_replace_single_fields():
