@@ -192,14 +192,22 @@ def merge(out: Path, schema: pa.Schema, sources: Iterable[Path], error_sources: 
     return rows, len(failures)
 
 
-def read_provenance(path: str | Path) -> dict:
-    """The `featx` JSON of a feature file (or of the first file of a dataset folder)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if not p.name.endswith(".errors.parquet"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no .parquet files in this folder; give a featx output")
-        path = files[0]
+def feature_files(path: Path) -> list[Path]:
+    """The finished feature files of a folder: no error lists, no pieces of unfinished runs."""
+    files = []
+    for p in sorted(path.rglob("*.parquet")):
+        rel = p.relative_to(path)
+        if p.name.endswith(".errors.parquet") or any(
+            part.startswith(".") or part.endswith(".partial") for part in rel.parts
+        ):
+            continue
+        files.append(p)
+    if not files:
+        raise FileNotFoundError(f"{path}: no .parquet files in this folder; give a featx output")
+    return files
+
+
+def _schema_provenance(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such feature file; run `featx extract` to make it")
     try:
@@ -211,17 +219,32 @@ def read_provenance(path: str | Path) -> dict:
     return json.loads(meta[METADATA_KEY])
 
 
+def read_provenance(path: str | Path) -> dict:
+    """The `featx` JSON of a feature file, or of a folder whose files share one descriptor."""
+    path = Path(path)
+    if not path.is_dir():
+        return _schema_provenance(path)
+    files = feature_files(path)
+    first = _schema_provenance(files[0])
+    for other in files[1:]:
+        prov = _schema_provenance(other)
+        if prov.get("settings_hash") != first.get("settings_hash"):
+            a, b = first.get("settings", {}), prov.get("settings", {})
+            diff = "; ".join(f"{k}={a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            raise ValueError(
+                f"{path} mixes descriptors: {files[0].name} and {other.relative_to(path)} differ "
+                f"({diff or 'settings hash'}); read them separately or move one out"
+            )
+    return first
+
+
 def _dataset(path: str | Path) -> pads.Dataset:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such feature file or folder; run `featx extract` first")
     if path.is_dir():
-        files = sorted(
-            str(p) for p in path.rglob("*.parquet") if not p.name.endswith(".errors.parquet")
-        )
-        if not files:
-            raise FileNotFoundError(f"{path}: no .parquet files in this folder")
-        return pads.dataset(files, format="parquet")
+        read_provenance(path)  # one descriptor per folder, or a clear error
+        return pads.dataset([str(f) for f in feature_files(path)], format="parquet")
     return pads.dataset(str(path), format="parquet")
 
 

@@ -177,10 +177,9 @@ def test_hugging_face_datasets_reads_the_file(one, tmp_path):
     np.testing.assert_allclose(X, featx.load_xy(one)[0])
 
 
-# -- reported to store.py's owner; remove the markers when the fix lands ---------------------
+# -- folders: only finished files of one descriptor are read ----------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="store._dataset also reads OUT.parquet.partial/ pieces of an unfinished run")
 def test_folder_read_skips_unfinished_runs(feats, tmp_path):
     folder = tmp_path / "feats"
     shutil.copytree(feats, folder)
@@ -200,7 +199,6 @@ def _copy_with_settings(src, dst, settings_hash: str, dim: int | None = None) ->
     pq.write_table(table.replace_schema_metadata({store.METADATA_KEY: json.dumps(prov)}), dst)
 
 
-@pytest.mark.xfail(strict=True, reason="store._dataset concatenates files of different descriptors")
 def test_folder_read_refuses_mixed_descriptors(feats, tmp_path):
     folder = tmp_path / "feats"
     shutil.copytree(feats, folder)
@@ -209,7 +207,6 @@ def test_folder_read_refuses_mixed_descriptors(feats, tmp_path):
         featx.load_xy(folder)
 
 
-@pytest.mark.xfail(strict=True, reason="files of different dims end in pyarrow's ArrowTypeError")
 def test_folder_read_refuses_mixed_dims_with_a_value_error(feats, tmp_path):
     folder = tmp_path / "feats"
     shutil.copytree(feats, folder)
