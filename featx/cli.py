@@ -41,6 +41,11 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 def fail(message: str, code: int = 2) -> None:
     """One line on stderr and a non-zero exit: how every user error ends."""
     typer.echo(f"featx: error: {message}", err=True)
@@ -69,7 +74,7 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None):
 @app.command()
 def extract(
     paths: Annotated[list[Path], typer.Argument(help="Image folders (searched recursively) and/or image files.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The Parquet file to write (or resume).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The Parquet file to write (or resume); a folder with --engine ray.")],
     model: Annotated[Model, typer.Option(help="torchvision VGG: D = vgg16, E = vgg19.")] = "vgg16",
     weights: Annotated[str, typer.Option(help="'default' (torchvision IMAGENET1K_V1, downloaded once), a state-dict FILE, or 'random' (tests only).")] = "default",
     layer: Annotated[Layer, typer.Option(help="fc7 (the paper's), fc6, or pool5 (512-D).")] = Layer.fc7,
@@ -88,6 +93,10 @@ def extract(
     strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
     profile: Annotated[bool, typer.Option(help="Print seconds spent per stage.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="K/N: only shard K of N (0-based, by path hash), to split a folder over N machines.")] = None,
+    engine: Annotated[Engine, typer.Option(help="local (this machine) or ray (a Ray cluster; OUTPUT is a folder of Parquet parts).")] = Engine.local,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join, e.g. auto or HEAD:6379 (default: a local Ray).")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(help="Model actors (default: one per GPU; on CPUs, half of the cores).")] = None,
 ) -> None:
     """Describe every image with the paper's dense multi-scale VGG descriptor; write Parquet."""
     from featx.config import ExtractConfig
@@ -100,11 +109,19 @@ def extract(
         aggregate=aggregate.value, precision=precision.value, device=device, batch_size=batch_size,
         workers=workers, max_pixels=max_pixels, seed=seed, rows_per_group=rows_per_group, bucket=bucket,
     )
-    result = call(run_extract, paths, output, config, overwrite=overwrite, progress=not quiet)
+    if engine is Engine.ray:
+        from featx.ray_engine import extract_ray
+
+        result = call(extract_ray, paths, output, config, address=ray_address, actors=ray_actors,
+                      shard=shard, overwrite=overwrite, progress=not quiet)
+    elif ray_address or ray_actors:
+        fail("--ray-address and --ray-actors need --engine ray")
+    else:
+        result = call(run_extract, paths, output, config, overwrite=overwrite, progress=not quiet, shard=shard)
     if result.interrupted:
         typer.echo(
             f"featx: interrupted after {result.new_rows} new images; they are kept in "
-            f"{output}.partial — rerun the same command to resume",
+            f"{output if engine is Engine.ray else f'{output}.partial'} — rerun the same command to resume",
             err=True,
         )
         raise typer.Exit(130)
