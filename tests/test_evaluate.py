@@ -222,6 +222,7 @@ def test_span_coordinates_change_nothing_but_speed():
     train, test = X[:30], X[30:]
     Z_train, Z_test = ev.span_coordinates(train, test)
     assert Z_train.shape == (30, 30) and Z_test.shape == (15, 30)
+    np.testing.assert_allclose(Z_train @ Z_train.T, train @ train.T, atol=1e-5)
     # Inner products with training rows, all a linear head sees, are kept.
     np.testing.assert_allclose(Z_test @ Z_train.T, test @ train.T, atol=1e-5)
     raw = LinearSVC(C=1.0, tol=1e-8, max_iter=100_000).fit(train, labels)
@@ -236,3 +237,13 @@ def test_parallel_grid_gives_the_same_choice():
     one, _ = ev._run_split(pipeline, index, X, split)
     two, _ = ev._run_split(pipeline, index, X, split, jobs=2)
     assert (one["C"], one["holdout_scores"], one["value"]) == (two["C"], two["holdout_scores"], two["value"])
+
+
+def test_span_coordinates_survive_duplicate_training_rows():
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(12, 50)).astype(np.float32)
+    train[5] = train[2]  # a duplicate image: the Gram matrix is singular
+    test = rng.normal(size=(4, 50)).astype(np.float32)
+    Z_train, Z_test = ev.span_coordinates(train, test)
+    np.testing.assert_allclose(Z_train @ Z_train.T, train @ train.T, atol=1e-4)
+    np.testing.assert_allclose(Z_test @ Z_train.T, test @ train.T, atol=1e-4)
