@@ -46,7 +46,7 @@ def table(report: dict) -> Table:
         t.add_column("other AP", justify="right")
     t.add_column("paper", justify="right")
     t.add_column("C per split", justify="right")
-    t.add_column("n_train / n_test", justify="right")
+    t.add_column("train / test", justify="right")
     paper = {tuple(r["models"]): r for r in report["paper"]["results"]}
     for r in report["results"]:
         ref = paper.get(tuple(r["models"]))
@@ -64,7 +64,7 @@ def table(report: dict) -> Table:
         t.add_row(*row)
     captions = [f"weights: {weights}"]
     if weights.startswith("random"):
-        captions[0] += " (far below the paper by design: a smoke test, not a result)"
+        captions[0] += " — far below the paper by design: a smoke test, not a result"
     captions += cfg.get("notes", [])
     if report["paper"].get("note"):
         captions.append(report["paper"]["note"])
