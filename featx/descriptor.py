@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from featx.accel import Plan, auto_precision
+from featx.accel import Plan, auto_precision, release_freed_memory
 from featx.model import DenseVGG
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,14 +67,10 @@ class DenseDescriber:
         self.device, self.flip = device, flip
         self.precision = resolve_precision(precision, device)
         self.dtype = DTYPES[self.precision]
-        net.eval()
-        if prepack and device.type == "cpu":
-            # Packed from the parameters as they are (fp32 when fresh) before the cast below.
-            self.plan = Plan(net, device, self.dtype, prepack, pass_pixels, head_rows)
         # In place, as before: callers that share one net across describers find it moved.
-        self.net = net.to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
-        if not (prepack and device.type == "cpu"):
-            self.plan = Plan(self.net, device, self.dtype, False, pass_pixels, head_rows)
+        # Cast first, then pack: the transient copies are then in the (smaller) dtype.
+        self.net = net.eval().to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
+        self.plan = Plan(self.net, device, self.dtype, prepack, pass_pixels, head_rows)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
 
@@ -95,6 +91,8 @@ class DenseDescriber:
         pooled = self.plan(x)
         if self.flip:
             pooled = (pooled[:n] + pooled[n:]) / 2
+        if self.device.type == "cpu":
+            release_freed_memory()
         return pooled.cpu()
 
 

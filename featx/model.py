@@ -45,11 +45,15 @@ class DenseVGG(nn.Module):
 
 
 def linear_as_conv(linear: nn.Linear, in_channels: int, kernel: int) -> nn.Conv2d:
-    """The same weights as a conv: (out, in*k*k) -> (out, in, k, k), in torchvision's C,H,W order."""
-    conv = nn.Conv2d(in_channels, linear.out_features, kernel_size=kernel)
-    with torch.no_grad():
-        conv.weight.copy_(linear.weight.view(linear.out_features, in_channels, kernel, kernel))
-        conv.bias.copy_(linear.bias)
+    """The same weights as a conv: (out, in*k*k) -> (out, in, k, k), in torchvision's C,H,W order.
+
+    The conv shares the Linear's storage: no random init and no copy of fc6's 411 MB.
+    """
+    conv = nn.utils.skip_init(nn.Conv2d, in_channels, linear.out_features, kernel_size=kernel,
+                              device=linear.weight.device, dtype=linear.weight.dtype)
+    shape = (linear.out_features, in_channels, kernel, kernel)
+    conv.weight = nn.Parameter(linear.weight.detach().view(shape), requires_grad=linear.weight.requires_grad)
+    conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
     return conv
 
 
@@ -72,9 +76,10 @@ def torchvision_vgg(model: str, weights: Weights) -> torchvision.models.VGG:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(weights.identity["seed"])
             return builder(weights=None).eval()
-    vgg = builder(weights=None)
+    with torch.device("meta"):  # no random init of 138M parameters that the state dict replaces
+        vgg = builder(weights=None)
     try:
-        vgg.load_state_dict(weights.state_dict)
+        vgg.load_state_dict(weights.state_dict, assign=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise ValueError(
