@@ -129,7 +129,7 @@ def _decode_one(x, i: int, scales: tuple[int, ...]) -> Decoded:
                 f"X[{i}] is a {x.dtype} array of shape {x.shape}; arrays must be HxWx3 uint8 RGB "
                 f"(for gray or RGBA pass PIL.Image.fromarray(a), which is converted as files are)"
             )
-        img = Image.fromarray(x, "RGB")
+        img = Image.fromarray(x)  # HxWx3 uint8 is RGB
     else:
         raise ValueError(
             f"X[{i}] is a {type(x).__name__}; VGGFeatures takes image paths, PIL images or "
@@ -211,6 +211,8 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         device = resolve_device(config.device)
         identity = _weights_identity(config)
         self._describer = _describer(config, device, identity)
+        # What transform runs: parameters set after fit take effect at the next fit.
+        self.config_ = config
         self.weights_ = identity
         self.device_ = str(device)
         self.precision_ = self._describer.precision  # "auto" resolved for the device
@@ -222,8 +224,8 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
     def transform(self, X) -> np.ndarray:
         """float32 [n, D], L2-normalised rows, one per image of X, in X's order."""
         check_is_fitted(self)
-        config = self._config()
-        describer = self._fitted_describer(config)
+        config = self.config_
+        describer = self._fitted_describer()
         samples = _samples(X)
         out = np.zeros((len(samples), self.n_features_out_), np.float32)
         for start in range(0, len(samples), CHUNK):
@@ -237,7 +239,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
         """`fc7_0` ... for aggregate="mean"; `fc7_q256_0` ... per scale for "stack"."""
         check_is_fitted(self)
-        config = self._config()
+        config = self.config_
         per_scale = self.n_features_out_ // (len(config.scales) if config.aggregate == "stack" else 1)
         if config.aggregate == "stack":
             names = [f"{config.layer}_q{q}_{i}" for q in config.scales for i in range(per_scale)]
@@ -245,19 +247,20 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
             names = [f"{config.layer}_{i}" for i in range(per_scale)]
         return np.asarray(names, dtype=object)
 
-    def _fitted_describer(self, config: ExtractConfig) -> DenseDescriber:
+    def _fitted_describer(self) -> DenseDescriber:
         describer = self.__dict__.get("_describer")
         if describer is not None:
             return describer
         # Unpickled: the net did not travel (see __getstate__); take it from the cache again,
         # provided the weights are still the ones it was fitted with.
+        config = self.config_
         identity = _weights_identity(config)
         if identity != self.weights_:
             raise ValueError(
                 f"weights {self.weights!r} are not the ones this transformer was fitted with "
                 f"({self.weights_} then, {identity} now); call fit again"
             )
-        self._describer = _describer(config, torch.device(self.device_), identity)
+        self._describer = _describer(config, resolve_device(self.device_), identity)
         return self._describer
 
     def __getstate__(self):

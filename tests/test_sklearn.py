@@ -132,6 +132,10 @@ def test_fit_returns_self_and_transform_needs_fit(sample_paths):
     np.testing.assert_array_equal(vgg.fit_transform(sample_paths[0]), X)
     assert vgg.get_feature_names_out()[:2].tolist() == ["pool5_0", "pool5_1"]
     assert vgg.transform([]).shape == (0, 512)
+    # Transform runs what was fitted; parameters set later take effect at the next fit.
+    vgg.set_params(aggregate="stack", scales=(32, 48))
+    np.testing.assert_array_equal(vgg.transform(sample_paths[0]), X)
+    assert vgg.fit().transform(sample_paths[0][:1]).shape == (1, 1024)
 
 
 def test_init_only_stores_and_fit_validates():
