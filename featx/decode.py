@@ -70,6 +70,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied, then 8-bit RGB: how every image enters featx."""
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
 def open_upright(file, max_pixels: int) -> Image.Image:
     """Open, refuse oversized images from the header alone, decode the first frame upright."""
     try:
@@ -92,8 +97,7 @@ def open_upright(file, max_pixels: int) -> Image.Image:
         try:
             img.seek(0)  # animated GIF / WebP: the first frame
             img.load()
-            upright = ImageOps.exif_transpose(img)
-            return to_rgb(upright)
+            return upright_rgb(img)
         except Exception as e:
             raise ImageError("decode", type(e).__name__, f"cannot decode: {e}") from None
 
@@ -136,7 +140,10 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
 
 def decode(file, scales: tuple[int, ...], max_pixels: int, bucket: int = 0) -> Decoded:
     """Read one image and rescale it to every Q in `scales`; raises ImageError."""
-    img = open_upright(file, max_pixels)
+    return decode_image(open_upright(file, max_pixels), scales, bucket)
+
+
+def decode_image(img: Image.Image, scales: tuple[int, ...], bucket: int = 0) -> Decoded:
+    """An upright RGB image rescaled to every Q in `scales`."""
     tensor = pil_to_tensor(img)
-    scaled = {q: rescale(tensor, q, bucket) for q in scales}
-    return Decoded(img.width, img.height, scaled)
+    return Decoded(img.width, img.height, {q: rescale(tensor, q, bucket) for q in scales})

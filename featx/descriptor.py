@@ -7,6 +7,9 @@ averaged with the same for the horizontally flipped image, combined over scales 
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable, Container
+
 import torch
 import torch.nn.functional as F
 
@@ -94,6 +97,39 @@ class DenseDescriber:
         if self.device.type == "cpu":
             release_freed_memory()
         return pooled.cpu()
+
+
+def pooled_per_scale(
+    describer: DenseDescriber,
+    images: list[dict[int, torch.Tensor]],
+    scales: tuple[int, ...],
+    batch_size: int,
+    run_batch: Callable[[int, list[int], torch.Tensor], None] | None = None,
+    skip: Container[int] = (),
+) -> list[torch.Tensor]:
+    """[n, C] per scale for images rescaled to every Q; same-shape images share a batch.
+
+    `run_batch(q, batch, out)` replaces the plain `out[batch] = describer(...)` (featx extract
+    uses it to time batches and isolate failing images); indices in `skip` are left at zero.
+    """
+    n = len(images)
+    channels = [m for m in describer.net.modules() if isinstance(m, torch.nn.Conv2d)][-1].out_channels
+    per_scale = []
+    for q in scales:
+        out = torch.zeros(n, channels)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, scaled in enumerate(images):
+            if i not in skip:
+                groups[tuple(scaled[q].shape)].append(i)
+        for _, idx in sorted(groups.items()):
+            for s in range(0, len(idx), batch_size):
+                batch = idx[s : s + batch_size]
+                if run_batch is None:
+                    out[batch] = describer(torch.stack([images[i][q] for i in batch]))
+                else:
+                    run_batch(q, batch, out)
+        per_scale.append(out)
+    return per_scale
 
 
 def combine(per_scale: list[torch.Tensor], aggregate: str) -> torch.Tensor:

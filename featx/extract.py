@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,7 +25,7 @@ import torchvision
 from featx import __version__, store
 from featx.config import ExtractConfig, descriptor_settings, settings_hash
 from featx.decode import RESIZE, Decoded, ImageError, decode
-from featx.descriptor import DenseDescriber, combine, resolve_device
+from featx.descriptor import DenseDescriber, combine, pooled_per_scale, resolve_device
 from featx.discover import Item, discover
 from featx.model import build
 from featx.shard import take_shard
@@ -202,25 +202,17 @@ class Run:
     def _describe(self, describer: DenseDescriber, decoded: list[Decoded]) -> tuple[np.ndarray, dict[int, ImageError]]:
         """Descriptors for a row group; images sharing a rescaled shape share a batch."""
         cfg = self.config
-        n = len(decoded)
         failed: dict[int, ImageError] = {}
-        per_scale = []
-        t_model = 0.0
-        for q in cfg.scales:
-            out = torch.zeros(n, 512 if cfg.layer == "pool5" else 4096)
-            groups: dict[tuple, list[int]] = defaultdict(list)
-            for i, d in enumerate(decoded):
-                if i not in failed:
-                    groups[tuple(d.scaled[q].shape)].append(i)
-            for _, idx in sorted(groups.items()):
-                for s in range(0, len(idx), cfg.batch_size):
-                    batch = idx[s : s + cfg.batch_size]
-                    t = time.perf_counter()
-                    self._run_batch(describer, decoded, q, batch, out, failed)
-                    t_model += time.perf_counter() - t
-                    self._advance(len(batch) / len(cfg.scales))
-            per_scale.append(out)
-        self.stage_seconds["model"] += t_model
+
+        def run_batch(q: int, batch: list[int], out: torch.Tensor) -> None:
+            t = time.perf_counter()
+            self._run_batch(describer, decoded, q, batch, out, failed)
+            self.stage_seconds["model"] += time.perf_counter() - t
+            self._advance(len(batch) / len(cfg.scales))
+
+        per_scale = pooled_per_scale(
+            describer, [d.scaled for d in decoded], cfg.scales, cfg.batch_size, run_batch, skip=failed
+        )
         t = time.perf_counter()
         features = combine(per_scale, cfg.aggregate).numpy()
         self.stage_seconds["aggregate"] += time.perf_counter() - t

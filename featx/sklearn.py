@@ -10,19 +10,19 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from featx.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, ExtractConfig
-from featx.decode import Decoded, ImageError, decode, pil_to_tensor, rescale, to_rgb
-from featx.descriptor import DenseDescriber, combine, resolve_device, resolve_precision
+from featx.decode import Decoded, ImageError, decode, decode_image, upright_rgb
+from featx.descriptor import DenseDescriber, combine, pooled_per_scale, resolve_device, resolve_precision
 from featx.extract import descriptor_hash
 from featx.model import DenseVGG, build
 from featx.weights import identify, resolve
@@ -88,26 +88,8 @@ def _describer(config: ExtractConfig, device: torch.device, identity: dict) -> D
 def describe_decoded(
     describer: DenseDescriber, decoded: list[Decoded], scales: tuple[int, ...], aggregate: str, batch_size: int
 ) -> np.ndarray:
-    """float32 [n, D] for decoded images; same-shape images share a batch, as in `featx extract`.
-
-    Mirrors featx.extract.Run._describe (which also isolates failing images and times stages).
-    """
-    n = len(decoded)
-    per_scale = []
-    for q in scales:
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, d in enumerate(decoded):
-            groups[tuple(d.scaled[q].shape)].append(i)
-        out = None
-        for _, idx in sorted(groups.items()):
-            for s in range(0, len(idx), batch_size):
-                batch = idx[s : s + batch_size]
-                pooled = describer(torch.stack([decoded[i].scaled[q] for i in batch]))
-                if out is None:
-                    out = torch.zeros(n, pooled.shape[1])
-                out[batch] = pooled
-        per_scale.append(out)
-    return combine(per_scale, aggregate).numpy()
+    """float32 [n, D] for decoded images, through the same batching code as `featx extract`."""
+    return combine(pooled_per_scale(describer, [d.scaled for d in decoded], scales, batch_size), aggregate).numpy()
 
 
 def _decode_one(x, i: int, scales: tuple[int, ...]) -> Decoded:
@@ -121,8 +103,7 @@ def _decode_one(x, i: int, scales: tuple[int, ...]) -> Decoded:
         except ImageError as e:
             raise ValueError(f"X[{i}] = {str(x)!r}: {e.message}") from None
     if isinstance(x, Image.Image):
-        # As featx.decode.open_upright does for a file: EXIF orientation, then 8-bit RGB.
-        img = to_rgb(ImageOps.exif_transpose(x))
+        img = upright_rgb(x)  # as for a file: EXIF orientation, then 8-bit RGB
     elif isinstance(x, np.ndarray):
         if x.ndim != 3 or x.shape[2] != 3 or x.dtype != np.uint8:
             raise ValueError(
@@ -135,8 +116,7 @@ def _decode_one(x, i: int, scales: tuple[int, ...]) -> Decoded:
             f"X[{i}] is a {type(x).__name__}; VGGFeatures takes image paths, PIL images or "
             f"HxWx3 uint8 arrays"
         )
-    tensor = pil_to_tensor(img)
-    return Decoded(img.width, img.height, {q: rescale(tensor, q) for q in scales})
+    return decode_image(img, scales)
 
 
 def _samples(X) -> list:

@@ -278,14 +278,15 @@ def feature_matrix(column: pa.ChunkedArray) -> np.ndarray:
     if column.num_chunks == 0 or len(column) == 0:
         return np.zeros((0, dim), np.float32)
     parts = [c.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim) for c in column.chunks]
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    # One chunk is a zero-copy, read-only view of Arrow memory: copy so callers may write to X.
+    return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
 
 
 def load_xy(path: str | Path, filters=None) -> tuple[np.ndarray, np.ndarray]:
     """(X float32 [n, D], y labels as a NumPy object array) from a feature file or folder."""
     table = read_table(path, ["label", "feature"], filters)
     X = feature_matrix(table.column("feature"))
-    y = np.asarray(table.column("label").to_pylist(), dtype=object)
+    y = table.column("label").to_numpy(zero_copy_only=False).astype(object, copy=False)
     return X, y
 
 
