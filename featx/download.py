@@ -141,6 +141,10 @@ def unpack(archive: str | Path, into: str | Path, *, inner: str | None = None) -
             with zipfile.ZipFile(archive) as zf:
                 if inner is not None:
                     if inner not in zf.namelist():
+                        # Same archive under another folder name: match on the file name alone.
+                        same = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == inner.rsplit("/", 1)[-1]]
+                        inner = same[0] if len(same) == 1 else inner
+                    if inner not in zf.namelist():
                         raise ValueError(
                             f"{archive} does not hold {inner}; it is not the official archive: "
                             "delete it and rerun with --download"
