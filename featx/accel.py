@@ -166,6 +166,14 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype) -> t
     return w.to(dtype), b.to(dtype)
 
 
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """VGG's 2x2/2 max pool as two elementwise maxima over strided views: the same numbers as
+    F.max_pool2d, ~5x faster on channels-last bf16 on CPU (whose pooling kernel is slow there)."""
+    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    rows = torch.maximum(x[:, :, 0:h:2, :w], x[:, :, 1:h:2, :w])
+    return torch.maximum(rows[:, :, :, 0::2], rows[:, :, :, 1::2])
+
+
 def _first(v) -> int:
     return v[0] if isinstance(v, (tuple, list)) else v
 
@@ -221,8 +229,8 @@ class Plan:
                 i = j + relu
                 continue
             if isinstance(m, nn.MaxPool2d):
-                steps.append(m)  # channels-last max pooling: no weights, nothing to pack
                 k, s, p, d = (_first(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
+                steps.append(max_pool_2x2 if (k, s, p, d, m.ceil_mode) == (2, 2, 0, 1, False) else m)
                 h, w = _out_size(h, k, s, p, d, m.ceil_mode), _out_size(w, k, s, p, d, m.ceil_mode)
             else:  # ReLU without a conv before it, Identity, ...: run the module itself
                 steps.append(m)
@@ -272,21 +280,30 @@ class Plan:
         out = torch.zeros(b, self.head[-1].out_features, device=maps.device, dtype=torch.float32)
         lines = max(1, self.head_rows // wo)  # output rows of one image per piece
         pieces = [(i, r, min(r + lines, ho)) for i in range(b) for r in range(0, ho, lines)]
-        chunk: list[tuple[int, int, int]] = []
+        # Greedy chunks of whole pieces, at most head_rows rows (a lone piece may be all one image's).
+        chunks: list[list[tuple[int, int, int]]] = []
         rows = 0
-        for piece in pieces + [None]:
-            if piece is not None and (not chunk or rows + (piece[2] - piece[1]) * wo <= self.head_rows):
-                chunk.append(piece)
-                rows += (piece[2] - piece[1]) * wo
-                continue
-            if not chunk:
-                break
-            y = torch.cat([windows[i, r0:r1].reshape(-1, k * k * c) for i, r0, r1 in chunk])
+        for i, r0, r1 in pieces:
+            n = (r1 - r0) * wo
+            if not chunks or rows + n > self.head_rows:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append((i, r0, r1))
+            rows += n
+        for chunk in chunks:
+            y = torch.empty(sum((r1 - r0) * wo for _, r0, r1 in chunk), k * k * c, device=maps.device, dtype=maps.dtype)
+            at = 0
+            for i, r0, r1 in chunk:  # gather the windows straight into the GEMM's rows
+                n = (r1 - r0) * wo
+                y[at : at + n].view(r1 - r0, wo, k, k, c).copy_(windows[i, r0:r1])
+                at += n
             for layer in self.head:
                 y = layer(y)
-            owner = torch.cat([torch.full(((r1 - r0) * wo,), i, device=maps.device) for i, r0, r1 in chunk])
-            out.index_add_(0, owner, y.float())
-            chunk, rows = ([piece], (piece[2] - piece[1]) * wo) if piece is not None else ([], 0)
+            at = 0
+            for i, r0, r1 in chunk:
+                n = (r1 - r0) * wo
+                out[i] += y[at : at + n].float().sum(dim=0)
+                at += n
         return out, ho * wo
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

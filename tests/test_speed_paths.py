@@ -9,11 +9,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
 import featx
-from featx.accel import auto_precision, onednn_prepack_works
+from featx.accel import auto_precision, max_pool_2x2, onednn_prepack_works
 from featx.cli import app
 from featx.config import ExtractConfig, resolved_precision
 from featx.descriptor import DenseDescriber, resolve_precision
@@ -138,6 +139,12 @@ def test_chunked_head_and_small_trunk_passes_change_nothing(prepack):
     net, x = tiny_net(), images(3, 40, 52, seed=4)
     whole = describer(net, "fp32", prepack=prepack)(x)
     assert_rel_close(describer(net, "fp32", prepack=prepack, head_rows=5, pass_pixels=1)(x), whole, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_pool_2x2_equals_torch_on_odd_sizes(dtype):
+    x = torch.randn(2, 5, 11, 9).to(dtype).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(max_pool_2x2(x), F.max_pool2d(x, 2, 2))
 
 
 def test_flop_counter_counts_every_conv_of_the_shape_run():
