@@ -1,9 +1,11 @@
 """Scaling of `featx extract --engine ray` with the number of model actors, beside the local engine.
 
-    python benchmarks/ray_scaling.py data/samples --actors 1 2
+    python benchmarks/ray_scaling.py data/samples --actors 1 2 --repeat 3
 
 Each run writes to a fresh folder, so nothing is resumed; wall times include Ray's actor
-start-up (a new process that imports torch and builds the net), not Ray's own start.
+start-up (a new process that imports torch and builds the net), not Ray's own start. The
+configurations are interleaved and repeated, and the median is reported, because a shared
+machine's speed drifts while a benchmark runs.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import json
 import logging
 import os
 import platform
+import statistics
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import featx
 from featx.config import DEFAULT_SCALES
@@ -31,6 +35,7 @@ def main() -> None:
     parser.add_argument("--model", default="vgg16")
     parser.add_argument("--scales", default=",".join(map(str, DEFAULT_SCALES)))
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=3)
     # 2 CPU actors need 2 CPUs and the decode tasks one more: Ray's CPUs are logical.
     parser.add_argument("--ray-cpus", type=int, default=(os.cpu_count() or 1) + 1)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -40,37 +45,49 @@ def main() -> None:
 
     import ray
 
-    load_before = os.getloadavg()[0]
     ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    results = []
+    configs = [("local", None)] + [("ray", n) for n in args.actors]
+    runs: dict[tuple, list[dict]] = {c: [] for c in configs}
+    reference = None
+    precision = decode_per_image = None
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        local = featx.extract(args.folder, Path(tmp) / "local.parquet", **settings)
-        results.append({"engine": "local", "workers": "torch threads: %d" % __import__("torch").get_num_threads(),
-                        "images": local.new_rows, "seconds": time.perf_counter() - t,
-                        "decode_cpu_seconds_per_image": local.stage_seconds["decode"] / max(local.new_rows, 1)})
-        reference = featx.read_features(local.output).sort_values("path")
-        precision = featx.read_provenance(local.output)["precision"]  # "auto" resolved
-        for n in args.actors:
-            t = time.perf_counter()
-            r = extract_ray(args.folder, Path(tmp) / f"ray{n}", actors=n, **settings)
-            seconds = time.perf_counter() - t
-            got = featx.read_features(r.output).sort_values("path")
-            diff = float(np.abs(np.stack(got["feature"]) - np.stack(reference["feature"])).max())
-            results.append({"engine": "ray", "workers": f"{n} CPU actor(s)", "images": r.new_rows,
-                            "seconds": seconds, "max_abs_diff_vs_local": diff})
+        for i in range(args.repeat):
+            for engine, n in configs:
+                out = Path(tmp) / f"{engine}{n or ''}-{i}"
+                load = os.getloadavg()[0]  # other work on the machine skews a run: note it
+                t = time.perf_counter()
+                if engine == "local":
+                    r = featx.extract(args.folder, out.with_suffix(".parquet"), **settings)
+                    precision = featx.read_provenance(r.output)["precision"]  # "auto" resolved
+                    decode_per_image = r.stage_seconds["decode"] / max(r.new_rows, 1)
+                else:
+                    r = extract_ray(args.folder, out, actors=n, **settings)
+                seconds = time.perf_counter() - t
+                got = featx.read_features(r.output).sort_values("path")
+                X = np.stack(got["feature"])
+                reference = X if reference is None else reference
+                runs[(engine, n)].append({"seconds": seconds, "images": r.new_rows, "load_before": load,
+                                          "max_abs_diff": float(np.abs(X - reference).max())})
+                print(f"run {i}: {engine} {n or ''} {seconds:.1f} s (load before {load:.2f})", flush=True)
     ray.shutdown()
-    # Other work on the machine skews the figure: the 1-minute load average says if there was any.
-    print(f"load average (1 min) before: {load_before:.2f}, after: {os.getloadavg()[0]:.2f}")
-    for r in results:
-        r["images_per_second"] = r["images"] / r["seconds"]
-        print(f"{r['engine']:<6} {r['workers']:<18} {r['images']:>4} images {r['seconds']:8.1f} s "
-              f"{r['images_per_second']:6.3f} img/s" + (f"  max|diff| {r['max_abs_diff_vs_local']:.1e}" if "max_abs_diff_vs_local" in r else ""))
+
+    summary = []
+    for (engine, n), rs in runs.items():
+        med = statistics.median(r["seconds"] for r in rs)
+        images = rs[0]["images"]
+        workers = f"1 process, {torch.get_num_threads()} torch threads" if engine == "local" else f"{n} CPU actor(s)"
+        summary.append({"engine": engine, "workers": workers, "images": images, "median_seconds": med,
+                        "seconds": [round(r["seconds"], 1) for r in rs], "images_per_second": images / med,
+                        "max_abs_diff_vs_first_local": max(r["max_abs_diff"] for r in rs)})
+        print(f"{engine:<6} {workers:<28} {images:>3} images  median {med:6.1f} s  {images / med:6.3f} img/s  "
+              f"runs {summary[-1]['seconds']}  max|diff| {summary[-1]['max_abs_diff_vs_first_local']:.1e}")
+    print(f"precision {precision}; decode {decode_per_image * 1000:.0f} ms of one CPU per image (all scales)")
     if args.json:
-        machine = {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-                   "settings": {**settings, "scales": list(settings["scales"]), "precision": precision}}
-        machine["load_average_before"] = load_before
-        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+        machine = {"cpus": os.cpu_count(), "machine": platform.machine(),
+                   "settings": {**settings, "scales": list(settings["scales"]), "precision": precision},
+                   "decode_seconds_per_image": decode_per_image}
+        args.json.write_text(json.dumps({"machine": machine, "summary": summary,
+                                         "runs": {f"{e}{n or ''}": rs for (e, n), rs in runs.items()}}, indent=1))
 
 
 if __name__ == "__main__":
