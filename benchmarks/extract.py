@@ -1,12 +1,13 @@
 """How fast `featx extract` is on this machine, next to a naive loop and the machine's peak.
 
-    python benchmarks/extract.py [FOLDER] [--images N] [--small K] [--json FILE]
+    python benchmarks/extract.py [FOLDER] [--images N] [--mid M] [--small K] [--json FILE]
 
 One run, on a folder of real images (default: data/samples), measures side by side:
   - featx end to end (featx.extract: decode, resize, model, aggregation, Parquet write) on a
-    small and a large subset: images/s, GFLOP/s (FLOPs of every shape actually run), time per
-    stage, peak RSS of the process (flat in the number of images if the two agree);
-  - a naive baseline on the small subset: a per-image torchvision loop (fp32, NCHW, batch 1,
+    mid and a large subset: images/s, GFLOP/s (FLOPs of every shape actually run), time per
+    stage, peak RSS of the process (flat in the number of images if the two agree), and
+    images/s once running (the extra images of the large run over its extra seconds);
+  - a naive baseline on a small subset: a per-image torchvision loop (fp32, NCHW, batch 1,
     the same scales and flips), and featx's speed-up over it on the same images;
   - this machine's compute peak for the precision in use (a large 3x3 convolution, timed
     before and after the runs), and featx's fraction of it;
@@ -203,7 +204,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", default=str(REPO / "data" / "samples"))
     p.add_argument("--images", type=int, default=0, help="large set: this many images (0 = all)")
-    p.add_argument("--small", type=int, default=0, help="small set (also the naive baseline's); default: a quarter, 4..16")
+    p.add_argument("--mid", type=int, default=0, help="the second size for flat memory (default: half the large set)")
+    p.add_argument("--small", type=int, default=0, help="the naive baseline's images (default: a quarter, 4..12)")
     p.add_argument("--model", default="vgg16")
     p.add_argument("--weights", default="random", help="random (default: speed does not depend on it), default, or a file")
     p.add_argument("--layer", default="fc7")
@@ -215,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--bucket", type=int, default=32, help="grid step of the opt-in bucketing run (0 = skip)")
-    p.add_argument("--rounds", type=int, default=1, help="repeat naive and featx-small alternately; best counts")
+    p.add_argument("--rounds", type=int, default=2, help="naive and featx on the small set, alternately; best counts")
     p.add_argument("--json", default="bench-extract.json", help="where to write every figure")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -242,8 +244,10 @@ def main(argv=None) -> int:
     precision = resolved_precision(config)
     items = discover([args.folder])
     large = subset(items, args.images or len(items))
-    small = subset(large, args.small or min(16, max(4, len(large) // 4)))
-    net = build(args.model, Weights({"kind": "random", "seed": 0}, None), args.layer)
+    mid = subset(large, args.mid or max(1, len(large) // 2))
+    small = subset(large, args.small or min(12, max(4, len(large) // 4)))
+    with torch_device_meta():
+        net = build(args.model, Weights({"kind": "random", "seed": 0}, None), args.layer)  # shapes only
     report: dict = {
         "machine": machine(), "folder": str(args.folder),
         "settings": config.to_dict() | {"precision_resolved": precision, "scales": list(scales)},
@@ -253,73 +257,89 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="featx-bench-") as tmp:
         tmp = Path(tmp)
-        small_dir, large_dir = link_folder(tmp / "small", small), link_folder(tmp / "large", large)
+        folders = {name: link_folder(tmp / name, its) for name, its in
+                   (("small", small), ("mid", mid), ("large", large))}
         jsonable = settings | {"scales": list(scales)}
+
+        def featx_run(name: str, **extra) -> dict:
+            out = tmp / f"{name}{'-bucket' if extra else ''}.parquet"
+            run = run_child("featx", {"folder": str(folders[name]), "out": str(out), "settings": jsonable | extra})
+            return run | {"parquet": str(out)}
+
         log(f"peak: a large 3x3 convolution in {precision} ...")
         peaks = [conv_peak(precision, args.device)]
-
         naive_runs, fast_runs = [], []
         for r in range(args.rounds):
-            log(f"naive loop on {len(small)} images (fp32, NCHW, batch 1), round {r + 1} ...")
-            naive_runs.append(run_child("naive", {"folder": str(small_dir), "out": str(tmp / "naive.npy"),
+            log(f"round {r + 1}/{args.rounds}: naive loop on {len(small)} images (fp32, NCHW, batch 1) ...")
+            naive_runs.append(run_child("naive", {"folder": str(folders["small"]), "out": str(tmp / "naive.npy"),
                                                   "settings": jsonable | {"seed": 0}}))
-            log(f"featx on the same {len(small)} images ...")
-            fast_runs.append(run_child("featx", {"folder": str(small_dir), "out": str(tmp / "small.parquet"),
-                                                 "settings": jsonable}))
-        naive = min(naive_runs, key=lambda x: x["seconds"])
-        fast_small = min(fast_runs, key=lambda x: x["seconds"])
+            log(f"round {r + 1}/{args.rounds}: featx on the same {len(small)} images ...")
+            fast_runs.append(featx_run("small"))
         bucketed = None
         if args.bucket:
             log(f"featx --bucket {args.bucket} on the {len(small)} images ...")
-            bucketed = run_child("featx", {"folder": str(small_dir), "out": str(tmp / "bucket.parquet"),
-                                           "settings": jsonable | {"bucket": args.bucket}})
+            bucketed = featx_run("small", bucket=args.bucket)
+        log(f"featx on {len(mid)} images ...")
+        fast_mid = featx_run("mid")
         log(f"featx on {len(large)} images ...")
-        fast_large = run_child("featx", {"folder": str(large_dir), "out": str(tmp / "large.parquet"),
-                                         "settings": jsonable})
+        fast_large = featx_run("large")
         peaks.append(conv_peak(precision, args.device))
         report["load_average_end"] = os.getloadavg()
 
-        def figures(run: dict, parquet: Path, bucket: int = 0) -> dict:
-            table = pq.read_table(parquet, columns=["path", "width", "height"]).to_pydict()
+        def figures(run: dict, bucket: int = 0) -> dict:
+            table = pq.read_table(run["parquet"], columns=["path", "width", "height"]).to_pydict()
             flops, shapes = run_flops(table, net, scales, flip, bucket)
             return run | {"images": run["rows"], "images_per_s": run["rows"] / run["seconds"],
                           "gflop": flops / 1e9, "gflops": flops / run["seconds"] / 1e9,
                           "model_gflops": flops / max(run["stage_seconds"]["model"], 1e-9) / 1e9,
                           "distinct_shapes": shapes}
 
-        fs, fl = figures(fast_small, tmp / "small.parquet"), figures(fast_large, tmp / "large.parquet")
-        naive_flops, _ = run_flops(pq.read_table(tmp / "small.parquet", columns=["width", "height"]).to_pydict(),
-                                   net, scales, flip, 0)
-        naive |= {"images_per_s": naive["rows"] / naive["seconds"], "gflops": naive_flops / naive["seconds"] / 1e9}
+        naive = min(naive_runs, key=lambda x: x["seconds"])
+        fs = figures(min(fast_runs, key=lambda x: x["seconds"]))
+        fm, fl = figures(fast_mid), figures(fast_large)
+        naive |= {"images_per_s": naive["rows"] / naive["seconds"], "gflop": fs["gflop"],
+                  "gflops": fs["gflop"] / naive["seconds"]}
         exact = dict(zip(naive.pop("paths"), np.load(tmp / "naive.npy")))
 
-        def cosines(parquet: Path) -> dict:
+        def cosines(parquet: str) -> dict:
             df = pq.read_table(parquet, columns=["path", "feature"]).to_pydict()
             fast = np.stack([np.asarray(f, dtype=np.float64) for f in df["feature"]])
             ref = np.stack([exact[p] for p in df["path"]]).astype(np.float64)
             c = centred_cosines(fast, ref)
             raw = (fast * ref).sum(1) / (np.linalg.norm(fast, axis=1) * np.linalg.norm(ref, axis=1))
-            return {"centred_min": float(c.min()), "centred_median": float(np.median(c)),
+            return {"images": len(c), "centred_min": float(c.min()), "centred_median": float(np.median(c)),
                     "raw_min": float(raw.min()), "max_abs_diff": float(np.abs(fast - ref).max()),
                     "ok": bool(c.min() >= 0.995)}
 
         peak = max(peaks, key=lambda x: x["gflops"])
+        steady = None
+        if fl["images"] > fm["images"] and fl["seconds"] > fm["seconds"]:
+            extra_flops = (fl["gflop"] - fm["gflop"]) / (fl["seconds"] - fm["seconds"])
+            steady = {"images_per_s": (fl["images"] - fm["images"]) / (fl["seconds"] - fm["seconds"]),
+                      "gflops": extra_flops}
         report |= {
             "peak": {"gflops": peak["gflops"], "runs": peaks},
             "naive": naive | {"all_seconds": [r["seconds"] for r in naive_runs]},
             "featx_small": fs | {"all_seconds": [r["seconds"] for r in fast_runs]},
+            "featx_mid": fm,
             "featx_large": fl,
+            # Once running: the large run's extra images over its extra seconds (setup cancels).
+            "featx_steady": steady,
             "speedup_same_images": fs["images_per_s"] / naive["images_per_s"],
-            "speedup_gflops_large": fl["gflops"] / naive["gflops"],
+            "speedup_steady": steady["images_per_s"] / naive["images_per_s"] if steady else None,
             "fraction_of_peak": fl["gflops"] / peak["gflops"],
-            "memory_flat": {"small_images": fs["images"], "small_mb": fs["peak_rss_mb"],
+            "memory_flat": {"mid_images": fm["images"], "mid_mb": fm["peak_rss_mb"],
                             "large_images": fl["images"], "large_mb": fl["peak_rss_mb"]},
-            "numerics": {"precision": precision, **cosines(tmp / "small.parquet")},
+            "numerics": {"precision": precision, **cosines(fs["parquet"])},
         }
         if bucketed:
-            fb = figures(bucketed, tmp / "bucket.parquet", args.bucket)
-            report["bucket"] = fb | {"grid": args.bucket, "numerics": cosines(tmp / "bucket.parquet"),
+            fb = figures(bucketed, args.bucket)
+            report["bucket"] = fb | {"grid": args.bucket, "numerics": cosines(fb["parquet"]),
                                      "speedup_vs_exact_shapes": fb["images_per_s"] / fs["images_per_s"]}
+        for run in ("featx_small", "featx_mid", "featx_large"):
+            report[run].pop("parquet")
+        if bucketed:
+            report["bucket"].pop("parquet")
 
     Path(args.json).write_text(json.dumps(report, indent=2, default=float) + "\n")
     print_report(report)
@@ -327,32 +347,49 @@ def main(argv=None) -> int:
     return 0
 
 
+class torch_device_meta:
+    """Build the net on the meta device: the FLOP counter needs its shapes, not its numbers."""
+
+    def __enter__(self):
+        import torch
+
+        self._ctx = torch.device("meta")
+        return self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
 def print_report(r: dict) -> None:
-    s, fl, fs, nv = r["settings"], r["featx_large"], r["featx_small"], r["naive"]
+    s, fl, fm, fs, nv = r["settings"], r["featx_large"], r["featx_mid"], r["featx_small"], r["naive"]
     flip = "with flips" if s["flip"] else "no flips"
     print(f"\nfeatx benchmark: {s['model']}, Q={s['scales']} {flip}, {s['layer']}, precision {s['precision_resolved']}"
           f" ({s['precision']}), weights {s['weights']}")
     m = r["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
           f"load average {r['load_average_start'][0]:.1f} -> {r['load_average_end'][0]:.1f}")
-    print(f"{'run':<34}{'images':>7}{'img/s':>9}{'GFLOP/s':>9}{'peak RSS MB':>13}")
-    rows = [(f"naive loop (fp32, NCHW, batch 1)", nv), ("featx, same images", fs), ("featx, large set", fl)]
+    print(f"{'run':<36}{'images':>7}{'img/s':>9}{'GFLOP/s':>9}{'peak RSS MB':>13}")
+    rows = [("naive loop (fp32, NCHW, batch 1)", nv), ("featx, same images", fs),
+            ("featx, mid set", fm), ("featx, large set", fl)]
     if "bucket" in r:
         rows.append((f"featx --bucket {r['bucket']['grid']}, same images", r["bucket"]))
     for name, x in rows:
-        print(f"{name:<34}{x['rows']:>7}{x['images_per_s']:>9.3f}{x['gflops']:>9.0f}{x['peak_rss_mb']:>13.0f}")
-    print(f"speed-up over naive: {r['speedup_same_images']:.2f}x on the same images (end to end), "
-          f"{r['speedup_gflops_large']:.2f}x in GFLOP/s (large set)")
-    print(f"peak ({r['peak']['runs'][0]['dtype']} 3x3 conv): {r['peak']['gflops']:.0f} GFLOP/s; featx end to end "
-          f"{fl['gflops']:.0f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of peak (model stage alone "
-          f"{fl['model_gflops']:.0f} = {100 * fl['model_gflops'] / r['peak']['gflops']:.0f}%)")
-    st = fl["stage_seconds"]
-    parts = ", ".join(f"{k} {v:.1f} s" for k, v in st.items())
+        print(f"{name:<36}{x['rows']:>7}{x['images_per_s']:>9.3f}{x['gflops']:>9.0f}{x['peak_rss_mb']:>13.0f}")
+    st = r["featx_steady"]
+    if st:
+        print(f"{'featx once running (large - mid)':<36}{'':>7}{st['images_per_s']:>9.3f}{st['gflops']:>9.0f}")
+    print(f"speed-up over naive: {r['speedup_same_images']:.2f}x on the same images (end to end, setup included)"
+          + (f", {r['speedup_steady']:.2f}x once running" if st else ""))
+    pk = r["peak"]["gflops"]
+    print(f"peak ({r['peak']['runs'][0]['dtype']} 3x3 conv): {pk:.0f} GFLOP/s; featx end to end {fl['gflops']:.0f} "
+          f"GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of peak (model stage {fl['model_gflops']:.0f} = "
+          f"{100 * fl['model_gflops'] / pk:.0f}%" + (f"; once running {100 * st['gflops'] / pk:.0f}%)" if st else ")"))
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in fl["stage_seconds"].items())
     print(f"stages (large set, {fl['seconds']:.1f} s wall; decode runs in threads beside the model): {parts}")
     mf = r["memory_flat"]
-    print(f"peak memory: {mf['small_mb']:.0f} MB at {mf['small_images']} images, {mf['large_mb']:.0f} MB at {mf['large_images']}")
+    print(f"peak memory: {mf['mid_mb']:.0f} MB at {mf['mid_images']} images, {mf['large_mb']:.0f} MB at {mf['large_images']}")
     nm = r["numerics"]
-    print(f"numerics ({nm['precision']} vs exact fp32, centred cosine per image): min {nm['centred_min']:.5f}, "
+    print(f"numerics ({nm['precision']} vs exact fp32, {nm['images']} images, centred cosine): min {nm['centred_min']:.5f}, "
           f"median {nm['centred_median']:.5f} -> {'OK' if nm['ok'] else 'BELOW 0.995'} (raw min {nm['raw_min']:.5f})")
     if "bucket" in r:
         b = r["bucket"]
