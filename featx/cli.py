@@ -158,7 +158,8 @@ def info(
     files = call(feature_files, path) if path.is_dir() else [path]
     counts = call(read_table, path, ["label"]).column("label").value_counts().to_pylist()
     rows = sum(c["counts"] for c in counts)
-    error_files = [e for e in map(errors_path, files) if e.exists()]
+    # Beside each file (local engine) and beside the folder itself (--engine ray).
+    error_files = sorted({e for e in map(errors_path, [*files, path]) if e.exists() and e not in files})
     failures = sum(pq.ParquetFile(e).metadata.num_rows for e in error_files)
     size = sum(f.stat().st_size for f in files)
 

@@ -173,3 +173,14 @@ def test_cpu_actors_must_leave_cpus_to_decode(ray_local):
     with pytest.raises(ValueError, match="the Ray cluster has no GPU"):
         ray_engine._actor_plan(ray, featx.ExtractConfig(device="cuda"), actors=None)
     assert ray_engine._actor_plan(ray, featx.ExtractConfig(), actors=None) == ("cpu", 1, {"num_cpus": 1}, 1)
+
+
+def test_info_counts_the_failures_of_a_ray_folder(on_ray):
+    from typer.testing import CliRunner
+
+    from featx.cli import app
+
+    result = CliRunner().invoke(app, ["info", str(on_ray.output)])
+    assert result.exit_code == 0, result.output
+    errors = errors_path(on_ray.output)
+    assert f"1 image, listed in {errors}" in result.output
