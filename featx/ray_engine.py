@@ -204,7 +204,7 @@ class Folder:
             staged = self.work / f"part-{index:06d}.staged"
             store.write_atomic(rows, staged)
             os.replace(staged, self.root / PART.format(index))
-            _fsync_dir(self.root)
+            store.fsync_dir(self.root)
         if errors:
             store.write_atomic(store.errors_table(errors), self.work / f"part-{index:06d}.errors.parquet")
 
@@ -221,17 +221,6 @@ class Folder:
         elif out_file.exists():
             out_file.unlink()
         return len(failures)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the job -----------------------------------------------------------------------------------

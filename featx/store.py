@@ -72,7 +72,7 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -91,7 +91,7 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class Pieces:
@@ -182,7 +182,7 @@ def merge(out: Path, schema: pa.Schema, sources: Iterable[Path], error_sources: 
     err_out = errors_path(out)
     if rows:
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     else:
         tmp.unlink()
     if failures:
