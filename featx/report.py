@@ -152,10 +152,11 @@ def _plot_ap(report: dict, r: dict, out: Path) -> Path:
     ax.bar(x - 0.2, ap07, 0.4, label=f"11-point AP (mean {_mean(ap07):.1f})", color="#4477aa")
     ax.bar(x + 0.2, area, 0.4, label=f"area AP (mean {_mean(area):.1f})", color="#66ccee")
     ax.set_xticks(x, classes, rotation=60, ha="right", fontsize=8)
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 118)  # headroom above 100 for the legend, clear of every bar
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("AP, %")
     ax.set_title(f"{get_spec(report['dataset']).title}, {r['label']}: AP per class — {report['config']['weights']}", fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", ncols=2, frameon=False)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -172,19 +173,20 @@ def _plot_pr(report: dict, r: dict, curve: dict, out: Path) -> Path:
     per_class = r["splits"][0]["per_class"]
     for ax, c in zip(np.ravel(axes), classes):
         precision, recall = curve[c]
-        ax.plot(recall, precision, color="#4477aa", lw=1.2, label="measured")
+        # A step plot: precision holds between hits, so no line is drawn from (0, 0).
+        ax.step(recall, precision, where="post", color="#4477aa", lw=1.2, label="measured")
         # The devkit scores the interpolated curve: best precision at this recall or beyond.
         interpolated = np.maximum.accumulate(precision[::-1])[::-1]
-        ax.plot(recall, interpolated, color="#cc3311", lw=0.9, ls="--", label="interpolated (AP)")
+        ax.step(recall, interpolated, where="post", color="#cc3311", lw=0.9, ls="--", label="interpolated (AP)")
         ap = per_class[c]["area_ap"]
-        ax.set_title(f"{c}  AP {ap:.1f}" if ap is not None else f"{c}  (no positive)", fontsize=8)
+        ax.set_title(f"{c}  area AP {ap:.1f}" if ap is not None else f"{c}  (no positive)", fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     for ax in np.ravel(axes)[len(classes):]:
         ax.axis("off")
     handles, labels = np.ravel(axes)[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="upper right")
+    fig.legend(handles, labels, fontsize=8, loc="lower right", ncols=2, frameon=False)
     fig.supxlabel("recall")
     fig.supylabel("precision")
     fig.suptitle(
