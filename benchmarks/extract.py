@@ -40,14 +40,40 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _current_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def child_featx(job: dict) -> dict:
+    import threading
+
     import featx
 
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
     t = time.perf_counter()
+
+    def sample() -> None:  # RSS over the run: flat memory shows as a flat second half
+        while not stop.wait(1.0):
+            samples.append((time.perf_counter() - t, _current_rss_mb()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     result = featx.extract(job["folder"], job["out"], overwrite=True, **job["settings"])
     seconds = time.perf_counter() - t
+    stop.set()
+    sampler.join()
+    half = [r for s, r in samples if s <= seconds / 2], [r for s, r in samples if s > seconds / 2]
     return {"seconds": seconds, "rows": result.rows, "failures": result.failures,
-            "stage_seconds": result.stage_seconds, "peak_rss_mb": _rss_mb()}
+            "stage_seconds": result.stage_seconds, "peak_rss_mb": _rss_mb(),
+            "rss_max_first_half_mb": max(half[0], default=None), "rss_max_second_half_mb": max(half[1], default=None),
+            "rss_timeline": samples[:: max(1, len(samples) // 60)]}
 
 
 def child_naive(job: dict) -> dict:
@@ -329,7 +355,9 @@ def main(argv=None) -> int:
             "speedup_steady": steady["images_per_s"] / naive["images_per_s"] if steady else None,
             "fraction_of_peak": fl["gflops"] / peak["gflops"],
             "memory_flat": {"mid_images": fm["images"], "mid_mb": fm["peak_rss_mb"],
-                            "large_images": fl["images"], "large_mb": fl["peak_rss_mb"]},
+                            "large_images": fl["images"], "large_mb": fl["peak_rss_mb"],
+                            "large_first_half_mb": fl["rss_max_first_half_mb"],
+                            "large_second_half_mb": fl["rss_max_second_half_mb"]},
             "numerics": {"precision": precision, **cosines(fs["parquet"])},
         }
         if bucketed:
@@ -387,7 +415,10 @@ def print_report(r: dict) -> None:
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in fl["stage_seconds"].items())
     print(f"stages (large set, {fl['seconds']:.1f} s wall; decode runs in threads beside the model): {parts}")
     mf = r["memory_flat"]
-    print(f"peak memory: {mf['mid_mb']:.0f} MB at {mf['mid_images']} images, {mf['large_mb']:.0f} MB at {mf['large_images']}")
+    halves = (f"; RSS during the large run: max {mf['large_first_half_mb']:.0f} MB in its first half, "
+              f"{mf['large_second_half_mb']:.0f} MB in its second" if mf["large_second_half_mb"] else "")
+    print(f"peak memory: {mf['mid_mb']:.0f} MB at {mf['mid_images']} images, {mf['large_mb']:.0f} MB at "
+          f"{mf['large_images']}{halves}")
     nm = r["numerics"]
     print(f"numerics ({nm['precision']} vs exact fp32, {nm['images']} images, centred cosine): min {nm['centred_min']:.5f}, "
           f"median {nm['centred_median']:.5f} -> {'OK' if nm['ok'] else 'BELOW 0.995'} (raw min {nm['raw_min']:.5f})")
