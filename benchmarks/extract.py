@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,7 @@ def child_featx(job: dict) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    result = featx.extract(job["folder"], job["out"], overwrite=True, **job["settings"])
+    result = featx.extract_features(job["folder"], job["out"], overwrite=True, **job["settings"])
     seconds = time.perf_counter() - t
     stop.set()
     sampler.join()
@@ -84,10 +83,10 @@ def child_naive(job: dict) -> dict:
     import torchvision.transforms.v2.functional as TF
     from PIL import Image, ImageOps
 
-    from featx.descriptor import resolve_device
-    from featx.discover import discover
-    from featx.model import build
-    from featx.weights import resolve
+    from featx.extract.discover import discover
+    from featx.net.device import resolve_device
+    from featx.net.model import build
+    from featx.net.weights import resolve
 
     s = job["settings"]
     device = resolve_device(s.get("device", "auto"))
@@ -134,8 +133,8 @@ def conv_peak(precision: str, device_name: str, seconds: float = 3.0) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from featx.accel import onednn_prepack_works
-    from featx.descriptor import DTYPES, resolve_device
+    from featx.net.accel import onednn_prepack_works
+    from featx.net.device import DTYPES, resolve_device
 
     device = resolve_device(device_name)
     dtype = DTYPES[precision]
@@ -167,7 +166,7 @@ def conv_peak(precision: str, device_name: str, seconds: float = 3.0) -> dict:
 # -- figures -------------------------------------------------------------------------------
 def run_flops(table, net, scales, flip: bool, bucket: int) -> tuple[int, int]:
     """FLOPs of every (image, scale) shape run, and the number of distinct shapes."""
-    from featx.decode import scaled_size
+    from featx.extract.decode import scaled_size
 
     total, shapes = 0, set()
     for w, h in zip(table["width"], table["height"]):
@@ -258,10 +257,10 @@ def main(argv=None) -> int:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from featx.config import ExtractConfig, resolved_precision
-    from featx.discover import discover
-    from featx.model import build
-    from featx.weights import Weights
+    from featx.extract.config import ExtractConfig, resolved_precision
+    from featx.extract.discover import discover
+    from featx.net.model import build
+    from featx.net.weights import Weights
 
     scales = tuple(int(q) for q in args.scales.split(","))
     flip = not args.no_flip

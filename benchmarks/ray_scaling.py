@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 import featx
-from featx.config import DEFAULT_SCALES
-from featx.ray_engine import extract_ray
+from featx.extract.config import DEFAULT_SCALES
+from featx.extract.ray_engine import extract_ray
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
                 load = os.getloadavg()[0]  # other work on the machine skews a run: note it
                 t = time.perf_counter()
                 if engine == "local":
-                    r = featx.extract(args.folder, out.with_suffix(".parquet"), **settings)
+                    r = featx.extract_features(args.folder, out.with_suffix(".parquet"), **settings)
                     precision = featx.read_provenance(r.output)["precision"]  # "auto" resolved
                     decode_per_image = r.stage_seconds["decode"] / max(r.new_rows, 1)
                 else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from enum import Enum
@@ -11,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from featx.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, MODELS
+from featx.errors import FeatxError
+from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, MODELS
 
 app = typer.Typer(
     help="The very deep features of Simonyan & Zisserman (arXiv 1409.1556, Appendix B).",
@@ -56,8 +58,12 @@ def call(fn, *args, **kwargs):
     """Run a library call; user errors become one line and exit code 2, never a traceback."""
     try:
         return fn(*args, **kwargs)
+    except FeatxError as e:
+        fail(str(e), e.exit_code)
     except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
-        fail(str(e))
+        # Builtin errors raised for the user's input by the libraries featx calls (pyarrow,
+        # Pillow, the OS): still one line, with the library's own words.
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 def parse_scales(text: str) -> tuple[int, ...]:
@@ -65,6 +71,24 @@ def parse_scales(text: str) -> tuple[int, ...]:
         return tuple(int(q) for q in text.replace(" ", "").split(",") if q)
     except ValueError:
         fail(f"--scales {text!r} is not a list of integers; write e.g. --scales 256,384,512")
+
+
+@app.callback()
+def options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print debugging detail.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors (and the results).")] = False,
+) -> None:
+    """The very deep features of Simonyan & Zisserman (arXiv 1409.1556, Appendix B)."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logger = logging.getLogger("featx")
+    logger.setLevel(level)
+    for old in [h for h in logger.handlers if getattr(h, "featx_cli", False)]:
+        logger.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)  # this invocation's stderr (CliRunner swaps it)
+    handler.setFormatter(logging.Formatter("featx: %(message)s"))
+    handler.featx_cli = True
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 def _warn_one_line(message, category, filename, lineno, file=None, line=None):
@@ -99,8 +123,8 @@ def extract(
     ray_actors: Annotated[Optional[int], typer.Option(help="Model actors (default: one per GPU; on CPUs, half of the cores).")] = None,
 ) -> None:
     """Describe every image with the paper's dense multi-scale VGG descriptor; write Parquet."""
-    from featx.config import ExtractConfig
-    from featx.extract import extract as run_extract
+    from featx.extract.config import ExtractConfig
+    from featx.extract.run import extract_features as run_extract
 
     warnings.showwarning = _warn_one_line
     config = call(
@@ -110,7 +134,7 @@ def extract(
         workers=workers, max_pixels=max_pixels, seed=seed, rows_per_group=rows_per_group, bucket=bucket,
     )
     if engine is Engine.ray:
-        from featx.ray_engine import extract_ray
+        from featx.extract.ray_engine import extract_ray
 
         result = call(extract_ray, paths, output, config, address=ray_address, actors=ray_actors,
                       shard=shard, overwrite=overwrite, progress=not quiet)
@@ -218,7 +242,7 @@ def main() -> None:  # pragma: no cover - console entry point
 
 # -- featx evaluate (the paper's transfer experiments) -----------------------------------
 
-from featx.datasets import DATASETS  # noqa: E402
+from featx.evaluate.datasets import DATASETS  # noqa: E402
 
 Dataset = Enum("Dataset", {d: d for d in DATASETS}, type=str)
 
@@ -253,9 +277,9 @@ def evaluate(
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """Run the paper's transfer experiment (Appendix B, Table 11) and print featx beside the paper."""
-    from featx.evaluate import evaluate as run_evaluate
-    from featx.pipeline import pipeline_for
-    from featx.report import check_report_path, print_table, write_report
+    from featx.evaluate.pipeline import pipeline_for
+    from featx.evaluate.report import check_report_path, print_table, write_report
+    from featx.evaluate.run import evaluate as run_evaluate
 
     warnings.showwarning = _warn_one_line
     if report is not None:
@@ -268,7 +292,7 @@ def evaluate(
         flip=flip, head=head.value if head else None, splits=splits, seed=seed,
         background=False if no_background else None,
     )
-    log = (lambda line: typer.echo(f"featx: {line}", err=True)) if not quiet else None
+    log = logging.getLogger("featx").info if not quiet else None
     result = call(
         run_evaluate, chosen, root=root, download=download, cache_dir=cache_dir, features=features or (),
         device=device, batch_size=batch_size, workers=workers, jobs=jobs, progress=not quiet, log=log,

@@ -1,45 +1,29 @@
 """`VGGFeatures`: the paper's descriptor as a scikit-learn transformer, images in, [n, D] out.
 
 Paper: Simonyan & Zisserman, arXiv 1409.1556, Appendix B. The numbers are `featx extract`'s
-for the same settings: the same decoding (featx.decode), the same dense net (featx.model,
-featx.weights) and the same pooling, flip and aggregation (featx.descriptor).
+for the same settings: the same decoding (featx.extract.decode), the same dense net (featx.net.model,
+featx.net.weights) and the same pooling, flip and aggregation (featx.extract.descriptor).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from featx.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, ExtractConfig
-from featx.decode import Decoded, ImageError, decode, decode_image, upright_rgb
-from featx.descriptor import DenseDescriber, combine, pooled_per_scale, resolve_device, resolve_precision
-from featx.extract import descriptor_hash
-from featx.model import DenseVGG, build
-from featx.weights import identify, resolve
+from featx.errors import BadInput, MissingData
+from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, ExtractConfig
+from featx.extract.decode import Decoded, ImageError, decode, decode_image, upright_rgb
+from featx.extract import describer as factory
+from featx.extract.descriptor import DenseDescriber, combine, pooled_per_scale
+from featx.net.device import resolve_device
 
 __all__ = ["VGGFeatures", "clear_net_cache", "describe_decoded"]
-
-# Nets kept alive between fits, so that clone() and GridSearchCV reuse one instead of loading
-# VGG (0.5 GB for vgg16) per candidate and fold. Each entry also keeps its DenseDescribers
-# (one per `flip`): making one packs the weights for the CPU kernels, which costs as much as
-# a forward pass. Small: a grid over `model` or `layer` holds one net per value, and each
-# fitted transformer keeps its own net alive anyway.
-NET_CACHE_SIZE = 2
-_NETS: OrderedDict[tuple, tuple[DenseVGG, tuple, tuple, dict[bool, DenseDescriber]]] = OrderedDict()
-_NETS_LOCK = threading.Lock()
-# Weights files are identified by their sha256; hashing 0.5 GB per fit would cost more than
-# the fit, so the hash is remembered while the file's size and mtime stay the same.
-_FILE_IDS: dict[tuple, dict] = {}
 
 # Images decoded at a time: bounds memory (a 512-scale image is ~1 MB of uint8 per scale)
 # and, as `featx extract`'s row groups, is the window within which same-shape images batch.
@@ -48,41 +32,7 @@ CHUNK = 64
 
 def clear_net_cache() -> None:
     """Forget the cached nets (fitted transformers keep theirs until they are dropped)."""
-    with _NETS_LOCK:
-        _NETS.clear()
-        _FILE_IDS.clear()
-
-
-def _weights_identity(config: ExtractConfig) -> dict:
-    path = Path(config.weights).expanduser()
-    if config.weights not in ("default", "random") and path.is_file():
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-        if key not in _FILE_IDS:
-            _FILE_IDS[key] = identify(config.model, config.weights, config.seed, config.layer)
-        return _FILE_IDS[key]
-    return identify(config.model, config.weights, config.seed, config.layer)
-
-
-def _describer(config: ExtractConfig, device: torch.device, identity: dict) -> DenseDescriber:
-    """The describer for these settings; its net is loaded once per process (and cache slot)."""
-    # What defines the net's parameters as they sit on the device; scales, aggregate and batch
-    # size only change how it is called, so a grid over them shares one describer.
-    precision = resolve_precision(config.precision, device)
-    key = (config.model, json.dumps(identity, sort_keys=True), config.layer, precision, str(device))
-    with _NETS_LOCK:
-        if key not in _NETS:
-            weights = resolve(config.model, config.weights, config.seed, config.layer)
-            _NETS[key] = (build(config.model, weights, config.layer), weights.mean, weights.std, {})
-            while len(_NETS) > NET_CACHE_SIZE:
-                _NETS.popitem(last=False)
-        _NETS.move_to_end(key)
-        net, mean, std, describers = _NETS[key]
-        if config.flip not in describers:
-            # The first describer moves the net to the device and precision in place; a
-            # second one (the other flip) finds it there and shares its parameters.
-            describers[config.flip] = DenseDescriber(net, mean, std, device, precision, config.flip)
-        return describers[config.flip]
+    factory.clear_cache()
 
 
 def describe_decoded(
@@ -97,22 +47,22 @@ def _decode_one(x, i: int, scales: tuple[int, ...]) -> Decoded:
     if isinstance(x, (str, os.PathLike)):
         file = Path(x).expanduser()
         if not file.is_file():
-            raise FileNotFoundError(f"X[{i}] = {str(x)!r}: no such image file; pass paths of existing images")
+            raise MissingData(f"X[{i}] = {str(x)!r}: no such image file; pass paths of existing images")
         try:
             return decode(file, scales, DEFAULT_MAX_PIXELS)
         except ImageError as e:
-            raise ValueError(f"X[{i}] = {str(x)!r}: {e.message}") from None
+            raise BadInput(f"X[{i}] = {str(x)!r}: {e.message}") from None
     if isinstance(x, Image.Image):
         img = upright_rgb(x)  # as for a file: EXIF orientation, then 8-bit RGB
     elif isinstance(x, np.ndarray):
         if x.ndim != 3 or x.shape[2] != 3 or x.dtype != np.uint8:
-            raise ValueError(
+            raise BadInput(
                 f"X[{i}] is a {x.dtype} array of shape {x.shape}; arrays must be HxWx3 uint8 RGB "
                 f"(for gray or RGBA pass PIL.Image.fromarray(a), which is converted as files are)"
             )
         img = Image.fromarray(x)  # HxWx3 uint8 is RGB
     else:
-        raise ValueError(
+        raise BadInput(
             f"X[{i}] is a {type(x).__name__}; VGGFeatures takes image paths, PIL images or "
             f"HxWx3 uint8 arrays"
         )
@@ -122,22 +72,22 @@ def _decode_one(x, i: int, scales: tuple[int, ...]) -> Decoded:
 def _samples(X) -> list:
     """X as a list of samples; refuses the inputs whose iteration would not give images."""
     if isinstance(X, (str, os.PathLike, Image.Image)):
-        raise ValueError(f"X is one image ({type(X).__name__}); pass a list of images, e.g. [x]")
+        raise BadInput(f"X is one image ({type(X).__name__}); pass a list of images, e.g. [x]")
     if isinstance(X, np.ndarray):
         if X.ndim == 3 and X.shape[-1] == 3 and X.dtype == np.uint8:
-            raise ValueError(f"X is one HxWx3 image of shape {X.shape}; pass [x] or an [n, H, W, 3] array")
+            raise BadInput(f"X is one HxWx3 image of shape {X.shape}; pass [x] or an [n, H, W, 3] array")
         if X.ndim == 2 and X.shape[1] == 1 and X.dtype == object:
             return list(X[:, 0])  # a one-column selection, as ColumnTransformer passes it
     columns = getattr(X, "columns", None)
     if columns is not None:  # a DataFrame: its single column of paths or images
         if len(columns) != 1:
-            raise ValueError(
+            raise BadInput(
                 f"X is a table with columns {list(columns)}; pass one column of image paths, "
                 f"e.g. df['path'] or ColumnTransformer([('vgg', VGGFeatures(), ['path'])])"
             )
         return list(X.iloc[:, 0])
     if not isinstance(X, Iterable):
-        raise ValueError(f"X is a {type(X).__name__}; pass a list of image paths, PIL images or HxWx3 uint8 arrays")
+        raise BadInput(f"X is a {type(X).__name__}; pass a list of image paths, PIL images or HxWx3 uint8 arrays")
     return list(X)
 
 
@@ -178,7 +128,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         try:
             scales = tuple(int(q) for q in scales)
         except (TypeError, ValueError):
-            raise ValueError(f"scales={self.scales!r} is not a list of integers; write e.g. scales=(256, 384, 512)") from None
+            raise BadInput(f"scales={self.scales!r} is not a list of integers; write e.g. scales=(256, 384, 512)") from None
         return ExtractConfig(
             model=self.model, weights=str(self.weights), scales=scales, flip=bool(self.flip),
             aggregate=self.aggregate, layer=self.layer, precision=self.precision,
@@ -189,8 +139,8 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         """Load the net (or take it from the cache); X and y are ignored: the net is pre-trained."""
         config = self._config()
         device = resolve_device(config.device)
-        identity = _weights_identity(config)
-        self._describer = _describer(config, device, identity)
+        identity = factory.weights_identity(config)
+        self._describer = factory.make_describer(config, device, cache=True)
         # What transform runs: parameters set after fit take effect at the next fit.
         self.config_ = config
         self.weights_ = identity
@@ -198,7 +148,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         self.precision_ = self._describer.precision  # "auto" resolved for the device
         self.n_features_out_ = config.dim
         # Equal to `featx.read_provenance(file)["settings_hash"]` of a file with these features.
-        self.settings_hash_ = descriptor_hash(config)
+        self.settings_hash_ = factory.descriptor_hash(config)
         return self
 
     def transform(self, X) -> np.ndarray:
@@ -234,13 +184,13 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         # Unpickled: the net did not travel (see __getstate__); take it from the cache again,
         # provided the weights are still the ones it was fitted with.
         config = self.config_
-        identity = _weights_identity(config)
+        identity = factory.weights_identity(config)
         if identity != self.weights_:
-            raise ValueError(
+            raise BadInput(
                 f"weights {self.weights!r} are not the ones this transformer was fitted with "
                 f"({self.weights_} then, {identity} now); call fit again"
             )
-        self._describer = _describer(config, resolve_device(self.device_), identity)
+        self._describer = factory.make_describer(config, self.device_, cache=True)
         return self._describer
 
     def __getstate__(self):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from featx.datasets import VOC_CLASSES
+from featx.evaluate.datasets import VOC_CLASSES
 
 # Caltech-101's quirks kept: the background class, Faces beside Faces_easy, a grayscale image.
 CALTECH_CLASSES = ("BACKGROUND_Google", "Faces", "Faces_easy", "anchor")

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 import featx
 from featx.cli import app
-from featx.model import torchvision_vgg
-from featx.weights import Weights
+from featx.net.model import torchvision_vgg
+from featx.net.weights import Weights
 
 runner = CliRunner()
 FAST = ["--model", "vgg11", "--scales", "224", "--quiet"]

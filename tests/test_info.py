@@ -28,7 +28,7 @@ def folder(tmp_path_factory):
     (images / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
     out = root / "feats"
     out.mkdir()
-    featx.extract(images, out / "a.parquet", **SETTINGS)
+    featx.extract_features(images, out / "a.parquet", **SETTINGS)
     shutil.copy(out / "a.parquet", out / "b.parquet")
     return out
 

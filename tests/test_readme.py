@@ -42,7 +42,7 @@ def test_the_section_has_the_examples():
 def test_the_examples_run(tmp_path, monkeypatch, capsys):
     shutil.copytree(REPO / "data" / "samples", tmp_path / "data" / "samples")
     monkeypatch.chdir(tmp_path)
-    featx.extract("data/samples", "samples.parquet", **DEMO)
+    featx.extract_features("data/samples", "samples.parquet", **DEMO)
     namespace: dict = {"__name__": "readme"}
     for line, code in python_blocks((REPO / "README.md").read_text(), HEADING):
         # Padded so that a traceback points at the README's own line numbers.

@@ -24,6 +24,7 @@ from sklearn.utils.estimator_checks import check_estimator, parametrize_with_che
 
 import featx
 import featx.sklearn as fsk
+from featx.extract import describer as factory
 from featx.sklearn import VGGFeatures
 from tests.conftest import smooth_image, write_images
 
@@ -54,7 +55,7 @@ def odd_images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cli_file(odd_images, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "odd.parquet"
-    featx.extract(odd_images, out, **CLI_SETTINGS)
+    featx.extract_features(odd_images, out, **CLI_SETTINGS)
     return out
 
 
@@ -84,7 +85,7 @@ def test_stacked_scales_without_flip_equal_the_cli(odd_images, tmp_path):
     settings = dict(CLI_SETTINGS, scales=(256, 224), aggregate="stack", flip=False)
     files = [odd_images / "rgb" / "img_002.jpg", odd_images / "other" / "rotated.jpg"]
     out = tmp_path / "stack.parquet"
-    featx.extract(files, out, **settings)
+    featx.extract_features(files, out, **settings)
     df = featx.read_features(out)
     vgg = VGGFeatures(**settings).fit()
     assert vgg.settings_hash_ == featx.read_provenance(out)["settings_hash"]
@@ -202,7 +203,7 @@ def test_unpickled_transformer_refuses_other_weights(sample_paths, monkeypatch):
     vgg = VGGFeatures(**TINY).fit()
     blob = pickle.dumps(vgg)
     # As if the weights file had been rewritten between pickling and loading.
-    monkeypatch.setattr(fsk, "_weights_identity", lambda config: {"kind": "file", "sha256": "0" * 64})
+    monkeypatch.setattr(factory, "weights_identity", lambda config: {"kind": "file", "sha256": "0" * 64})
     with pytest.raises(ValueError, match="call fit again"):
         pickle.loads(blob).transform(sample_paths[0][:1])
 
@@ -210,8 +211,8 @@ def test_unpickled_transformer_refuses_other_weights(sample_paths, monkeypatch):
 def test_grid_search_loads_the_net_once(sample_paths, monkeypatch):
     paths, labels = sample_paths
     builds = []
-    real_build = fsk.build
-    monkeypatch.setattr(fsk, "build", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+    real_build = factory.build
+    monkeypatch.setattr(factory, "build", lambda *a, **k: builds.append(a) or real_build(*a, **k))
     # A seed no other test uses: a net not in the cache yet.
     pipe = make_pipeline(VGGFeatures(**TINY, seed=7, flip=False), LinearSVC())
     grid = GridSearchCV(

@@ -1,0 +1,199 @@
+"""Classifiers on top of the descriptors, with C chosen on held-out training data only.
+
+Simonyan & Zisserman, arXiv 1409.1556, Appendix B: a linear SVM on the L2-normalised
+descriptors; one-vs-rest per class (VOC); the hyper-parameter is chosen without touching
+the test data. `--head logreg` swaps in logistic regression. Both follow scikit-learn's
+estimator contract, so they clone, grid and pickle like any estimator.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.svm import LinearSVC
+from sklearn.utils import get_tags
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+
+from featx.errors import BadInput
+from featx.evaluate.metrics import mean_ap, mean_class_recall, voc07_ap, voc_ap
+from featx.evaluate.splits import holdout_split
+
+HEADS = ("svm", "logreg")
+# Log-spaced grid around C = 1, the usual optimum for L2-normalised descriptors.
+DEFAULT_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
+SCORINGS = ("mean_class_recall", "voc07_ap", "voc_ap", "accuracy")
+
+
+def make_head(name: str = "svm", C: float = 1.0, random_state: int = 0) -> BaseEstimator:
+    """An unfitted linear classifier: `svm` (LinearSVC, the paper's) or `logreg`."""
+    if name == "svm":
+        return LinearSVC(C=C, max_iter=10_000, random_state=random_state)
+    if name == "logreg":
+        return LogisticRegression(C=C, max_iter=2_000, random_state=random_state)
+    raise BadInput(f"unknown --head {name!r}; choose one of {', '.join(HEADS)}")
+
+
+class OneVsRest(ClassifierMixin, BaseEstimator):
+    """One binary head per column of Y in {1, -1, 0}; rows with 0 are left out of that class.
+
+    VOC's 0 marks images whose only objects of the class are "difficult": the devkit ignores
+    them in the metric, and featx ignores them in training as well (Appendix B, VOC).
+    """
+
+    def __init__(self, head: str = "svm", C: float = 1.0, random_state: int = 0):
+        self.head = head
+        self.C = C
+        self.random_state = random_state
+
+    def fit(self, X, Y):
+        X, Y = validate_data(self, X, Y, multi_output=True, dtype=np.float32)
+        Y = np.asarray(Y)
+        if Y.ndim != 2:
+            raise BadInput(f"OneVsRest needs Y of shape (images, classes), got {Y.shape}")
+        self.estimators_ = []
+        for k in range(Y.shape[1]):
+            rows = Y[:, k] != 0
+            y = Y[rows, k] > 0
+            if y.all() or not y.any():
+                # One-sided data (possible in a small held-out fit part): a constant score
+                # ranks nothing, which is what such a class can honestly do.
+                self.estimators_.append(float(1.0 if y.all() else -1.0))
+                continue
+            self.estimators_.append(make_head(self.head, self.C, self.random_state).fit(X[rows], y))
+        self.n_outputs_ = Y.shape[1]
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float32)
+        out = np.empty((X.shape[0], self.n_outputs_))
+        for k, est in enumerate(self.estimators_):
+            out[:, k] = est if isinstance(est, float) else est.decision_function(X)
+        return out
+
+    def predict(self, X) -> np.ndarray:
+        return np.where(self.decision_function(X) > 0, 1, -1)
+
+    def score(self, X, Y, sample_weight=None) -> float:
+        return mean_ap(np.asarray(Y), self.decision_function(X), ap=voc07_ap)[0]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = False
+        return tags
+
+
+class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
+    """Choose C on a held-out part of the training data, then refit on all of it.
+
+    Paper: Appendix B (C is never chosen on test data). `scoring` is the protocol's metric:
+    "mean_class_recall" (Caltech), "voc07_ap" / "voc_ap" (mean AP, VOC) or "accuracy".
+    Among equally good C the smallest (the most regularised) wins.
+    """
+
+    def __init__(
+        self,
+        estimator=None,
+        Cs=DEFAULT_CS,
+        holdout: float = 0.2,
+        scoring: str = "mean_class_recall",
+        random_state: int = 0,
+        n_jobs: int | None = None,
+    ):
+        self.estimator = estimator
+        self.Cs = Cs
+        self.holdout = holdout
+        self.scoring = scoring
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, multi_output=True, dtype=np.float32)
+        if self.scoring not in SCORINGS:
+            raise BadInput(f"unknown scoring {self.scoring!r}; choose one of {', '.join(SCORINGS)}")
+        Cs = sorted(float(c) for c in np.atleast_1d(self.Cs))
+        if not Cs or min(Cs) <= 0:
+            raise BadInput(f"C grid {self.Cs} must hold positive values, e.g. [0.1, 1, 10]")
+        base = make_head() if self.estimator is None else self.estimator
+        y_arr = np.asarray(y)
+        if y_arr.ndim == 2 and y_arr.shape[1] == 1 and not get_tags(base).target_tags.multi_output:
+            y_arr = column_or_1d(y_arr, warn=True)
+        if y_arr.ndim == 1:
+            self.classes_ = np.unique(y_arr)
+        fit, val = holdout_split(y_arr, self.holdout, self.random_state, stratify=y_arr.ndim == 1)
+        self.scores_ = {}
+        self.convergence_warnings_ = 0
+        if len(Cs) > 1:
+            # Each C is fit and scored on its own (in processes with n_jobs: liblinear's random
+            # state is global, so threads would make the result depend on timing).
+            runs = Parallel(n_jobs=self.n_jobs, prefer="processes")(
+                delayed(_fit_and_score)(base, C, X[fit], y_arr[fit], X[val], y_arr[val], self.scoring)
+                for C in Cs
+            )
+            for C, (score, n_warned) in zip(Cs, runs):
+                self.scores_[C] = score
+                self.convergence_warnings_ += n_warned
+            scored = [C for C in Cs if not np.isnan(self.scores_[C])]
+            # Nothing scorable (e.g. no positive held out): fall back to the most regularised C.
+            self.C_ = max(scored, key=lambda C: (self.scores_[C], -C)) if scored else Cs[0]
+        else:
+            self.C_ = Cs[0]
+        self.n_fit_, self.n_holdout_ = len(fit), len(val)
+        self.estimator_, n_warned = _fit(clone(base).set_params(C=self.C_), X, y_arr)
+        self.convergence_warnings_ += n_warned
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float32)
+        return self.estimator_.decision_function(X)
+
+    def predict(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float32)
+        return self.estimator_.predict(X)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        inner = get_tags(make_head() if self.estimator is None else self.estimator).target_tags
+        tags.target_tags.multi_output = inner.multi_output
+        tags.target_tags.single_output = inner.single_output
+        return tags
+
+
+def _fit(est, X, y):
+    """Fit, counting convergence warnings instead of printing them (the report carries the count).
+
+    liblinear's iteration cap rarely binds on L2-normalised descriptors; when it does the
+    solution is still usable.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        est.fit(X, y)
+    n_warned = 0
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            n_warned += 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return est, n_warned
+
+
+def _score(est, X, y, scoring: str) -> float:
+    if scoring == "mean_class_recall":
+        return mean_class_recall(y, est.predict(X))
+    if scoring == "accuracy":
+        return float(np.mean(est.predict(X) == y))
+    ap = voc07_ap if scoring == "voc07_ap" else voc_ap
+    return mean_ap(y, est.decision_function(X), ap=ap)[0]
+
+
+def _fit_and_score(base, C, X_fit, y_fit, X_val, y_val, scoring) -> tuple[float, int]:
+    est, n_warned = _fit(clone(base).set_params(C=C), X_fit, y_fit)
+    return _score(est, X_val, y_val, scoring), n_warned

@@ -1,0 +1,287 @@
+"""An experiment as data: dataset, protocol, features, head and the paper's numbers (TOML).
+
+Simonyan & Zisserman, arXiv 1409.1556, Appendix B and Table 11. The paper's four experiments
+ship as pipelines/<dataset>.toml (package `featx.pipelines`); `featx evaluate --pipeline FILE`
+runs a user's own file, and command-line overrides replace single fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import tomllib
+
+from featx.errors import BadInput, MissingData
+from featx.evaluate.datasets import DATASETS
+from featx.evaluate.heads import DEFAULT_CS, HEADS
+from featx.extract.config import MODELS, ExtractConfig
+
+# Which AP a VOC year's devkit uses: 11-point up to 2009, area from 2010 on.
+METRICS = ("mean_class_recall", "voc07_ap", "voc_ap")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How images are split, how C is chosen, and what is measured (Appendix B)."""
+
+    splits: int = 3
+    seed: int = 0
+    # Caltech: training images per class, and at most this many test images per class
+    # (None: all the rest). VOC ignores both: its image sets are fixed.
+    n_train: int | None = None
+    n_test: int | None = None
+    # Fraction of the training images held out to choose C (then refit on all of them).
+    holdout: float = 0.2
+    metric: str = "mean_class_recall"
+    # Caltech: keep the background / clutter class, as the paper does.
+    background: bool = True
+
+
+@dataclass(frozen=True)
+class Features:
+    """The descriptor of every net: the same settings, one model each (Appendix B)."""
+
+    models: tuple[str, ...] = ("vgg16",)
+    weights: str = "default"
+    layer: str = "fc7"
+    scales: tuple[int, ...] = (256, 384, 512)
+    flip: bool = True
+    aggregate: str = "stack"
+
+    def config(self, model: str, **speed) -> ExtractConfig:
+        """The extraction settings for one net; `speed` sets device, batch_size, workers."""
+        return ExtractConfig(
+            model=model,
+            weights=self.weights,
+            layer=self.layer,
+            scales=self.scales,
+            flip=self.flip,
+            aggregate=self.aggregate,
+            **speed,
+        )
+
+
+@dataclass(frozen=True)
+class Head:
+    """The classifier and the grid C is chosen from."""
+
+    name: str = "svm"
+    C: tuple[float, ...] = DEFAULT_CS
+
+
+@dataclass(frozen=True)
+class PaperResult:
+    """One row of the paper's Table 11: nets, value (percent) and spread over splits."""
+
+    label: str
+    models: tuple[str, ...]
+    mean: float
+    std: float | None = None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One experiment: everything `featx evaluate` needs besides the data's location."""
+
+    name: str
+    dataset: str
+    protocol: Protocol = field(default_factory=Protocol)
+    features: Features = field(default_factory=Features)
+    head: Head = field(default_factory=Head)
+    paper: tuple[PaperResult, ...] = ()
+    paper_source: str = ""
+    paper_note: str = ""
+    description: str = ""
+    # Where it was read from (a file path or featx.pipelines/<name>.toml).
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        where = f" in {self.source}" if self.source else ""
+        if self.dataset not in DATASETS:
+            raise BadInput(f"unknown dataset {self.dataset!r}{where}; choose one of {', '.join(DATASETS)}")
+        kind = DATASETS[self.dataset].kind
+        p, f = self.protocol, self.features
+        if p.metric not in METRICS:
+            raise BadInput(f"unknown metric {p.metric!r}{where}; choose one of {', '.join(METRICS)}")
+        if (kind == "caltech") != (p.metric == "mean_class_recall"):
+            raise BadInput(
+                f"metric {p.metric!r} does not fit {self.dataset}{where}: Caltech uses "
+                "mean_class_recall, VOC voc07_ap (2007) or voc_ap (2012)"
+            )
+        if kind == "caltech" and not p.n_train:
+            raise BadInput(f"[protocol] n_train is missing{where}; Caltech needs it (e.g. 30)")
+        if p.splits < 1:
+            raise BadInput(f"--splits {p.splits} must be at least 1")
+        if not 0 < p.holdout < 1:
+            raise BadInput(f"holdout {p.holdout}{where} must be a fraction between 0 and 1, e.g. 0.2")
+        if not f.models:
+            raise BadInput(f"no model given{where}; name at least one, e.g. --model vgg16")
+        for m in f.models:
+            if m not in MODELS:
+                raise BadInput(f"unknown --model {m!r}{where}; choose one of {', '.join(MODELS)}")
+        if len(set(f.models)) != len(f.models):
+            raise BadInput(f"--model {list(f.models)} repeats a net; give each once")
+        f.config(f.models[0])  # the extraction settings check themselves (scales, layer, ...)
+        if self.head.name not in HEADS:
+            raise BadInput(f"unknown --head {self.head.name!r}{where}; choose one of {', '.join(HEADS)}")
+        if not self.head.C or min(self.head.C) <= 0:
+            raise BadInput(f"[head] C {list(self.head.C)}{where} must list positive values, e.g. [0.1, 1, 10]")
+
+    @property
+    def kind(self) -> str:
+        return DATASETS[self.dataset].kind
+
+    def override(
+        self,
+        *,
+        models: tuple[str, ...] | list[str] | None = None,
+        weights: str | None = None,
+        scales: tuple[int, ...] | None = None,
+        aggregate: str | None = None,
+        flip: bool | None = None,
+        head: str | None = None,
+        splits: int | None = None,
+        seed: int | None = None,
+        background: bool | None = None,
+    ) -> Pipeline:
+        """A copy with the given fields replaced; None keeps the pipeline's value."""
+        f = {
+            "models": tuple(models) if models else None,
+            "weights": weights,
+            "scales": tuple(int(q) for q in scales) if scales else None,
+            "aggregate": aggregate,
+            "flip": flip,
+        }
+        p = {"splits": splits, "seed": seed, "background": background}
+        features = dataclasses.replace(self.features, **{k: v for k, v in f.items() if v is not None})
+        protocol = dataclasses.replace(self.protocol, **{k: v for k, v in p.items() if v is not None})
+        h = dataclasses.replace(self.head, name=head) if head is not None else self.head
+        return dataclasses.replace(self, features=features, protocol=protocol, head=h)
+
+    def rows(self) -> list[tuple[str, ...]]:
+        """The nets evaluated: each alone, then their late fusion when there are several."""
+        models = list(self.features.models)
+        return [(m,) for m in models] + ([tuple(models)] if len(models) > 1 else [])
+
+    def paper_result(self, models: tuple[str, ...]) -> PaperResult | None:
+        return next((r for r in self.paper if tuple(r.models) == tuple(models)), None)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["features"]["models"] = list(self.features.models)
+        d["features"]["scales"] = list(self.features.scales)
+        d["head"]["C"] = list(self.head.C)
+        d["paper"] = [dict(r, models=list(r["models"])) for r in d["paper"]]
+        return d
+
+
+_SECTIONS = {"protocol": Protocol, "features": Features, "head": Head}
+_TOP = ("name", "dataset", "description", "protocol", "features", "head", "paper")
+_PAPER = ("source", "note", "results")
+
+
+def _fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def parse_pipeline(data: dict, source: str = "") -> Pipeline:
+    """A Pipeline from parsed TOML; unknown keys are refused (they are usually typos)."""
+    where = f" in {source}" if source else ""
+    unknown = sorted(set(data) - set(_TOP))
+    if unknown:
+        raise BadInput(f"unknown key {unknown[0]!r}{where}; top-level keys are {', '.join(_TOP)}")
+    if "dataset" not in data:
+        raise BadInput(f"no dataset{where}; add e.g. dataset = \"caltech101\"")
+    sections = {}
+    for key, cls in _SECTIONS.items():
+        table = data.get(key, {})
+        if not isinstance(table, dict):
+            raise BadInput(f"[{key}]{where} must be a table")
+        bad = sorted(set(table) - set(_fields(cls)))
+        if bad:
+            raise BadInput(f"unknown key {bad[0]!r} in [{key}]{where}; allowed: {', '.join(_fields(cls))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
+        if key == "head" and "C" in values:
+            values["C"] = tuple(float(c) for c in values["C"])
+        sections[key] = cls(**values)
+    paper = data.get("paper", {})
+    bad = sorted(set(paper) - set(_PAPER))
+    if bad:
+        raise BadInput(f"unknown key {bad[0]!r} in [paper]{where}; allowed: {', '.join(_PAPER)}")
+    results = []
+    for r in paper.get("results", []):
+        extra = sorted(set(r) - set(_fields(PaperResult)))
+        if extra or "models" not in r or "mean" not in r:
+            raise BadInput(
+                f"[paper] results entry {r}{where} needs label, models, mean (and optional std)"
+            )
+        results.append(PaperResult(r.get("label", "+".join(r["models"])), tuple(r["models"]), r["mean"], r.get("std")))
+    return Pipeline(
+        name=data.get("name", data["dataset"]),
+        dataset=data["dataset"],
+        description=data.get("description", ""),
+        paper=tuple(results),
+        paper_source=paper.get("source", ""),
+        paper_note=paper.get("note", ""),
+        source=source,
+        **sections,
+    )
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Read a pipeline TOML file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingData(
+            f"--pipeline {path}: no such file; give a TOML file like the shipped ones "
+            f"({', '.join(builtin_names())})"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise BadInput(f"--pipeline {path} is not valid TOML ({err}); fix the file") from err
+    return parse_pipeline(data, str(path))
+
+
+def _builtin_folder():
+    try:
+        return resources.files("featx.pipelines")
+    except ModuleNotFoundError:
+        # A source checkout that was never installed: the files sit beside the package.
+        return Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def builtin_names() -> list[str]:
+    """The experiments that ship with featx (one TOML each)."""
+    return sorted(p.name[: -len(".toml")] for p in _builtin_folder().iterdir() if p.name.endswith(".toml"))
+
+
+def builtin_pipeline(dataset: str) -> Pipeline:
+    """The paper's experiment for `dataset`, from featx.pipelines/<dataset>.toml."""
+    if dataset not in DATASETS:
+        raise BadInput(f"unknown --dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    entry = _builtin_folder() / f"{dataset}.toml"
+    return parse_pipeline(tomllib.loads(entry.read_text()), f"featx.pipelines/{dataset}.toml")
+
+
+def pipeline_for(dataset: str | None = None, file: str | Path | None = None) -> Pipeline:
+    """The pipeline of `featx evaluate`: the user's --pipeline FILE, else the shipped one."""
+    if file is not None:
+        pipeline = load_pipeline(file)
+        if dataset is not None and dataset != pipeline.dataset:
+            raise BadInput(
+                f"--dataset {dataset} contradicts --pipeline {file} (dataset {pipeline.dataset!r}); "
+                "give one of them"
+            )
+        return pipeline
+    if dataset is None:
+        raise BadInput(
+            f"give --dataset ({', '.join(DATASETS)}) or --pipeline FILE to say what to evaluate"
+        )
+    return builtin_pipeline(dataset)

@@ -1,0 +1,139 @@
+"""Extraction settings as data: one frozen dataclass that serialises to JSON and hashes.
+
+The hash covers exactly the settings that define the descriptor (Simonyan & Zisserman,
+arXiv 1409.1556, Appendix B); it decides whether an existing feature file can be resumed
+or reused. Settings that only change speed (device, batch size, workers) are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from featx.errors import BadInput
+
+MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
+LAYERS = ("fc7", "fc6", "pool5")
+AGGREGATES = ("mean", "stack")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The paper's Caltech setting (Appendix B); VOC uses 256..768 with aggregate="mean".
+DEFAULT_SCALES = (256, 384, 512)
+# Pillow's own decompression-bomb limit: larger images are refused before decoding.
+DEFAULT_MAX_PIXELS = 89_478_485
+# fc6 is a 7x7 conv over pool5 (stride 32), so the smaller side must give a 7x7 pool5 map.
+MIN_SCALE_DENSE = 224
+MIN_SCALE_POOL5 = 32
+
+# The settings whose change changes the numbers in the feature column.
+DESCRIPTOR_FIELDS = (
+    "model",
+    "weights",
+    "layer",
+    "scales",
+    "flip",
+    "aggregate",
+    "precision",
+    "bucket",
+)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What to compute for every image; `descriptor_hash()` identifies the descriptor."""
+
+    model: str = "vgg16"
+    # "default" (torchvision IMAGENET1K_V1), a torchvision weights name, "random", or a file.
+    weights: str = "default"
+    layer: Literal["fc7", "fc6", "pool5"] = "fc7"
+    scales: tuple[int, ...] = DEFAULT_SCALES
+    flip: bool = True
+    aggregate: Literal["mean", "stack"] = "mean"
+    # "auto": bf16 where the device computes it natively (CPU with AVX512-BF16/AMX, CUDA), else
+    # fp32; the resolved value enters the descriptor settings (hash and metadata).
+    precision: str = "auto"
+    # 0 = exact resize; N > 0 = snap the longer side to a multiple of N (opt-in, changes numbers).
+    bucket: int = 0
+    seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Speed-only settings: not part of the descriptor hash.
+    device: str = "auto"
+    batch_size: int = 8
+    workers: int = 2
+    rows_per_group: int = 64
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", tuple(int(q) for q in self.scales))
+        self.validate()
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise BadInput(f"unknown --model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.layer not in LAYERS:
+            raise BadInput(f"unknown --layer {self.layer!r}; choose one of {', '.join(LAYERS)}")
+        if self.aggregate not in AGGREGATES:
+            raise BadInput(f"unknown --aggregate {self.aggregate!r}; choose mean or stack")
+        if self.precision not in PRECISIONS:
+            raise BadInput(
+                f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
+            )
+        if not self.scales:
+            raise BadInput("--scales is empty; give at least one scale, e.g. --scales 256,384,512")
+        if len(set(self.scales)) != len(self.scales):
+            raise BadInput(f"--scales {list(self.scales)} repeats a scale; give each Q once")
+        low = MIN_SCALE_POOL5 if self.layer == "pool5" else MIN_SCALE_DENSE
+        if min(self.scales) < low:
+            raise BadInput(
+                f"--scales {min(self.scales)} is below {low}: {self.layer} needs a smaller side of "
+                f"at least {low} pixels (fc6 is a 7x7 conv over pool5); use larger scales"
+            )
+        if self.batch_size < 1:
+            raise BadInput(f"--batch-size {self.batch_size} must be at least 1")
+        if self.workers < 0:
+            raise BadInput(f"--workers {self.workers} must be 0 or more")
+        if self.rows_per_group < 1:
+            raise BadInput(f"rows_per_group {self.rows_per_group} must be at least 1")
+        if self.max_pixels < 1:
+            raise BadInput(f"--max-pixels {self.max_pixels} must be positive")
+        if self.bucket < 0:
+            raise BadInput(f"--bucket {self.bucket} must be 0 (exact) or a positive grid step")
+
+    def replace(self, **changes) -> ExtractConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def dim(self) -> int:
+        per_scale = 512 if self.layer == "pool5" else 4096
+        return per_scale * (len(self.scales) if self.aggregate == "stack" else 1)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["scales"] = list(self.scales)
+        return d
+
+
+def descriptor_settings(config: ExtractConfig, weights_id: dict, normalize: dict) -> dict:
+    """The settings that define the numbers, with the weights resolved to their identity."""
+    settings = {name: getattr(config, name) for name in DESCRIPTOR_FIELDS}
+    settings["scales"] = list(config.scales)
+    settings["precision"] = resolved_precision(config)
+    settings["weights"] = weights_id
+    settings["normalize"] = normalize
+    return settings
+
+
+def resolved_precision(config: ExtractConfig) -> str:
+    """The precision the run computes in: "auto" resolved for `config.device` (needs torch)."""
+    if config.precision != "auto":
+        return config.precision
+    from featx.net.device import auto_precision
+
+    return auto_precision(config.device)
+
+
+def settings_hash(settings: dict) -> str:
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

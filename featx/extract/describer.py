@@ -1,0 +1,147 @@
+"""From an ExtractConfig to a ready describer and the provenance its rows carry.
+
+The one factory every engine uses (featx extract, --engine ray, VGGFeatures): weights are
+resolved (featx.net.weights), the dense net built (featx.net.model), device and precision
+resolved (featx.net.device), and the describer made. `provenance` is what a feature file
+records; its `settings_hash` decides whether existing features can be resumed or reused.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torchvision
+
+from featx import __version__
+from featx.extract.config import ExtractConfig, descriptor_settings, settings_hash
+from featx.extract.decode import RESIZE
+from featx.extract.descriptor import DenseDescriber
+from featx.net.device import resolve_device, resolve_precision
+from featx.net.model import DenseVGG, build
+from featx.net.weights import Weights, identify, normalization, resolve
+
+# Nets kept alive between calls with cache=True, so that clone() and GridSearchCV reuse one
+# instead of loading VGG (0.5 GB for vgg16) per candidate and fold. Each entry also keeps its
+# DenseDescribers (one per `flip`): making one packs the weights for the CPU kernels, which
+# costs as much as a forward pass.
+NET_CACHE_SIZE = 2
+_NETS: OrderedDict[tuple, tuple[DenseVGG, tuple, tuple, dict[bool, DenseDescriber]]] = OrderedDict()
+_NETS_LOCK = threading.Lock()
+# Weights files are identified by their sha256; hashing 0.5 GB per call would cost more than
+# the call, so the hash is remembered while the file's size and mtime stay the same.
+_FILE_IDS: dict[tuple, dict] = {}
+
+
+def clear_cache() -> None:
+    """Forget the cached nets and weights-file hashes."""
+    with _NETS_LOCK:
+        _NETS.clear()
+        _FILE_IDS.clear()
+
+
+def weights_identity(config: ExtractConfig) -> dict:
+    """The identity of `config.weights` (a file's sha256 is remembered while it is unchanged)."""
+    path = Path(config.weights).expanduser()
+    if config.weights not in ("default", "random") and path.is_file():
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, config.model, config.layer)
+        if key not in _FILE_IDS:
+            _FILE_IDS[key] = identify(config.model, config.weights, config.seed, config.layer)
+        return _FILE_IDS[key]
+    return identify(config.model, config.weights, config.seed, config.layer)
+
+
+def make_describer(
+    config: ExtractConfig,
+    device: torch.device | str | None = None,
+    *,
+    weights: Weights | None = None,
+    cache: bool = False,
+) -> DenseDescriber:
+    """A DenseDescriber for `config` on `device` (default: config.device, resolved).
+
+    `weights` skips resolving them (the Ray driver ships them to its actors once). With
+    `cache`, the net is kept per process keyed by what defines its parameters on the device
+    (model, weights identity, layer, precision, device): scales, aggregate and batch size only
+    change how it is called, so a grid over them shares one net.
+    """
+    device = resolve_device(config.device) if device is None else torch.device(device)
+    precision = resolve_precision(config.precision, device)
+    if not cache:
+        weights = weights or resolve(config.model, config.weights, config.seed, config.layer)
+        net = build(config.model, weights, config.layer)
+        return DenseDescriber(net, weights.mean, weights.std, device, precision, config.flip)
+    identity = weights.identity if weights is not None else weights_identity(config)
+    key = (config.model, json.dumps(identity, sort_keys=True), config.layer, precision, str(device))
+    with _NETS_LOCK:
+        if key not in _NETS:
+            weights = weights or resolve(config.model, config.weights, config.seed, config.layer)
+            _NETS[key] = (build(config.model, weights, config.layer), weights.mean, weights.std, {})
+            while len(_NETS) > NET_CACHE_SIZE:
+                _NETS.popitem(last=False)
+        _NETS.move_to_end(key)
+        net, mean, std, describers = _NETS[key]
+        if config.flip not in describers:
+            # The first describer moves the net to the device and precision in place; a
+            # second one (the other flip) finds it there and shares its parameters.
+            describers[config.flip] = DenseDescriber(net, mean, std, device, precision, config.flip)
+        return describers[config.flip]
+
+
+def _normalize_record(mean, std) -> dict:
+    return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
+
+
+def _preprocess(mean, std) -> dict:
+    return _normalize_record(mean, std) | {"resize": RESIZE}
+
+
+def descriptor_hash(config: ExtractConfig) -> str:
+    """The settings hash of the descriptor `config` defines (weights files are hashed, not loaded)."""
+    mean, std = normalization(config.model, config.weights)
+    return settings_hash(descriptor_settings(config, weights_identity(config), _preprocess(mean, std)))
+
+
+def provenance(config: ExtractConfig, device: torch.device | str, weights_id: dict | None = None) -> dict:
+    """The `featx` metadata of a feature file: what defines the numbers, and how they were run."""
+    weights_id = weights_id if weights_id is not None else weights_identity(config)
+    mean, std = normalization(config.model, config.weights)
+    settings = descriptor_settings(config, weights_id, _preprocess(mean, std))
+    return {
+        "featx_version": __version__,
+        "settings": settings,
+        "settings_hash": settings_hash(settings),
+        "model": config.model,
+        "weights": weights_id,
+        "layer": config.layer,
+        "scales": list(config.scales),
+        "flip": config.flip,
+        "aggregate": config.aggregate,
+        "precision": settings["precision"],  # "auto" resolved for the device
+        "bucket": config.bucket,
+        "dim": config.dim,
+        "normalize": _normalize_record(mean, std),
+        "resize": RESIZE,
+        "descriptor": (
+            f"{config.layer} map averaged over positions"
+            + (", averaged with the flipped image" if config.flip else "")
+            + f", {config.aggregate} over Q={list(config.scales)}, L2-normalised"
+        ),
+        "device": str(device),
+        "batch_size": config.batch_size,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def differing(old: dict, new: dict) -> str:
+    """Name the descriptor settings in which two provenances differ, for a refusal message."""
+    a, b = old.get("settings", {}), new["settings"]
+    diffs = [f"{k}={a.get(k)!r} there, {b.get(k)!r} now" for k in b if a.get(k) != b.get(k)]
+    return "; ".join(diffs) or "settings hash differs"

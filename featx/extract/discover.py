@@ -1,0 +1,89 @@
+"""Find the images under the given paths, in a sorted, deterministic order."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from featx.errors import BadInput, MissingData
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to describe: where it is, its path as recorded, and its class label."""
+
+    file: Path  # absolute, to open
+    path: str  # relative to the PATH it came from, posix, as written to the Parquet row
+    label: str | None  # parent folder name below that PATH; None for loose files
+
+
+def image_extensions() -> frozenset[str]:
+    Image.init()
+    return frozenset(Image.registered_extensions())
+
+
+def _is_hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def _looks_like_image(file: Path, extensions: frozenset[str]) -> bool:
+    """Known image extension, or Pillow recognises the header (Caltech ships extension-less JPEGs)."""
+    if file.suffix.lower() in extensions:
+        return True
+    try:
+        with Image.open(file):
+            return True
+    except Exception:  # not an image, unreadable: not ours to report
+        return False
+
+
+def discover(paths: list[str | Path]) -> list[Item]:
+    """Every image under `paths` (folders recursively, or files), hidden files skipped.
+
+    A file with an image extension is listed even if it turns out unreadable, so that it is
+    reported as a failure rather than silently dropped.
+    """
+    if not paths:
+        raise BadInput("no PATH given; name at least one image folder or file")
+    extensions = image_extensions()
+    items: list[Item] = []
+    seen: dict[str, Path] = {}
+    for given in paths:
+        root = Path(given).expanduser()
+        if root.is_file():
+            found = [Item(root.resolve(), root.name, None)] if _looks_like_image(root, extensions) else []
+            if not found:
+                raise BadInput(f"{root} is not an image Pillow can open; give image files or folders")
+        elif root.is_dir():
+            found = _walk(root, extensions)
+        else:
+            raise MissingData(f"{root}: no such file or folder; check the PATH")
+        for item in found:
+            if item.path in seen and seen[item.path] != item.file:
+                raise BadInput(
+                    f"two images would be recorded as {item.path!r} ({seen[item.path]} and "
+                    f"{item.file}); pass their common parent folder instead"
+                )
+            if item.path not in seen:
+                seen[item.path] = item.file
+                items.append(item)
+    return items
+
+
+def _walk(root: Path, extensions: frozenset[str]) -> list[Item]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            file = Path(dirpath) / name
+            rel = file.relative_to(root)
+            if _is_hidden(rel) or not file.is_file():
+                continue
+            if _looks_like_image(file, extensions):
+                label = rel.parent.name if len(rel.parts) > 1 else None
+                found.append(Item(file.resolve(), rel.as_posix(), label))
+    found.sort(key=lambda item: item.path)
+    return found

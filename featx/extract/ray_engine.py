@@ -1,0 +1,426 @@
+"""`featx extract --engine ray`: the same descriptor on a Ray cluster, into a Parquet folder.
+
+    discover (driver) -> parts of <= rows_per_group images -> decode/rescale (Ray tasks, CPUs)
+      -> batch by shape + dense VGG (actor pool: one actor per GPU, or CPU actors)
+      -> one Parquet file per part, written by the driver under a staging name, then renamed
+
+Every stage is the local engine's own code (featx.extract.stages: decode, describe, rows;
+featx.extract.describer: the net and provenance), so a folder written here holds the same rows,
+schema and `featx` metadata as `featx extract` writes to one file. A part appears complete or
+not at all; a rerun computes only the images no part holds yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from featx import store
+from featx.errors import BadInput, MissingData, SettingsMismatch, Unreachable
+from featx.extract.config import ExtractConfig
+from featx.extract.decode import ImageError
+from featx.extract.describer import differing, make_describer, provenance
+from featx.extract.discover import discover
+from featx.extract.live import progress_bar, sigterm_as_interrupt
+from featx.extract.run import ExtractResult
+from featx.extract.shard import take_shard
+from featx.extract.stages import (
+    STAGES,
+    decode_item,
+    describe_group,
+    error_record,
+    group_rows,
+)
+from featx.net.device import resolve_precision
+from featx.net.weights import Weights, resolve
+
+# The folder's own bookkeeping; the leading "_" hides it from pyarrow/pandas/Spark readers.
+WORK = "_featx"
+PART = "part-{:06d}.parquet"
+# A CPU actor runs at most this many torch threads; a larger cluster gets more actors instead.
+MAX_THREADS_PER_CPU_ACTOR = 8
+# Parts are the unit of parallel work: small jobs use smaller parts so every actor gets some.
+PARTS_PER_ACTOR = 4
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise BadInput("--engine ray needs Ray, which is not installed: pip install 'featx[ray]'") from None
+    return ray
+
+
+# -- the stages that run on the cluster -------------------------------------------------------
+
+
+def _decode_part(row: dict, config: ExtractConfig) -> dict:
+    """Ray task: decode and rescale every image of one part; failures become error records."""
+    decoded, errors = [], []
+    t = time.perf_counter()
+    for item in pickle.loads(row["items"]):
+        result = decode_item(item, config)
+        if isinstance(result, ImageError):
+            errors.append(error_record(item, result))
+        else:
+            decoded.append((item, result))
+    seconds = dict.fromkeys(STAGES, 0.0) | {"decode": time.perf_counter() - t}
+    payload = {"decoded": decoded, "errors": errors, "seconds": seconds}
+    return {"part": row["part"], "payload": pickle.dumps(payload, protocol=5)}
+
+
+class _DescribeParts:
+    """Ray actor: holds the dense net once; turns a decoded part into its rows (an Arrow table)."""
+
+    def __init__(self, config: ExtractConfig, weights_ref: list, prov: dict, threads: int):
+        import ray
+
+        device = torch.device(prov["device"])
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+        weights: Weights = ray.get(weights_ref[0])
+        self.describer = make_describer(config, device, weights=weights)
+        self.config = config
+        self.schema = store.feature_schema(config.dim, prov)
+
+    def __call__(self, row: dict) -> dict:
+        payload = pickle.loads(row["payload"])
+        decoded, errors, seconds = payload["decoded"], payload["errors"], payload["seconds"]
+        rows = self.schema.empty_table()
+        if decoded:
+            def on_batch(images: int, s: float) -> None:
+                seconds["model"] += s
+
+            features, failed = describe_group(self.describer, [d for _, d in decoded], self.config, on_batch)
+            errors += [error_record(decoded[i][0], e) for i, e in failed.items()]
+            rows = group_rows(self.schema, decoded, features, failed)
+        result = {"rows": rows, "errors": errors, "seconds": seconds}
+        return {"part": row["part"], "result": pickle.dumps(result, protocol=5)}
+
+
+# -- the dataset folder ------------------------------------------------------------------------
+
+
+@dataclass
+class Folder:
+    """A Parquet dataset folder: `part-NNNNNN.parquet` rows, `_featx/` settings and errors."""
+
+    root: Path
+
+    @property
+    def work(self) -> Path:
+        return self.root / WORK
+
+    @property
+    def settings_file(self) -> Path:
+        return self.work / "settings.json"
+
+    def parts(self) -> list[Path]:
+        return sorted(self.root.glob("part-*.parquet"))
+
+    def error_parts(self) -> list[Path]:
+        return sorted(self.work.glob("part-*.errors.parquet"))
+
+    def next_index(self) -> int:
+        names = [p.name.split(".")[0].split("-")[-1] for p in self.parts() + self.error_parts()]
+        return max((int(n) for n in names if n.isdigit()), default=-1) + 1
+
+    def foreign(self) -> list[str]:
+        """Entries featx did not write; such a folder is never written into or cleaned."""
+        return sorted(
+            p.name for p in self.root.iterdir()
+            if p.name != WORK and not p.name.startswith(".")  # .DS_Store and the like
+            and not (p.name.startswith("part-") and p.name.endswith(".parquet"))
+        )
+
+    def provenance(self) -> dict | None:
+        if not self.settings_file.is_file():
+            return None
+        try:
+            return json.loads(self.settings_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BadInput(f"{self.settings_file} is unreadable ({e}); pass --overwrite to start over") from None
+
+    def start(self, prov: dict) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        tmp = self.settings_file.with_name("settings.json.tmp")
+        tmp.write_text(json.dumps(prov, sort_keys=True, indent=1))
+        os.replace(tmp, self.settings_file)
+
+    def done_paths(self) -> set[str]:
+        done: set[str] = set()
+        for f in self.parts():
+            done.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
+        return done
+
+    def rows(self) -> int:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.parts())
+
+    def clear(self) -> None:
+        """Remove what featx wrote here (and only that)."""
+        for f in self.parts():
+            f.unlink()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def publish(self, index: int, rows: pa.Table, errors: list[dict]) -> None:
+        """Rows first, errors second: a crash in between only costs a retry of the failures."""
+        if rows.num_rows:
+            staged = self.work / f"part-{index:06d}.staged"
+            store.write_atomic(rows, staged)
+            os.replace(staged, self.root / PART.format(index))
+            store.fsync_dir(self.root)
+        if errors:
+            store.write_atomic(store.errors_table(errors), self.work / f"part-{index:06d}.errors.parquet")
+
+    def merge_errors(self, out_file: Path) -> int:
+        """All recorded failures of images that have no row, in one file beside the folder."""
+        done = self.done_paths()
+        failures: dict[str, dict] = {}
+        for f in self.error_parts():
+            for record in pq.read_table(f).to_pylist():
+                if record["path"] not in done:
+                    failures[record["path"]] = record
+        if failures:
+            store.write_atomic(store.errors_table(sorted(failures.values(), key=lambda r: r["path"])), out_file)
+        elif out_file.exists():
+            out_file.unlink()
+        return len(failures)
+
+
+# -- the job -----------------------------------------------------------------------------------
+
+
+def _connect(ray, address: str | None) -> bool:
+    """Join the cluster at `address` (or start a local one); True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    if address and address != "auto" and not address.startswith("ray://"):
+        _reachable(address)
+    try:
+        # Worker output stays in Ray's session logs (/tmp/ray/session_latest/logs); failures
+        # still reach the driver as exceptions, and per-image ones as error records.
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+    except ConnectionError as e:
+        raise Unreachable(
+            f"cannot reach the Ray cluster at --ray-address {address} ({str(e).splitlines()[0]}); "
+            f"start one with `ray start --head` and pass the address it prints"
+        ) from None
+    return True
+
+
+def _reachable(address: str) -> None:
+    # Ray retries an unreachable head for minutes, printing a line every few seconds; one
+    # TCP connect tells the user at once.
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"--ray-address {address!r} is not HOST:PORT; give e.g. 10.0.0.1:6379, or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as e:
+        raise Unreachable(
+            f"cannot reach the Ray cluster at --ray-address {address} ({e.strerror or e}); start one "
+            f"with `ray start --head` and pass the address it prints, or leave it out for a local Ray"
+        ) from None
+
+
+def _actor_plan(ray, config: ExtractConfig, actors: int | None) -> tuple[str, int, dict, int]:
+    """(device, number of actors, their Ray resources, torch threads per CPU actor)."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if config.device.startswith("cuda") and not gpus:
+        raise BadInput(f"--device {config.device}: the Ray cluster has no GPU; use --device cpu or auto")
+    if config.device not in ("auto", "cpu") and not config.device.startswith("cuda"):
+        raise BadInput(f"unknown --device {config.device!r}; use auto, cpu or cuda")
+    if actors is not None and actors < 1:
+        raise BadInput(f"--ray-actors {actors} must be at least 1")
+    if gpus and config.device != "cpu":
+        # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES).
+        return "cuda", actors or gpus, {"num_gpus": 1, "num_cpus": 1}, 1
+    cpus = int(resources.get("CPU", 0))
+    node_cpus = max(
+        (int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=cpus
+    )
+    # Half of the CPUs decode, half run the net: on CPU the net dominates, but starving the
+    # decode tasks would stall the actors.
+    threads = max(1, min(MAX_THREADS_PER_CPU_ACTOR, node_cpus // 2))
+    n = actors or max(1, cpus // (2 * threads))
+    if n * threads >= cpus:
+        raise BadInput(
+            f"--ray-actors {n} CPU actors of {threads} CPUs would take all {cpus} CPUs of the Ray "
+            f"cluster and leave none to decode images; use fewer --ray-actors or add CPUs"
+        )
+    return "cpu", n, {"num_cpus": threads}, threads
+
+
+def _auto_precision(device: str) -> str:
+    return resolve_precision("auto", torch.device(device))
+
+
+def _pin_precision(ray, config: ExtractConfig, device: str, actor_resources: dict) -> ExtractConfig:
+    """Resolve precision="auto" once, on the actors' kind of hardware: one precision per folder.
+
+    Each actor resolving "auto" on its own node could mix bf16 and fp32 parts on a mixed
+    cluster, and the driver's own CPU/GPU says nothing about the workers'.
+    """
+    config = config.replace(device=device)
+    if config.precision != "auto":
+        return config
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0]["NodeID"] == ray.get_runtime_context().get_node_id():
+        return config.replace(precision=_auto_precision(device))
+    probe = ray.remote(_auto_precision).options(**actor_resources)
+    return config.replace(precision=ray.get(probe.remote(device)))
+
+
+def extract_ray(
+    paths,
+    output,
+    config: ExtractConfig | None = None,
+    *,
+    address: str | None = None,
+    actors: int | None = None,
+    shard: str | tuple[int, int] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    **settings,
+) -> ExtractResult:
+    """Describe every image under `paths` on a Ray cluster into the Parquet folder `output`.
+
+    Same settings, rows and `featx` metadata as featx.extract; one file per part of
+    at most `rows_per_group` images. Paper: arXiv 1409.1556, Appendix B.
+    """
+    t0 = time.perf_counter()
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    config = (config or ExtractConfig()).replace(**settings) if settings else (config or ExtractConfig())
+    folder = _output_folder(output)
+    items = discover(list(paths))
+    if not items:
+        raise BadInput(f"no images found under {', '.join(map(str, paths))}; check the PATH")
+    if shard is not None:
+        items = take_shard(items, shard)
+
+    ray = _import_ray()
+    started = _connect(ray, address)
+    try:
+        return _run(ray, items, folder, config, actors, overwrite, progress, t0)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _output_folder(output) -> Folder:
+    root = Path(output).expanduser()
+    if root.is_file():
+        raise BadInput(
+            f"-o {root} is a file; --engine ray writes a folder of Parquet parts, give e.g. {root.with_suffix('')}"
+        )
+    if not root.parent.is_dir():
+        raise MissingData(f"-o {root}: folder {root.parent} does not exist; create it first")
+    return Folder(root)
+
+
+def _run(ray, items, folder: Folder, config, actors, overwrite, progress, t0) -> ExtractResult:
+    device, n_actors, actor_resources, threads = _actor_plan(ray, config, actors)
+    config = _pin_precision(ray, config, device, actor_resources)
+    prov = provenance(config, torch.device(device))
+
+    if folder.root.is_dir():
+        foreign = folder.foreign()
+        if foreign:
+            raise BadInput(
+                f"-o {folder.root} holds files featx did not write ({', '.join(foreign[:3])}); "
+                f"choose a new or empty folder"
+            )
+        old = folder.provenance()
+        if overwrite:
+            folder.clear()
+        elif old is not None and old.get("settings_hash") != prov["settings_hash"]:
+            raise SettingsMismatch(
+                f"{folder.root} holds features with other settings ({differing(old, prov)}); "
+                f"pass --overwrite to replace them, or choose another -o"
+            )
+        elif old is None and folder.parts():
+            raise BadInput(f"{folder.root} has parts but no {WORK}/settings.json; pass --overwrite")
+    try:
+        folder.start(prov)
+    except OSError as e:
+        raise BadInput(f"cannot write in {folder.root} ({e.strerror}); choose a writable -o") from None
+    # Failures are retried on every run, as the local engine retries them: the errors file is
+    # rebuilt from this run's records.
+    for f in folder.error_parts() + list(folder.work.glob("*.staged*")):
+        f.unlink()
+
+    done = folder.done_paths()
+    todo = [it for it in items if it.path not in done]
+    size = max(1, min(config.rows_per_group, math.ceil(len(todo) / (PARTS_PER_ACTOR * n_actors))))
+    first = folder.next_index()
+    parts = [(first + i, todo[s : s + size]) for i, s in enumerate(range(0, len(todo), size))]
+
+    stage_seconds = dict.fromkeys(STAGES, 0.0)
+    new_rows = 0
+    interrupted = False
+    if parts:
+        weights = resolve(config.model, config.weights, config.seed, config.layer)
+        weights_ref = [ray.put(weights)]  # in a list: the actors fetch it, Ray does not inline it
+        del weights
+        ds = _dataset(ray, parts, config, prov, weights_ref, n_actors, actor_resources, threads)
+        try:
+            with progress_bar(len(todo), progress) as advance, sigterm_as_interrupt():
+                for row in ds.iter_rows():
+                    result = pickle.loads(row["result"])
+                    t = time.perf_counter()
+                    folder.publish(int(row["part"]), result["rows"], result["errors"])
+                    stage_seconds["write"] += time.perf_counter() - t
+                    for stage, s in result["seconds"].items():
+                        stage_seconds[stage] += s
+                    new_rows += result["rows"].num_rows
+                    advance(result["rows"].num_rows + len(result["errors"]))
+        except KeyboardInterrupt:
+            interrupted = True
+        except OSError as e:
+            raise BadInput(f"cannot write {folder.root} ({e.strerror or e}); check the -o folder") from None
+
+    errors_file = store.errors_path(folder.root)
+    failures = folder.merge_errors(errors_file)
+    return ExtractResult(
+        folder.root, folder.rows(), new_rows, failures, time.perf_counter() - t0, prov["settings_hash"],
+        errors_file=errors_file if errors_file.exists() else None, interrupted=interrupted,
+        stage_seconds=stage_seconds,
+    )
+
+
+def _dataset(ray, parts, config, prov, weights_ref, n_actors, actor_resources, threads):
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # featx draws its own bar; Ray's would interleave
+    # Ray Data's warnings (e.g. a cluster too small for the actors) stay; its plan chatter and
+    # its notice that progress bars are off do not.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    records = [{"part": index, "items": pickle.dumps(group, protocol=5)} for index, group in parts]
+    return (
+        ray.data.from_items(records, override_num_blocks=len(records))
+        # max_calls=0 is Ray's default (no limit), spelled out because Ray Data fuses a map into
+        # the next one when their remote args are equal: kept apart, images are decoded by
+        # parallel tasks while the actors compute, rather than inside the actors in turn.
+        .map(_decode_part, fn_kwargs={"config": config}, num_cpus=1, max_calls=0)
+        .map(
+            _DescribeParts,
+            fn_constructor_kwargs={"config": config, "weights_ref": weights_ref, "prov": prov, "threads": threads},
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            **actor_resources,
+        )
+    )

@@ -1,0 +1,277 @@
+"""`featx extract`, locally: discover -> decode/rescale (threads) -> batch -> dense VGG ->
+pool, flip, aggregate, L2 -> Parquet pieces -> one complete file.
+
+A Run reads as its stages: `plan` (what exists, what to resume, what is left), `describe_all`
+(decode ahead of the net, describe row groups, persist each as a piece) and `finish` (merge
+the pieces into OUT atomically).
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from featx import store
+from featx.errors import BadInput, MissingData, SettingsMismatch
+from featx.extract.config import ExtractConfig
+from featx.extract.decode import Decoded, ImageError
+from featx.extract.describer import differing, make_describer, provenance
+from featx.extract.descriptor import DenseDescriber
+from featx.extract.discover import Item, discover
+from featx.extract.live import progress_bar, sigterm_as_interrupt
+from featx.extract.shard import take_shard
+from featx.extract.stages import (
+    STAGES,
+    decode_item,
+    describe_group,
+    error_record,
+    group_rows,
+)
+from featx.net.device import resolve_device
+
+
+@dataclass
+class ExtractResult:
+    """What a run did: rows in the output, failures recorded, time per stage."""
+
+    output: Path
+    rows: int  # rows in the output file now (including resumed ones)
+    new_rows: int  # rows computed by this run
+    failures: int
+    seconds: float
+    settings_hash: str
+    errors_file: Path | None = None
+    interrupted: bool = False
+    stage_seconds: dict = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.new_rows / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Tally:
+    new_rows: int = 0
+    failures: int = 0
+    interrupted: bool = False
+
+
+class Run:
+    """One extraction job: decides what to resume, runs the stages, finalises the output."""
+
+    def __init__(self, paths, output, config: ExtractConfig, overwrite: bool, progress: bool, shard=None):
+        self.config, self.overwrite, self.show_progress = config, overwrite, progress
+        self.out = Path(output).expanduser()
+        if self.out.is_dir():
+            raise BadInput(f"-o {self.out} is a folder; give a file name such as {self.out / 'features.parquet'}")
+        if not self.out.parent.is_dir():
+            raise MissingData(f"-o {self.out}: folder {self.out.parent} does not exist; create it first")
+        self.items = discover(paths)
+        if not self.items:
+            raise BadInput(f"no images found under {', '.join(map(str, paths))}; check the PATH")
+        if shard is not None:
+            self.items = take_shard(self.items, shard)
+        self.pieces = store.Pieces(self.out)
+        self.stage_seconds = dict.fromkeys(STAGES, 0.0)
+        self._advance: Callable[[float], None] = lambda n: None
+        self._lock = threading.Lock()
+
+    # -- plan: what exists, what is left -------------------------------------------------
+    def plan(self, prov: dict) -> list[Item]:
+        """The images still to describe; refuses existing work made with other settings."""
+        done = self._check_existing(prov)
+        return [it for it in self.items if it.path not in done]
+
+    def _check_existing(self, prov: dict) -> set[str]:
+        done: set[str] = set()
+        if self.overwrite:
+            self.pieces.remove()
+            return done
+        if self.out.exists():
+            old = store.read_provenance(self.out)
+            if old.get("settings_hash") != prov["settings_hash"]:
+                raise SettingsMismatch(
+                    f"{self.out} holds features with other settings ({differing(old, prov)}); "
+                    f"pass --overwrite to replace it, or choose another -o"
+                )
+            done.update(store.iter_paths(self.out))
+        if self.pieces.folder.exists():
+            if not self.pieces.exists():
+                self.pieces.remove()  # killed before its first piece: nothing to keep
+            else:
+                old = self.pieces.provenance()
+                if old.get("settings_hash") != prov["settings_hash"]:
+                    raise SettingsMismatch(
+                        f"{self.pieces.folder} holds an unfinished run with other settings "
+                        f"({differing(old, prov)}); rerun with its settings to finish it, or pass --overwrite"
+                    )
+                done.update(self.pieces.done_paths())
+        return done
+
+    def _writable(self) -> None:
+        probe = self.out.with_name(f".{self.out.name}.featx-probe")
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise BadInput(f"cannot write in {self.out.parent} ({e.strerror}); choose a writable -o") from None
+
+    # -- describe: decode ahead of the net, one piece per row group ----------------------
+    def _decode(self, item: Item) -> Decoded | ImageError:
+        t = time.perf_counter()
+        try:
+            return decode_item(item, self.config)
+        finally:
+            with self._lock:
+                self.stage_seconds["decode"] += time.perf_counter() - t
+
+    def decoded(self, items: list[Item]) -> Iterator[tuple[Item, Decoded | ImageError]]:
+        """Decode in `workers` threads ahead of the model, in order, with a bounded window."""
+        if self.config.workers == 0:
+            for item in items:
+                yield item, self._decode(item)
+            return
+        window = max(2 * self.config.rows_per_group, 4 * self.config.workers)
+        with ThreadPoolExecutor(self.config.workers, thread_name_prefix="featx-decode") as pool:
+            pending: deque[tuple[Item, Future]] = deque()
+            try:
+                for item in items:
+                    pending.append((item, pool.submit(self._decode, item)))
+                    if len(pending) >= window:
+                        head, fut = pending.popleft()
+                        yield head, fut.result()
+                while pending:
+                    head, fut = pending.popleft()
+                    yield head, fut.result()
+            finally:
+                for _, fut in pending:
+                    fut.cancel()
+
+    def _on_batch(self, images: int, seconds: float) -> None:
+        self.stage_seconds["model"] += seconds
+        self._advance(images / len(self.config.scales))
+
+    def flush(self, schema: pa.Schema, group: list[tuple[Item, Decoded]], errors: list[dict],
+              describer: DenseDescriber) -> int:
+        """Describe one row group and persist it (rows and errors) as a piece; rows written."""
+        rows = None
+        if group:
+            features, failed = describe_group(describer, [d for _, d in group], self.config, self._on_batch)
+            errors.extend(error_record(group[i][0], e) for i, e in failed.items())
+            t = time.perf_counter()
+            rows = group_rows(schema, group, features, failed)
+            self.stage_seconds["aggregate"] += time.perf_counter() - t
+        t = time.perf_counter()
+        self.pieces.add(rows, errors)
+        self.stage_seconds["write"] += time.perf_counter() - t
+        return 0 if rows is None else rows.num_rows
+
+    def describe_all(self, todo: list[Item], describer: DenseDescriber, schema: pa.Schema) -> _Tally:
+        tally = _Tally()
+        cfg = self.config
+
+        def flush(group, errors):
+            written = self.flush(schema, group, errors, describer)
+            tally.new_rows += written
+            tally.failures += len(group) + len(errors) - written
+
+        try:
+            with progress_bar(len(todo), self.show_progress) as self._advance, sigterm_as_interrupt():
+                group: list[tuple[Item, Decoded]] = []
+                errors: list[dict] = []
+                for item, result in self.decoded(todo):
+                    if isinstance(result, ImageError):
+                        errors.append(error_record(item, result))
+                        self._advance(1)
+                    else:
+                        group.append((item, result))
+                    if len(group) + len(errors) >= cfg.rows_per_group:
+                        flush(group, errors)
+                        group, errors = [], []
+                if group or errors:
+                    flush(group, errors)
+        except KeyboardInterrupt:
+            tally.interrupted = True
+        except OSError as e:
+            raise disk_error(e, self.out) from None
+        return tally
+
+    # -- finish: the pieces (and a resumed OUT) merged into OUT atomically ---------------
+    def finish(self, schema: pa.Schema) -> tuple[int, int]:
+        t = time.perf_counter()
+        sources = ([self.out] if self.out.exists() and not self.overwrite else []) + self.pieces.row_files()
+        try:
+            rows, n_errors = store.merge(self.out, schema, sources, self.pieces.error_files())
+        except OSError as e:
+            raise disk_error(e, self.out) from None
+        self.pieces.remove()
+        self.stage_seconds["write"] += time.perf_counter() - t
+        return rows, n_errors
+
+    # -- the job -------------------------------------------------------------------------
+    def run(self) -> ExtractResult:
+        cfg = self.config
+        t0 = time.perf_counter()
+        device = resolve_device(cfg.device)
+        prov = provenance(cfg, device)
+        todo = self.plan(prov)
+        if not todo and not self.pieces.exists():
+            rows = pq.ParquetFile(self.out).metadata.num_rows
+            return ExtractResult(self.out, rows, 0, 0, time.perf_counter() - t0, prov["settings_hash"])
+        self._writable()
+        schema = store.feature_schema(cfg.dim, prov)
+        tally = _Tally()
+        if todo:
+            describer = make_describer(cfg, device)
+            if not self.pieces.exists():
+                self.pieces.start(prov)
+            tally = self.describe_all(todo, describer, schema)
+        if tally.interrupted:
+            return ExtractResult(self.out, 0, tally.new_rows, tally.failures, time.perf_counter() - t0,
+                                 prov["settings_hash"], interrupted=True, stage_seconds=self.stage_seconds)
+        rows, n_errors = self.finish(schema)
+        err = store.errors_path(self.out)
+        return ExtractResult(
+            self.out, rows, tally.new_rows, n_errors, time.perf_counter() - t0, prov["settings_hash"],
+            errors_file=err if err.exists() else None, stage_seconds=self.stage_seconds,
+        )
+
+
+def disk_error(e: OSError, out: Path) -> BadInput:
+    """An OSError while writing OUT as one line with the fix (disk full: free space, resume)."""
+    if e.errno == errno.ENOSPC:
+        return BadInput(f"disk full while writing {out}; free some space and rerun the same command to resume")
+    return BadInput(f"cannot write {getattr(e, 'filename', None) or out} ({e.strerror or e}); check the -o folder")
+
+
+
+def extract_features(
+    paths,
+    output,
+    config: ExtractConfig | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    shard: str | tuple[int, int] | None = None,
+    **settings,
+) -> ExtractResult:
+    """Describe every image under `paths` and write the features to `output` (Parquet).
+
+    Settings are an ExtractConfig or keyword arguments of one (model="vgg16", scales=(256,),
+    ...). An existing `output` with the same settings is resumed; other settings are refused
+    unless `overwrite`. `shard="K/N"` keeps only shard K of N (featx.extract.shard: by path hash).
+    Paper: arXiv 1409.1556, Appendix B.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    config = (config or ExtractConfig()).replace(**settings) if settings else (config or ExtractConfig())
+    return Run(list(paths), output, config, overwrite, progress, shard).run()

@@ -1,0 +1,91 @@
+"""The per-image stages of a run, shared by the local and the Ray engine.
+
+    decode_item      file -> upright RGB rescaled to every Q (or an ImageError record)
+    describe_group   decoded images -> L2-normalised descriptors, failures isolated per image
+    group_rows       the described images -> an Arrow table in the feature file's schema
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from featx import store
+from featx.extract.config import ExtractConfig
+from featx.extract.decode import Decoded, ImageError, decode
+from featx.extract.descriptor import DenseDescriber, combine, pooled_per_scale
+from featx.extract.discover import Item
+
+STAGES = ("decode", "model", "aggregate", "write")
+
+
+def decode_item(item: Item, config: ExtractConfig) -> Decoded | ImageError:
+    """Decode and rescale one image; any failure is returned as that image's ImageError."""
+    try:
+        return decode(item.file, config.scales, config.max_pixels, config.bucket)
+    except ImageError as e:
+        return e
+    except Exception as e:  # a decoder bug on one file must not end the run
+        return ImageError("decode", type(e).__name__, str(e))
+
+
+def error_record(item: Item, e: ImageError) -> dict:
+    """One row of the errors table."""
+    return {"path": item.path, "stage": e.stage, "error": e.error, "message": e.message}
+
+
+def describe_group(
+    describer: DenseDescriber,
+    decoded: list[Decoded],
+    config: ExtractConfig,
+    on_batch: Callable[[int, float], None] | None = None,
+) -> tuple[np.ndarray, dict[int, ImageError]]:
+    """Descriptors [n, D] of a group of decoded images, and the images that failed in the net.
+
+    A failing batch is retried image by image, so one image's failure never costs its
+    batch-mates their rows. `on_batch(images, seconds)` is called after every batch.
+    """
+    failed: dict[int, ImageError] = {}
+
+    def run_batch(q: int, batch: list[int], out: torch.Tensor) -> None:
+        t = time.perf_counter()
+        _run_batch(describer, decoded, q, batch, out, failed)
+        if on_batch is not None:
+            on_batch(len(batch), time.perf_counter() - t)
+
+    per_scale = pooled_per_scale(
+        describer, [d.scaled for d in decoded], config.scales, config.batch_size, run_batch, skip=failed
+    )
+    return combine(per_scale, config.aggregate).numpy(), failed
+
+
+def _run_batch(describer, decoded, q, batch, out, failed) -> None:
+    try:
+        out[batch] = describer(torch.stack([decoded[i].scaled[q] for i in batch]))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:
+        if len(batch) > 1:  # one image's failure must not cost the others their rows
+            for i in batch:
+                _run_batch(describer, decoded, q, [i], out, failed)
+        else:
+            failed[batch[0]] = ImageError("model", type(e).__name__, str(e).splitlines()[0][:300])
+
+
+def group_rows(
+    schema: pa.Schema, group: list[tuple[Item, Decoded]], features: np.ndarray, failed: dict[int, ImageError]
+) -> pa.Table:
+    """The rows of the images of `group` that did not fail, in the feature file's schema."""
+    keep = [i for i in range(len(group)) if i not in failed]
+    return store.rows_table(
+        schema,
+        [group[i][0].path for i in keep],
+        [group[i][0].label for i in keep],
+        [group[i][1].width for i in keep],
+        [group[i][1].height for i in keep],
+        features[keep],
+    )

@@ -1,0 +1,296 @@
+"""The dense VGG lowered to fused steps: the fast path behind DenseDescriber.
+
+The paper's dense evaluation (arXiv 1409.1556, Sec. 3.2) makes fc6 a 7x7 convolution over
+pool5; a 7x7 convolution without padding is one GEMM over the 7x7 windows of its input, and
+fc7 (1x1) a GEMM over positions. So the plan is: the conv trunk (conv [+ BN folded] + ReLU
+fused, max pools), then fc6/fc7 as GEMMs over row chunks of pool5 windows, summed per image.
+
+Why not just call the module: in eager mode oneDNN re-lays out every convolution weight on
+every call (fc6's 411 MB kernel costs ~0.2 s per call on a 2-core Zen 5) and ReLU is a
+separate pass over memory. On a CPU with oneDNN the plan packs every weight once, in the
+kernel's blocked layout, and fuses ReLU into the op; elsewhere (CUDA, or `prepack=False`)
+the same steps run as plain F.conv2d / F.linear (cuDNN / cuBLAS), which tests on CPU cover.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featx.errors import BadInput
+
+# A nominal trunk input (image and its flip at Q=384, 4:3) for packing conv weights once:
+# oneDNN's blocked weight layout for these convs does not depend on the spatial size.
+NOMINAL_INPUT = (2, 3, 384, 512)
+# Pixels per trunk pass. On a CPU a larger batch gains nothing (a conv's GEMM already has
+# h*w rows) but costs memory (conv1 at 64 channels); on a GPU batches fill the device.
+CPU_PASS_PIXELS = 2 * 512 * 704
+CUDA_PASS_PIXELS = 32 * 512 * 704
+# Rows (window positions) per head GEMM: ~1k rows keep fc6 compute-bound on a CPU (weight
+# read once per chunk) while the window matrix stays ~50 MB in bf16.
+CPU_HEAD_ROWS = 1024
+CUDA_HEAD_ROWS = 8192
+
+
+@cache
+def _glibc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to do
+        return None
+
+
+# Batches between two trims of glibc's heap (see release_freed_memory).
+TRIM_EVERY = 1
+_calls = [0]
+
+
+def release_freed_memory(every: int = TRIM_EVERY) -> None:
+    """After every `every` batches, give the heap's free pages back to the OS (glibc only).
+
+    glibc serves the 1-32 MB activations of each new image shape from its heap and keeps
+    what they free resident and fragmented: measured here (VGG16, Q up to 512), RSS grew
+    30-50 MB per new shape without end (2.6 GB after 150 shapes); trimming every 4 batches
+    still crept (+400 MB over 60 shapes), every batch stays flat (+130 MB, the oneDNN
+    kernel cache). The price: freed pages fault in again, a few % of the model's time.
+    """
+    _calls[0] += 1
+    if _calls[0] % every:
+        return
+    trim = _glibc()
+    if trim is not None:
+        trim(0)
+
+
+@cache
+def onednn_prepack_works(dtype: torch.dtype) -> bool:
+    """Whether this torch build runs oneDNN's pre-packed conv/linear ops in `dtype` (probed)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return False
+    try:
+        with torch.inference_mode():
+            x = torch.ones(1, 8, 5, 5, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.ones(4, 8, 3, 3, dtype=dtype)
+            pw = torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1, [1, 8, 5, 5])
+            y = torch.ops.mkldnn._convolution_pointwise(x, pw, None, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
+            lw = torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 8, dtype=dtype), None)
+            z = torch.ops.mkldnn._linear_pointwise(torch.ones(3, 8, dtype=dtype), lw, None, "none", [], "")
+        return y.shape == (1, 4, 5, 5) and float(y[0, 0, 2, 2]) == 72.0 and float(z[0, 0]) == 8.0
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+@dataclass
+class Conv:
+    """conv [+ folded BN] [+ ReLU]: one fused oneDNN op (packed) or F.conv2d + relu_."""
+
+    weight: torch.Tensor  # packed (opaque oneDNN layout) or plain channels-last
+    bias: torch.Tensor
+    padding: list[int]
+    stride: list[int]
+    dilation: list[int]
+    groups: int
+    relu: bool
+    packed: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                "relu" if self.relu else "none", [], "",
+            )
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.relu_(x) if self.relu else x
+
+
+@dataclass
+class Linear:
+    """A position-wise layer of the head as a GEMM over rows [+ ReLU]."""
+
+    weight: torch.Tensor  # packed, or plain [out, in]
+    bias: torch.Tensor
+    relu: bool
+    packed: bool
+    out_features: int
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "relu" if self.relu else "none", [], "")
+        y = F.linear(rows, self.weight, self.bias)
+        return F.relu_(y) if self.relu else y
+
+
+def _conv_params(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
+    if isinstance(conv.padding, str):
+        raise BadInput(f"string padding {conv.padding!r} is not supported by the plan")
+    return list(conv.padding), list(conv.stride), list(conv.dilation)
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv weight and bias in `dtype`, an eval-mode BatchNorm folded in (in fp32; exact up to rounding)."""
+    w = conv.weight.detach()
+    b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype)
+    if bn is not None:
+        scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
+        w = w.float() * scale.view(-1, 1, 1, 1)
+        b = (b.float() - bn.running_mean.float()) * scale + bn.bias.detach().float()
+    # Cast before any copy: fc6's weight is 411 MB in fp32.
+    return w.to(dtype), b.to(dtype)
+
+
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """VGG's 2x2/2 max pool as two elementwise maxima over strided views: the same numbers as
+    F.max_pool2d, ~5x faster on channels-last bf16 on CPU (whose pooling kernel is slow there)."""
+    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    rows = torch.maximum(x[:, :, 0:h:2, :w], x[:, :, 1:h:2, :w])
+    return torch.maximum(rows[:, :, :, 0::2], rows[:, :, :, 1::2])
+
+
+def _first(v) -> int:
+    return v[0] if isinstance(v, (tuple, list)) else v
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int, ceil: bool = False) -> int:
+    span = size + 2 * p - d * (k - 1) - 1
+    return (-(-span // s) if ceil else span // s) + 1
+
+
+class Plan:
+    """DenseVGG as steps on one device and dtype: trunk to pool5, head as GEMMs over windows."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        device: torch.device,
+        dtype: torch.dtype,
+        prepack: bool = True,
+        pass_pixels: int | None = None,
+        head_rows: int | None = None,
+    ):
+        self.device, self.dtype = device, dtype
+        self.packed = bool(prepack) and device.type == "cpu" and onednn_prepack_works(dtype)
+        cuda = device.type == "cuda"
+        self.pass_pixels = pass_pixels or (CUDA_PASS_PIXELS if cuda else CPU_PASS_PIXELS)
+        self.head_rows = head_rows or (CUDA_HEAD_ROWS if cuda else CPU_HEAD_ROWS)
+        with torch.inference_mode():
+            self.trunk = self._lower_trunk(list(net.trunk))
+            self.kernel, self.head = self._lower_head(list(net.head))
+
+    # -- lowering ------------------------------------------------------------------------
+    def _conv(self, conv: nn.Conv2d, bn, relu: bool, in_size: tuple[int, int, int, int]) -> Conv:
+        padding, stride, dilation = _conv_params(conv)
+        w, b = _folded(conv, bn, self.dtype)
+        w, b = w.to(self.device).contiguous(memory_format=torch.channels_last), b.to(self.device)
+        if self.packed:
+            w = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, conv.groups, list(in_size))
+        return Conv(w, b, padding, stride, dilation, conv.groups, relu, self.packed)
+
+    def _lower_trunk(self, modules: list[nn.Module]) -> list:
+        steps: list = []
+        n, c, h, w = NOMINAL_INPUT
+        i = 0
+        while i < len(modules):
+            m = modules[i]
+            if isinstance(m, nn.Conv2d):
+                bn = modules[i + 1] if i + 1 < len(modules) and isinstance(modules[i + 1], nn.BatchNorm2d) else None
+                j = i + 1 + (bn is not None)
+                relu = j < len(modules) and isinstance(modules[j], nn.ReLU)
+                steps.append(self._conv(m, bn, relu, (n, m.in_channels, h, w)))
+                (kh, kw), (p0, p1), (s0, s1), (d0, d1) = m.kernel_size, *_conv_params(m)
+                h, w, c = _out_size(h, kh, s0, p0, d0), _out_size(w, kw, s1, p1, d1), m.out_channels
+                i = j + relu
+                continue
+            if isinstance(m, nn.MaxPool2d):
+                k, s, p, d = (_first(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
+                steps.append(max_pool_2x2 if (k, s, p, d, m.ceil_mode) == (2, 2, 0, 1, False) else m)
+                h, w = _out_size(h, k, s, p, d, m.ceil_mode), _out_size(w, k, s, p, d, m.ceil_mode)
+            else:  # ReLU without a conv before it, Identity, ...: run the module itself
+                steps.append(m)
+            i += 1
+        return steps
+
+    def _lower_head(self, modules: list[nn.Module]) -> tuple[int, list[Linear]]:
+        """fc6 (k x k conv) and later 1x1 convs as GEMMs; rows are windows in (kh, kw, C) order."""
+        layers: list[Linear] = []
+        kernel = 1
+        for i, m in enumerate(modules):
+            if isinstance(m, nn.ReLU):
+                continue
+            if not isinstance(m, nn.Conv2d) or m.groups != 1 or tuple(m.stride) != (1, 1) \
+                    or tuple(m.padding) != (0, 0) or tuple(m.dilation) != (1, 1) \
+                    or (layers and m.kernel_size != (1, 1)) or m.kernel_size[0] != m.kernel_size[1]:
+                raise BadInput(f"head module {m} is not a dense fc layer the plan can lower")
+            if not layers:
+                kernel = m.kernel_size[0]
+            relu = i + 1 < len(modules) and isinstance(modules[i + 1], nn.ReLU)
+            w, b = _folded(m, None, self.dtype)
+            # (out, C, kh, kw) -> (out, kh*kw*C): rows gathered from a channels-last map.
+            w = w.to(self.device).permute(0, 2, 3, 1).reshape(m.out_channels, -1).contiguous()
+            if self.packed:
+                w = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            layers.append(Linear(w, b.to(self.device), relu, self.packed, m.out_channels))
+        return kernel, layers
+
+    # -- running -------------------------------------------------------------------------
+    def pool5(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk on a channels-last batch in the plan's dtype."""
+        for step in self.trunk:
+            x = step(x)
+        return x
+
+    def position_sums(self, maps: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """pool5 maps [B, C, H, W] -> (sum over positions of the head's output [B, D] fp32, positions)."""
+        if not self.head:
+            return maps.float().sum(dim=(2, 3)), maps.shape[2] * maps.shape[3]
+        k = self.kernel
+        b, c, h, w = maps.shape
+        if h < k or w < k:
+            raise BadInput(f"pool5 map {h}x{w} is smaller than fc6's {k}x{k} window; use larger scales")
+        # [B, H', W', k, k, C]: a view of the channels-last map; reshaping a slice copies its windows.
+        windows = maps.permute(0, 2, 3, 1).unfold(1, k, 1).unfold(2, k, 1).permute(0, 1, 2, 4, 5, 3)
+        ho, wo = windows.shape[1], windows.shape[2]
+        out = torch.zeros(b, self.head[-1].out_features, device=maps.device, dtype=torch.float32)
+        lines = max(1, self.head_rows // wo)  # output rows of one image per piece
+        pieces = [(i, r, min(r + lines, ho)) for i in range(b) for r in range(0, ho, lines)]
+        # Greedy chunks of whole pieces, at most head_rows rows (a lone piece may be all one image's).
+        chunks: list[list[tuple[int, int, int]]] = []
+        rows = 0
+        for i, r0, r1 in pieces:
+            n = (r1 - r0) * wo
+            if not chunks or rows + n > self.head_rows:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append((i, r0, r1))
+            rows += n
+        for chunk in chunks:
+            y = torch.empty(sum((r1 - r0) * wo for _, r0, r1 in chunk), k * k * c, device=maps.device, dtype=maps.dtype)
+            at = 0
+            for i, r0, r1 in chunk:  # gather the windows straight into the GEMM's rows
+                n = (r1 - r0) * wo
+                y[at : at + n].view(r1 - r0, wo, k, k, c).copy_(windows[i, r0:r1])
+                at += n
+            for layer in self.head:
+                y = layer(y)
+            at = 0
+            for i, r0, r1 in chunk:
+                n = (r1 - r0) * wo
+                out[i] += y[at : at + n].float().sum(dim=0)
+                at += n
+        return out, ho * wo
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last batch -> fp32 [B, D]: the head's map averaged over positions."""
+        per_pass = max(1, self.pass_pixels // (x.shape[2] * x.shape[3]))
+        maps = torch.cat([self.pool5(x[s : s + per_pass]) for s in range(0, x.shape[0], per_pass)])
+        sums, positions = self.position_sums(maps)
+        return sums / positions

@@ -1,0 +1,72 @@
+"""Where and in what precision the net runs: the one resolver for every engine.
+
+`device="auto"` is the first CUDA GPU when there is one, else the CPU; `precision="auto"` is
+bf16 where the device computes it natively (CUDA since Ampere, CPUs with AVX512-BF16/AMX),
+fp16 on older GPUs, fp32 elsewhere. The resolved precision is part of the descriptor.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from featx.errors import BadInput
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BadInput(f"unknown --device {device!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {device}: featx runs on cpu or cuda[:N]")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BadInput(f"--device {device}: only {torch.cuda.device_count()} GPUs are visible; use cuda:0..")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """fp32/bf16/fp16 as given; "auto" per device (featx.net.accel.auto_precision)."""
+    if precision == "auto":
+        return auto_precision(device)
+    if precision not in DTYPES:
+        raise BadInput(f"unknown --precision {precision!r}; choose auto, {', '.join(DTYPES)}")
+    return precision
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+
+
+def auto_precision(device: torch.device | str) -> str:
+    """What precision="auto" means on `device`: bf16 where it is native and fast, else fp32/fp16.
+
+    CPU: bf16 with AVX512-BF16/AMX (~2x fp32; centred cosine to fp32 >= 0.995 per image,
+    see benchmarks/extract.py), fp32 otherwise (emulated bf16 is slower than fp32).
+    CUDA: bf16 on GPUs that have it (Ampere and later), fp16 before.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BadInput(f"unknown --device {device!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+            return "fp16"
+        return "bf16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"

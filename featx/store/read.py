@@ -1,0 +1,120 @@
+"""Reading feature files and folders: provenance, tables, DataFrames, (X, y)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from featx.errors import BadInput, MissingData
+from featx.store.schema import METADATA_KEY
+
+
+def feature_files(path: Path) -> list[Path]:
+    """The finished feature files of a folder: no error lists, no pieces of unfinished runs."""
+    files = []
+    for p in sorted(path.rglob("*.parquet")):
+        rel = p.relative_to(path)
+        if p.name.endswith(".errors.parquet") or any(
+            part.startswith(".") or part.endswith(".partial") for part in rel.parts
+        ):
+            continue
+        files.append(p)
+    if not files:
+        raise MissingData(f"{path}: no .parquet files in this folder; give a featx output")
+    return files
+
+
+def _schema_provenance(path: Path) -> dict:
+    if not path.exists():
+        raise MissingData(f"{path}: no such feature file; run `featx extract` to make it")
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BadInput(f"{path} is not a readable Parquet file ({e}); extract again with --overwrite") from None
+    if METADATA_KEY not in meta:
+        raise BadInput(f"{path} has no featx metadata; it was not written by featx extract")
+    return json.loads(meta[METADATA_KEY])
+
+
+def read_provenance(path: str | Path) -> dict:
+    """The `featx` JSON of a feature file, or of a folder whose files share one descriptor."""
+    path = Path(path)
+    if not path.is_dir():
+        return _schema_provenance(path)
+    files = feature_files(path)
+    first = _schema_provenance(files[0])
+    for other in files[1:]:
+        prov = _schema_provenance(other)
+        if prov.get("settings_hash") != first.get("settings_hash"):
+            a, b = first.get("settings", {}), prov.get("settings", {})
+            diff = "; ".join(f"{k}={a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            raise BadInput(
+                f"{path} mixes descriptors: {files[0].name} and {other.relative_to(path)} differ "
+                f"({diff or 'settings hash'}); read them separately or move one out"
+            )
+    return first
+
+
+def _dataset(path: str | Path) -> pads.Dataset:
+    path = Path(path)
+    if not path.exists():
+        raise MissingData(f"{path}: no such feature file or folder; run `featx extract` first")
+    if path.is_dir():
+        read_provenance(path)  # one descriptor per folder, or a clear error
+        return pads.dataset([str(f) for f in feature_files(path)], format="parquet")
+    return pads.dataset(str(path), format="parquet")
+
+
+def read_table(path: str | Path, columns: list[str] | None = None, filters=None) -> pa.Table:
+    return _dataset(path).to_table(columns=columns, filter=_as_expression(filters))
+
+
+def _as_expression(filters):
+    if filters is None or isinstance(filters, pads.Expression):
+        return filters
+    return pq.filters_to_expression(filters)
+
+
+def read_features(path: str | Path, columns: list[str] | None = None, filters=None) -> pd.DataFrame:
+    """A feature file or folder of files as a DataFrame; `feature` holds one float32 array per row.
+
+    `filters` is a pyarrow expression or DNF list, e.g. [("label", "=", "Faces")].
+    """
+    table = read_table(path, columns, filters)
+    if "feature" not in table.column_names:
+        return table.to_pandas()
+    X = feature_matrix(table.column("feature"))
+    df = table.drop_columns(["feature"]).to_pandas()
+    df["feature"] = list(X)
+    return df[table.column_names]
+
+
+def feature_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """fixed_size_list<float32>[D] -> float32 [n, D], without a Python list of arrays."""
+    dim = column.type.list_size
+    if column.num_chunks == 0 or len(column) == 0:
+        return np.zeros((0, dim), np.float32)
+    parts = [c.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim) for c in column.chunks]
+    # One chunk is a zero-copy, read-only view of Arrow memory: copy so callers may write to X.
+    return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+
+
+def load_xy(path: str | Path, filters=None) -> tuple[np.ndarray, np.ndarray]:
+    """(X float32 [n, D], y labels as a NumPy object array) from a feature file or folder."""
+    table = read_table(path, ["label", "feature"], filters)
+    X = feature_matrix(table.column("feature"))
+    y = table.column("label").to_numpy(zero_copy_only=False).astype(object, copy=False)
+    return X, y
+
+
+def iter_paths(path: Path) -> Iterator[str]:
+    pf = pq.ParquetFile(path)
+    for g in range(pf.num_row_groups):
+        yield from pf.read_row_group(g, columns=["path"]).column("path").to_pylist()

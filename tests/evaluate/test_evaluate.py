@@ -1,0 +1,249 @@
+"""`featx evaluate` end to end on fake Caltech and VOC trees, with random weights."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.svm import LinearSVC
+from typer.testing import CliRunner
+
+from featx.cli import app
+from featx.evaluate import run as ev
+from featx.evaluate.datasets import DatasetIndex
+from featx.evaluate.pipeline import builtin_pipeline
+from featx.evaluate.splits import caltech_splits
+from tests.fake_datasets import make_caltech, make_voc
+
+# The protocol shrunk to a tree of 6 images per class: 3 training, up to 2 test.
+TINY_CALTECH = """
+name = "tiny-caltech"
+dataset = "caltech101"
+[protocol]
+splits = 2
+seed = 0
+n_train = 3
+n_test = 2
+holdout = 0.34
+metric = "mean_class_recall"
+[features]
+models = ["vgg11"]
+weights = "random"
+scales = [224]
+flip = false
+aggregate = "stack"
+[head]
+C = [0.1, 10.0]
+[paper]
+results = [{ label = "Net-A", models = ["vgg11"], mean = 99.0, std = 0.1 }]
+"""
+
+
+def run(*args):
+    result = CliRunner().invoke(app, ["evaluate", *map(str, args)])
+    return result
+
+
+@pytest.fixture(scope="module")
+def caltech(tmp_path_factory):
+    """A fake Caltech copy, its tiny pipeline, and one evaluation (the others reuse its cache)."""
+    tmp = tmp_path_factory.mktemp("caltech")
+    make_caltech(tmp / "data" / "caltech101" / "101_ObjectCategories")
+    (tmp / "tiny.toml").write_text(TINY_CALTECH)
+    (tmp / "out").mkdir()
+    result = run(
+        "--pipeline", tmp / "tiny.toml", "--root", tmp / "data", "--cache-dir", tmp / "cache",
+        "--report", tmp / "out" / "report.json", "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    return tmp, result
+
+
+def test_caltech_end_to_end_prints_the_table_with_the_weights(caltech):
+    tmp, result = caltech
+    out = result.stdout
+    assert "Caltech-101: mean class recall, %" in out
+    assert "4 classes, 24 images, 2 splits" in out
+    assert "weights: random (seed 0)" in out and "far below the paper" in out
+    assert "Net-A" in out and "99.0 ± 0.1" in out
+    assert "incomplete" in out  # a 4-class copy is not the paper's dataset
+
+
+def test_caltech_report_has_the_issues_shape(caltech):
+    tmp, _ = caltech
+    report = json.loads((tmp / "out" / "report.json").read_text())
+    assert set(report) >= {"dataset", "metric", "classes", "results", "paper", "config"}
+    assert (report["dataset"], report["metric"]) == ("caltech101", "mean_class_recall")
+    assert report["classes"] == ["BACKGROUND_Google", "Faces", "Faces_easy", "anchor"]
+    (row,) = report["results"]
+    assert row["models"] == ["vgg11"] and 0 <= row["mean"] <= 100 and row["std"] is not None
+    assert [s["seed"] for s in row["splits"]] == [0, 1]
+    for s in row["splits"]:
+        # n_train counts all training images, the ones held out to choose C included.
+        assert (s["n_train"], s["n_test"], s["n_holdout"]) == (12, 8, 4)
+        assert s["C"] in (0.1, 10.0) and set(s["holdout_scores"]) == {"0.1", "10"}
+        assert np.mean(list(s["per_class"].values())) == pytest.approx(s["value"])
+    assert row["mean"] == pytest.approx(np.mean([s["value"] for s in row["splits"]]))
+    assert report["paper"]["results"][0]["mean"] == 99.0
+    assert report["config"]["weights"] == "random (seed 0)"
+    assert report["config"]["pipeline"]["protocol"]["n_train"] == 3
+    assert (tmp / "out" / "report-net-a-recall.png").stat().st_size > 5000
+
+
+def test_cached_features_are_reused_and_other_settings_are_not(caltech):
+    tmp, _ = caltech
+    (cached,) = (tmp / "cache").glob("caltech101-*.parquet")
+    again = run("--pipeline", tmp / "tiny.toml", "--root", tmp / "data", "--cache-dir", tmp / "cache",
+                "--no-background", "--report", tmp / "out" / "nobg.json", "--quiet")
+    assert again.exit_code == 0, again.output
+    report = json.loads((tmp / "out" / "nobg.json").read_text())
+    assert report["config"]["features"][0]["new_rows"] == 0
+    assert report["config"]["features"][0]["file"] == str(cached)
+    assert "BACKGROUND_Google" not in report["classes"]
+
+
+def test_features_file_is_evaluated_without_extracting(caltech):
+    tmp, _ = caltech
+    (cached,) = (tmp / "cache").glob("caltech101-*.parquet")
+    first = json.loads((tmp / "out" / "report.json").read_text())
+    result = run("--pipeline", tmp / "tiny.toml", "--features", cached, "--cache-dir", tmp / "nocache",
+                 "--report", tmp / "out" / "from-file.json", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp / "out" / "from-file.json").read_text())
+    assert not (tmp / "nocache").exists()
+    # Same features, same seeds: the same numbers as the run that extracted them.
+    assert report["results"][0]["mean"] == pytest.approx(first["results"][0]["mean"])
+
+
+def test_user_errors_are_one_line_and_exit_2(caltech, tmp_path):
+    tmp, _ = caltech
+    result = run("--dataset", "caltech101", "--weights", "random")
+    assert result.exit_code == 2 and "--root is missing" in result.stderr
+    result = run("--dataset", "caltech101", "--root", tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "--download" in result.stderr
+    # A report path that cannot be written is refused before any work is done.
+    result = run("--pipeline", tmp / "tiny.toml", "--root", tmp / "data", "--report", tmp_path / "no" / "r.json")
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    # The shipped protocol needs 31 images per class; the fake tree has 6.
+    result = run("--dataset", "caltech101", "--root", tmp / "data", "--weights", "random", "--model",
+                 "vgg11", "--scales", "224", "--no-flip", "--cache-dir", tmp / "cache", "--quiet")
+    assert result.exit_code == 2 and "fewer than n_train + 1 = 31 images" in result.stderr
+
+
+def _synthetic(n_classes=4, per_class=12, dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_classes), per_class)
+    X = (rng.normal(size=(len(labels), dim)) + 2 * np.eye(dim)[labels]).astype(np.float32)
+    X[:, -1] = np.arange(len(labels))  # the row id, to see which rows a head is fit on
+    index = DatasetIndex(
+        name="caltech101", image_dir=None, paths=tuple(map(str, range(len(labels)))),
+        classes=tuple("abcd"[:n_classes]), labels=labels,
+    )
+    return index, X
+
+
+class SpySVC(LinearSVC):
+    """A LinearSVC that records which rows (by the id in the last column) it is fit on."""
+
+    fits: list = []
+
+    def fit(self, X, y):
+        SpySVC.fits.append(set(X[:, -1].astype(int)))
+        return super().fit(X, y)
+
+
+def test_c_is_never_chosen_on_test_data(monkeypatch):
+    index, X = _synthetic()
+    pipeline = builtin_pipeline("caltech101").override(models=["vgg11"])
+    (split,) = caltech_splits(index.labels, n_train=8, n_test=4, splits=1, seed=0)
+    SpySVC.fits = []
+    monkeypatch.setattr(ev, "make_head", lambda name, random_state=0: SpySVC(random_state=random_state))
+    record, _ = ev._run_split(pipeline, index, X, split)
+    train, test = set(split.train), set(split.test)
+    # One fit per C on the same 80% of the training rows, then the refit on all of them.
+    assert len(SpySVC.fits) == len(pipeline.head.C) + 1
+    assert all(rows < train and not rows & test for rows in SpySVC.fits[:-1])
+    assert SpySVC.fits[-1] == train
+    # And the outcome does not move when the test rows are replaced by noise and their
+    # labels shuffled.
+    noisy = X.copy()
+    noisy[split.test, :-1] = np.random.default_rng(1).normal(size=(len(split.test), X.shape[1] - 1)) * 100
+    labels = index.labels.copy()
+    labels[split.test] = np.random.default_rng(2).permutation(labels[split.test])
+    poisoned, _ = ev._run_split(pipeline, DatasetIndex(**{**index.__dict__, "labels": labels}), noisy, split)
+    assert poisoned["C"] == record["C"]
+    assert poisoned["holdout_scores"] == record["holdout_scores"]
+    assert poisoned["n_train"] == record["n_train"] == 32
+
+
+def test_late_fusion_stacks_and_renormalises():
+    a = np.array([[1.0, 0.0], [0.6, 0.8]], np.float32)
+    b = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
+    fused = ev._fuse([a, b])
+    assert fused.shape == (2, 4)
+    np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(fused[0], np.array([1, 0, 0, 1]) / np.sqrt(2), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_voc_end_to_end_with_two_nets_and_their_fusion(tmp_path):
+    make_voc(tmp_path / "data", "2007", {"trainval": 10, "test": 8})
+    (tmp_path / "out").mkdir()
+    result = run(
+        "--dataset", "voc2007", "--root", tmp_path / "data", "--weights", "random",
+        "--model", "vgg11", "--model", "vgg13", "--scales", "224,256", "--no-flip",
+        "--cache-dir", tmp_path / "cache", "--report", tmp_path / "out" / "voc.json", "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    assert "PASCAL VOC 2007: mAP (11-point AP), %" in result.stdout
+    assert "vgg11 + vgg13" in result.stdout
+    report = json.loads((tmp_path / "out" / "voc.json").read_text())
+    assert (report["metric"], report["ap"]) == ("mAP", "voc07_11point")
+    assert [r["models"] for r in report["results"]] == [["vgg11"], ["vgg13"], ["vgg11", "vgg13"]]
+    (s,) = report["results"][0]["splits"]
+    assert (s["n_train"], s["n_test"]) == (10, 8)
+    assert s["value"] == pytest.approx(s["voc07_mAP"]) and 0 <= s["area_mAP"] <= 100
+    # The unlisted image in JPEGImages was not described.
+    assert all(f["dim"] == 4096 for f in report["config"]["features"])
+    cached = sorted((tmp_path / "cache").glob("voc2007-*.parquet"))
+    assert len(cached) == 2
+    from featx.store import read_table
+
+    assert "999999.jpg" not in read_table(cached[0], ["path"]).column("path").to_pylist()
+    for name in ("voc-vgg11-ap.png", "voc-vgg11-pr.png", "voc-vgg11-vgg13-ap.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 5000
+
+
+def test_span_coordinates_change_nothing_but_speed():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 10)
+    X = np.abs(rng.normal(size=(45, 200)) + 3 * np.eye(200)[np.r_[labels, labels[:15]]]).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    train, test = X[:30], X[30:]
+    Z_train, Z_test = ev.span_coordinates(train, test)
+    assert Z_train.shape == (30, 30) and Z_test.shape == (15, 30)
+    np.testing.assert_allclose(Z_train @ Z_train.T, train @ train.T, atol=1e-5)
+    # Inner products with training rows, all a linear head sees, are kept.
+    np.testing.assert_allclose(Z_test @ Z_train.T, test @ train.T, atol=1e-5)
+    raw = LinearSVC(C=1.0, tol=1e-8, max_iter=100_000).fit(train, labels)
+    spanned = LinearSVC(C=1.0, tol=1e-8, max_iter=100_000).fit(Z_train, labels)
+    np.testing.assert_allclose(spanned.decision_function(Z_test), raw.decision_function(test), atol=1e-3)
+
+
+def test_parallel_grid_gives_the_same_choice():
+    index, X = _synthetic(per_class=20)
+    pipeline = builtin_pipeline("caltech101").override(models=["vgg11"])
+    (split,) = caltech_splits(index.labels, n_train=12, n_test=8, splits=1, seed=0)
+    one, _ = ev._run_split(pipeline, index, X, split)
+    two, _ = ev._run_split(pipeline, index, X, split, jobs=2)
+    assert (one["C"], one["holdout_scores"], one["value"]) == (two["C"], two["holdout_scores"], two["value"])
+
+
+def test_span_coordinates_survive_duplicate_training_rows():
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(12, 50)).astype(np.float32)
+    train[5] = train[2]  # a duplicate image: the Gram matrix is singular
+    test = rng.normal(size=(4, 50)).astype(np.float32)
+    Z_train, Z_test = ev.span_coordinates(train, test)
+    np.testing.assert_allclose(Z_train @ Z_train.T, train @ train.T, atol=1e-4)
+    np.testing.assert_allclose(Z_test @ Z_train.T, test @ train.T, atol=1e-4)

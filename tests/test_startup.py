@@ -1,0 +1,68 @@
+"""Fast start: `featx --help`, `featx <cmd> --help` and `featx info FILE` load no heavy library.
+
+Each command runs in a fresh interpreter, which then reports the modules it imported.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from featx import store
+
+HEAVY = ("torch", "torchvision", "sklearn", "ray", "scipy", "matplotlib")
+
+PROBE = """
+import json, sys
+{pre}
+from featx.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit:
+    pass
+print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy})), file=sys.stderr)
+"""
+
+
+def imported_by(*args: str, pre: str = "") -> list[str]:
+    code = PROBE.replace("{heavy}", repr(set(HEAVY))).replace("{pre}", pre)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    return json.loads(proc.stderr.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def feature_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("info") / "f.parquet"
+    prov = {"settings_hash": "0" * 16, "dim": 4, "model": "vgg16", "scales": [256]}
+    schema = store.feature_schema(4, prov)
+    rows = store.rows_table(schema, ["a/1.jpg", "b/2.jpg"], ["a", "b"], [10, 20], [10, 20], np.eye(2, 4, dtype=np.float32))
+    store.write_atomic(rows, out)
+    return out
+
+
+@pytest.mark.parametrize("args", [["--help"], ["extract", "--help"], ["evaluate", "--help"], ["info", "--help"]])
+def test_help_imports_no_heavy_library(args):
+    assert imported_by(*args) == []
+
+
+def test_info_imports_no_heavy_library(feature_file):
+    assert imported_by("info", str(feature_file)) == []
+
+
+def test_the_probe_can_see_a_heavy_import():
+    """The check can fail: a command that does load torch is reported."""
+    assert "torch" in imported_by("--help", pre="import featx.extract.run")
+
+
+def test_import_featx_is_light_and_names_resolve_lazily():
+    code = (
+        "import sys, featx; heavy = [m for m in sys.modules if m.split('.')[0] in {'torch','sklearn','pandas'}];"
+        "assert not heavy, heavy; featx.ExtractConfig; assert 'torch' not in sys.modules;"
+        "featx.extract_features; assert 'torch' in sys.modules; print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr
