@@ -113,7 +113,8 @@ def extract(
     bucket: Annotated[int, typer.Option(help="0 = exact resize; N = snap the longer side to a multiple of N so more images share a batch (changes numbers; recorded).")] = 0,
     rows_per_group: Annotated[int, typer.Option(help="Rows per persisted piece: a killed run loses at most this many.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of --weights random.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace an OUTPUT made with other settings.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Discard what OUTPUT held before this run (e.g. other settings); an interrupted --overwrite run resumes when rerun.")] = False,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="If another featx process is writing OUTPUT: wait for it to finish (--wait), or stop at once naming it (default).")] = False,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
     profile: Annotated[bool, typer.Option(help="Print seconds spent per stage.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -137,21 +138,25 @@ def extract(
         from featx.extract.ray_engine import extract_ray
 
         result = call(extract_ray, paths, output, config, address=ray_address, actors=ray_actors,
-                      shard=shard, overwrite=overwrite, progress=not quiet)
+                      shard=shard, overwrite=overwrite, progress=not quiet, wait=wait)
     elif ray_address or ray_actors:
         fail("--ray-address and --ray-actors need --engine ray")
     else:
-        result = call(run_extract, paths, output, config, overwrite=overwrite, progress=not quiet, shard=shard)
+        result = call(run_extract, paths, output, config, overwrite=overwrite, progress=not quiet, shard=shard,
+                      wait=wait)
     if result.interrupted:
         typer.echo(
             f"featx: interrupted after {result.new_rows} new images; they are kept in "
-            f"{output if engine is Engine.ray else f'{output}.partial'} — rerun the same command to resume",
+            f"{output if engine is Engine.ray else f'{output}.partial'} — rerun the same command"
+            f"{' (with --overwrite or without)' if overwrite else ''} to resume",
             err=True,
         )
         raise typer.Exit(130)
     rate = result.images_per_second
+    changes = result.changes
+    changed = f", {changes.replaced} replaced, {changes.dropped} dropped" if changes and (changes.replaced or changes.dropped) else ""
     typer.echo(
-        f"{result.output}: {result.rows} images ({result.new_rows} new), {result.failures} failures, "
+        f"{result.output}: {result.rows} images ({result.new_rows} new{changed}), {result.failures} failures, "
         f"{result.seconds:.1f} s, {rate:.2f} images/s"
         + (f"; failures listed in {result.errors_file}" if result.errors_file else "")
     )
@@ -173,7 +178,7 @@ def info(
     """Rows, dimension, labels, failures and provenance of a feature file or folder."""
     import pyarrow.parquet as pq
 
-    from featx.store import errors_path, feature_files, read_provenance, read_table
+    from featx.store import errors_path, feature_files, read_last_run, read_provenance, read_table
 
     prov = call(read_provenance, path)
     if json_out:
@@ -220,8 +225,16 @@ def info(
         ("software", f"featx {prov.get('featx_version')}, torch {prov.get('torch')}, torchvision {prov.get('torchvision')}"),
         ("labels", f"{len(named)}: {labels}" if named else labels or "none"),
         ("failures", f"{_plural(failures, 'image')}, listed in {listed}" if failures else "none"),
+        ("run", _last_run(read_last_run(path))),
     ]:
         typer.echo(f"  {name:<10} {value}")
+
+
+def _last_run(run: dict | None) -> str:
+    if not run:
+        return "not recorded"
+    return (f"the last one added {run['added']}, replaced {run['replaced']} (changed since), "
+            f"dropped {run['dropped']} (gone since); finished {run['finished']}")
 
 
 def _plural(n: int, noun: str) -> str:

@@ -193,7 +193,8 @@ def _cached_net(pipeline, model, index, cache_dir, device, batch_size, workers, 
         # Caltech: the whole class-folder tree, so that --no-background reuses the same file.
         inputs = [index.image_dir]
     log(f"{model}: features in {out}" + (" (reused)" if out.exists() else ""))
-    result = extract_features(inputs, out, config, progress=progress)
+    # wait: a second evaluation of the same entry queues behind the first, then reuses it.
+    result = extract_features(inputs, out, config, progress=progress, wait=True)
     if result.interrupted:
         raise KeyboardInterrupt
     net = _load_net(out, index)

@@ -138,10 +138,3 @@ def provenance(config: ExtractConfig, device: torch.device | str, weights_id: di
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
     }
-
-
-def differing(old: dict, new: dict) -> str:
-    """Name the descriptor settings in which two provenances differ, for a refusal message."""
-    a, b = old.get("settings", {}), new["settings"]
-    diffs = [f"{k}={a.get(k)!r} there, {b.get(k)!r} now" for k in b if a.get(k) != b.get(k)]
-    return "; ".join(diffs) or "settings hash differs"

@@ -2,36 +2,31 @@
 
     discover (driver) -> parts of <= rows_per_group images -> decode/rescale (Ray tasks, CPUs)
       -> batch by shape + dense VGG (actor pool: one actor per GPU, or CPU actors)
-      -> one Parquet file per part, written by the driver under a staging name, then renamed
+      -> one Parquet file per part, written by the driver through store.DatasetFolder
 
 Every stage is the local engine's own code (featx.extract.stages: decode, describe, rows;
 featx.extract.describer: the net and provenance), so a folder written here holds the same rows,
 schema and `featx` metadata as `featx extract` writes to one file. A part appears complete or
-not at all; a rerun computes only the images no part holds yet.
+not at all; a rerun computes only the images no part holds yet (or that changed since), and
+the folder takes the same lock, resume and settings checks as a local run's file (featx.store).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import pickle
-import shutil
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from featx import store
-from featx.errors import BadInput, MissingData, SettingsMismatch, Unreachable
+from featx.errors import BadInput, MissingData, Unreachable
 from featx.extract.config import ExtractConfig
 from featx.extract.decode import ImageError
-from featx.extract.describer import differing, make_describer, provenance
+from featx.extract.describer import make_describer, provenance
 from featx.extract.discover import discover
 from featx.extract.live import progress_bar, sigterm_as_interrupt
 from featx.extract.run import ExtractResult
@@ -46,9 +41,6 @@ from featx.extract.stages import (
 from featx.net.device import resolve_precision
 from featx.net.weights import Weights, resolve
 
-# The folder's own bookkeeping; the leading "_" hides it from pyarrow/pandas/Spark readers.
-WORK = "_featx"
-PART = "part-{:06d}.parquet"
 # A CPU actor runs at most this many torch threads; a larger cluster gets more actors instead.
 MAX_THREADS_PER_CPU_ACTOR = 8
 # Parts are the unit of parallel work: small jobs use smaller parts so every actor gets some.
@@ -109,95 +101,6 @@ class _DescribeParts:
             rows = group_rows(self.schema, decoded, features, failed)
         result = {"rows": rows, "errors": errors, "seconds": seconds}
         return {"part": row["part"], "result": pickle.dumps(result, protocol=5)}
-
-
-# -- the dataset folder ------------------------------------------------------------------------
-
-
-@dataclass
-class Folder:
-    """A Parquet dataset folder: `part-NNNNNN.parquet` rows, `_featx/` settings and errors."""
-
-    root: Path
-
-    @property
-    def work(self) -> Path:
-        return self.root / WORK
-
-    @property
-    def settings_file(self) -> Path:
-        return self.work / "settings.json"
-
-    def parts(self) -> list[Path]:
-        return sorted(self.root.glob("part-*.parquet"))
-
-    def error_parts(self) -> list[Path]:
-        return sorted(self.work.glob("part-*.errors.parquet"))
-
-    def next_index(self) -> int:
-        names = [p.name.split(".")[0].split("-")[-1] for p in self.parts() + self.error_parts()]
-        return max((int(n) for n in names if n.isdigit()), default=-1) + 1
-
-    def foreign(self) -> list[str]:
-        """Entries featx did not write; such a folder is never written into or cleaned."""
-        return sorted(
-            p.name for p in self.root.iterdir()
-            if p.name != WORK and not p.name.startswith(".")  # .DS_Store and the like
-            and not (p.name.startswith("part-") and p.name.endswith(".parquet"))
-        )
-
-    def provenance(self) -> dict | None:
-        if not self.settings_file.is_file():
-            return None
-        try:
-            return json.loads(self.settings_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BadInput(f"{self.settings_file} is unreadable ({e}); pass --overwrite to start over") from None
-
-    def start(self, prov: dict) -> None:
-        self.work.mkdir(parents=True, exist_ok=True)
-        tmp = self.settings_file.with_name("settings.json.tmp")
-        tmp.write_text(json.dumps(prov, sort_keys=True, indent=1))
-        os.replace(tmp, self.settings_file)
-
-    def done_paths(self) -> set[str]:
-        done: set[str] = set()
-        for f in self.parts():
-            done.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
-        return done
-
-    def rows(self) -> int:
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.parts())
-
-    def clear(self) -> None:
-        """Remove what featx wrote here (and only that)."""
-        for f in self.parts():
-            f.unlink()
-        shutil.rmtree(self.work, ignore_errors=True)
-
-    def publish(self, index: int, rows: pa.Table, errors: list[dict]) -> None:
-        """Rows first, errors second: a crash in between only costs a retry of the failures."""
-        if rows.num_rows:
-            staged = self.work / f"part-{index:06d}.staged"
-            store.write_atomic(rows, staged)
-            os.replace(staged, self.root / PART.format(index))
-            store.fsync_dir(self.root)
-        if errors:
-            store.write_atomic(store.errors_table(errors), self.work / f"part-{index:06d}.errors.parquet")
-
-    def merge_errors(self, out_file: Path) -> int:
-        """All recorded failures of images that have no row, in one file beside the folder."""
-        done = self.done_paths()
-        failures: dict[str, dict] = {}
-        for f in self.error_parts():
-            for record in pq.read_table(f).to_pylist():
-                if record["path"] not in done:
-                    failures[record["path"]] = record
-        if failures:
-            store.write_atomic(store.errors_table(sorted(failures.values(), key=lambda r: r["path"])), out_file)
-        elif out_file.exists():
-            out_file.unlink()
-        return len(failures)
 
 
 # -- the job -----------------------------------------------------------------------------------
@@ -295,6 +198,7 @@ def extract_ray(
     shard: str | tuple[int, int] | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    wait: bool = False,
     **settings,
 ) -> ExtractResult:
     """Describe every image under `paths` on a Ray cluster into the Parquet folder `output`.
@@ -306,7 +210,7 @@ def extract_ray(
     if isinstance(paths, (str, Path)):
         paths = [paths]
     config = (config or ExtractConfig()).replace(**settings) if settings else (config or ExtractConfig())
-    folder = _output_folder(output)
+    folder = _output_folder(output, wait)
     items = discover(list(paths))
     if not items:
         raise BadInput(f"no images found under {', '.join(map(str, paths))}; check the PATH")
@@ -314,15 +218,16 @@ def extract_ray(
         items = take_shard(items, shard)
 
     ray = _import_ray()
-    started = _connect(ray, address)
-    try:
-        return _run(ray, items, folder, config, actors, overwrite, progress, t0)
-    finally:
-        if started:
-            ray.shutdown()
+    with folder:  # the same lock a local run on this -o takes
+        started = _connect(ray, address)
+        try:
+            return _run(ray, items, folder, config, actors, overwrite, progress, t0)
+        finally:
+            if started:
+                ray.shutdown()
 
 
-def _output_folder(output) -> Folder:
+def _output_folder(output, wait: bool) -> store.DatasetFolder:
     root = Path(output).expanduser()
     if root.is_file():
         raise BadInput(
@@ -330,44 +235,23 @@ def _output_folder(output) -> Folder:
         )
     if not root.parent.is_dir():
         raise MissingData(f"-o {root}: folder {root.parent} does not exist; create it first")
-    return Folder(root)
+    return store.DatasetFolder(root, wait=wait)
 
 
-def _run(ray, items, folder: Folder, config, actors, overwrite, progress, t0) -> ExtractResult:
+def _run(ray, items, folder: store.DatasetFolder, config, actors, overwrite, progress, t0) -> ExtractResult:
     device, n_actors, actor_resources, threads = _actor_plan(ray, config, actors)
     config = _pin_precision(ray, config, device, actor_resources)
     prov = provenance(config, torch.device(device))
 
-    if folder.root.is_dir():
-        foreign = folder.foreign()
-        if foreign:
-            raise BadInput(
-                f"-o {folder.root} holds files featx did not write ({', '.join(foreign[:3])}); "
-                f"choose a new or empty folder"
-            )
-        old = folder.provenance()
-        if overwrite:
-            folder.clear()
-        elif old is not None and old.get("settings_hash") != prov["settings_hash"]:
-            raise SettingsMismatch(
-                f"{folder.root} holds features with other settings ({differing(old, prov)}); "
-                f"pass --overwrite to replace them, or choose another -o"
-            )
-        elif old is None and folder.parts():
-            raise BadInput(f"{folder.root} has parts but no {WORK}/settings.json; pass --overwrite")
+    todo_paths = set(folder.begin(prov, {it.path: it.file for it in items}, overwrite))
+    todo = [it for it in items if it.path in todo_paths]
+    if folder.up_to_date:
+        return ExtractResult(folder.target, folder.rows(), 0, 0, time.perf_counter() - t0, prov["settings_hash"])
     try:
-        folder.start(prov)
+        first = folder.next_index()
     except OSError as e:
-        raise BadInput(f"cannot write in {folder.root} ({e.strerror}); choose a writable -o") from None
-    # Failures are retried on every run, as the local engine retries them: the errors file is
-    # rebuilt from this run's records.
-    for f in folder.error_parts() + list(folder.work.glob("*.staged*")):
-        f.unlink()
-
-    done = folder.done_paths()
-    todo = [it for it in items if it.path not in done]
+        raise BadInput(f"cannot write in {folder.target} ({e.strerror}); choose a writable -o") from None
     size = max(1, min(config.rows_per_group, math.ceil(len(todo) / (PARTS_PER_ACTOR * n_actors))))
-    first = folder.next_index()
     parts = [(first + i, todo[s : s + size]) for i, s in enumerate(range(0, len(todo), size))]
 
     stage_seconds = dict.fromkeys(STAGES, 0.0)
@@ -383,7 +267,7 @@ def _run(ray, items, folder: Folder, config, actors, overwrite, progress, t0) ->
                 for row in ds.iter_rows():
                     result = pickle.loads(row["result"])
                     t = time.perf_counter()
-                    folder.publish(int(row["part"]), result["rows"], result["errors"])
+                    folder.add(result["rows"], result["errors"], index=int(row["part"]))
                     stage_seconds["write"] += time.perf_counter() - t
                     for stage, s in result["seconds"].items():
                         stage_seconds[stage] += s
@@ -392,14 +276,18 @@ def _run(ray, items, folder: Folder, config, actors, overwrite, progress, t0) ->
         except KeyboardInterrupt:
             interrupted = True
         except OSError as e:
-            raise BadInput(f"cannot write {folder.root} ({e.strerror or e}); check the -o folder") from None
+            raise BadInput(f"cannot write {folder.target} ({e.strerror or e}); check the -o folder") from None
 
-    errors_file = store.errors_path(folder.root)
-    failures = folder.merge_errors(errors_file)
+    if interrupted:
+        return ExtractResult(folder.target, folder.rows(), new_rows, 0, time.perf_counter() - t0,
+                             prov["settings_hash"], interrupted=True, stage_seconds=stage_seconds)
+    try:
+        done = folder.finish()
+    except OSError as e:
+        raise BadInput(f"cannot write {folder.target} ({e.strerror or e}); check the -o folder") from None
     return ExtractResult(
-        folder.root, folder.rows(), new_rows, failures, time.perf_counter() - t0, prov["settings_hash"],
-        errors_file=errors_file if errors_file.exists() else None, interrupted=interrupted,
-        stage_seconds=stage_seconds,
+        folder.target, done.rows, new_rows, done.failures, time.perf_counter() - t0, prov["settings_hash"],
+        errors_file=done.errors_file, stage_seconds=stage_seconds, changes=done.changes,
     )
 
 

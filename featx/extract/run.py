@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from featx import store
-from featx.errors import BadInput, MissingData, SettingsMismatch
+from featx.errors import BadInput, MissingData
 from featx.extract.config import ExtractConfig
 from featx.extract.decode import Decoded, ImageError
-from featx.extract.describer import differing, make_describer, provenance
+from featx.extract.describer import make_describer, provenance
 from featx.extract.descriptor import DenseDescriber
 from featx.extract.discover import Item, discover
 from featx.extract.live import progress_bar, sigterm_as_interrupt
@@ -52,6 +51,7 @@ class ExtractResult:
     errors_file: Path | None = None
     interrupted: bool = False
     stage_seconds: dict = field(default_factory=dict)
+    changes: store.Changes | None = None  # added, replaced, dropped against OUT before the run
 
     @property
     def images_per_second(self) -> float:
@@ -68,7 +68,8 @@ class _Tally:
 class Run:
     """One extraction job: decides what to resume, runs the stages, finalises the output."""
 
-    def __init__(self, paths, output, config: ExtractConfig, overwrite: bool, progress: bool, shard=None):
+    def __init__(self, paths, output, config: ExtractConfig, overwrite: bool, progress: bool, shard=None,
+                 wait: bool = False):
         self.config, self.overwrite, self.show_progress = config, overwrite, progress
         self.out = Path(output).expanduser()
         if self.out.is_dir():
@@ -80,50 +81,16 @@ class Run:
             raise BadInput(f"no images found under {', '.join(map(str, paths))}; check the PATH")
         if shard is not None:
             self.items = take_shard(self.items, shard)
-        self.pieces = store.Pieces(self.out)
+        self.output = store.SingleFile(self.out, wait=wait)
         self.stage_seconds = dict.fromkeys(STAGES, 0.0)
         self._advance: Callable[[float], None] = lambda n: None
         self._lock = threading.Lock()
 
     # -- plan: what exists, what is left -------------------------------------------------
     def plan(self, prov: dict) -> list[Item]:
-        """The images still to describe; refuses existing work made with other settings."""
-        done = self._check_existing(prov)
-        return [it for it in self.items if it.path not in done]
-
-    def _check_existing(self, prov: dict) -> set[str]:
-        done: set[str] = set()
-        if self.overwrite:
-            self.pieces.remove()
-            return done
-        if self.out.exists():
-            old = store.read_provenance(self.out)
-            if old.get("settings_hash") != prov["settings_hash"]:
-                raise SettingsMismatch(
-                    f"{self.out} holds features with other settings ({differing(old, prov)}); "
-                    f"pass --overwrite to replace it, or choose another -o"
-                )
-            done.update(store.iter_paths(self.out))
-        if self.pieces.folder.exists():
-            if not self.pieces.exists():
-                self.pieces.remove()  # killed before its first piece: nothing to keep
-            else:
-                old = self.pieces.provenance()
-                if old.get("settings_hash") != prov["settings_hash"]:
-                    raise SettingsMismatch(
-                        f"{self.pieces.folder} holds an unfinished run with other settings "
-                        f"({differing(old, prov)}); rerun with its settings to finish it, or pass --overwrite"
-                    )
-                done.update(self.pieces.done_paths())
-        return done
-
-    def _writable(self) -> None:
-        probe = self.out.with_name(f".{self.out.name}.featx-probe")
-        try:
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise BadInput(f"cannot write in {self.out.parent} ({e.strerror}); choose a writable -o") from None
+        """The images still to describe (new or changed since); refuses other settings."""
+        todo = set(self.output.begin(prov, {it.path: it.file for it in self.items}, self.overwrite))
+        return [it for it in self.items if it.path in todo]
 
     # -- describe: decode ahead of the net, one piece per row group ----------------------
     def _decode(self, item: Item) -> Decoded | ImageError:
@@ -171,7 +138,7 @@ class Run:
             rows = group_rows(schema, group, features, failed)
             self.stage_seconds["aggregate"] += time.perf_counter() - t
         t = time.perf_counter()
-        self.pieces.add(rows, errors)
+        self.output.add(rows, errors)
         self.stage_seconds["write"] += time.perf_counter() - t
         return 0 if rows is None else rows.num_rows
 
@@ -205,44 +172,41 @@ class Run:
             raise disk_error(e, self.out) from None
         return tally
 
-    # -- finish: the pieces (and a resumed OUT) merged into OUT atomically ---------------
-    def finish(self, schema: pa.Schema) -> tuple[int, int]:
+    # -- finish: the pieces (and what still holds of OUT) merged into OUT atomically ------
+    def finish(self, schema: pa.Schema) -> store.Finished:
         t = time.perf_counter()
-        sources = ([self.out] if self.out.exists() and not self.overwrite else []) + self.pieces.row_files()
         try:
-            rows, n_errors = store.merge(self.out, schema, sources, self.pieces.error_files())
+            finished = self.output.finish(schema)
         except OSError as e:
             raise disk_error(e, self.out) from None
-        self.pieces.remove()
         self.stage_seconds["write"] += time.perf_counter() - t
-        return rows, n_errors
+        return finished
 
     # -- the job -------------------------------------------------------------------------
     def run(self) -> ExtractResult:
+        with self.output:  # one writer per OUT: store.Locked names the holder
+            return self._run()
+
+    def _run(self) -> ExtractResult:
         cfg = self.config
         t0 = time.perf_counter()
         device = resolve_device(cfg.device)
         prov = provenance(cfg, device)
         todo = self.plan(prov)
-        if not todo and not self.pieces.exists():
-            rows = pq.ParquetFile(self.out).metadata.num_rows
-            return ExtractResult(self.out, rows, 0, 0, time.perf_counter() - t0, prov["settings_hash"])
-        self._writable()
+        if self.output.up_to_date:
+            return ExtractResult(self.out, self.output.rows(), 0, 0, time.perf_counter() - t0, prov["settings_hash"])
         schema = store.feature_schema(cfg.dim, prov)
         tally = _Tally()
         if todo:
             describer = make_describer(cfg, device)
-            if not self.pieces.exists():
-                self.pieces.start(prov)
             tally = self.describe_all(todo, describer, schema)
         if tally.interrupted:
             return ExtractResult(self.out, 0, tally.new_rows, tally.failures, time.perf_counter() - t0,
                                  prov["settings_hash"], interrupted=True, stage_seconds=self.stage_seconds)
-        rows, n_errors = self.finish(schema)
-        err = store.errors_path(self.out)
+        done = self.finish(schema)
         return ExtractResult(
-            self.out, rows, tally.new_rows, n_errors, time.perf_counter() - t0, prov["settings_hash"],
-            errors_file=err if err.exists() else None, stage_seconds=self.stage_seconds,
+            self.out, done.rows, tally.new_rows, done.failures, time.perf_counter() - t0, prov["settings_hash"],
+            errors_file=done.errors_file, stage_seconds=self.stage_seconds, changes=done.changes,
         )
 
 
@@ -262,16 +226,18 @@ def extract_features(
     overwrite: bool = False,
     progress: bool = False,
     shard: str | tuple[int, int] | None = None,
+    wait: bool = False,
     **settings,
 ) -> ExtractResult:
     """Describe every image under `paths` and write the features to `output` (Parquet).
 
     Settings are an ExtractConfig or keyword arguments of one (model="vgg16", scales=(256,),
-    ...). An existing `output` with the same settings is resumed; other settings are refused
-    unless `overwrite`. `shard="K/N"` keeps only shard K of N (featx.extract.shard: by path hash).
+    ...). An existing `output` with the same settings is resumed (new and changed images are
+    described, removed ones dropped); other settings are refused unless `overwrite`. Another
+    process writing `output` makes this call raise Locked, or wait for it if `wait`. `shard="K/N"` keeps only shard K of N (featx.extract.shard: by path hash).
     Paper: arXiv 1409.1556, Appendix B.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     config = (config or ExtractConfig()).replace(**settings) if settings else (config or ExtractConfig())
-    return Run(list(paths), output, config, overwrite, progress, shard).run()
+    return Run(list(paths), output, config, overwrite, progress, shard, wait).run()

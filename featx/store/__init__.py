@@ -1,10 +1,22 @@
-"""Storage: the Parquet schema and provenance, atomic pieces and resume, readers.
+"""Storage: the Parquet schema and provenance, one locked and resumable output, readers.
 
-Both engines (local and Ray) write through this package; downstream code reads through it.
+Both engines (local and Ray) write through `output` (a single file or a dataset folder);
+downstream code reads through `read`.
 """
 
-from featx.store.atomic import fsync_dir, write_atomic
-from featx.store.pieces import Pieces, merge, partial_dir
+from featx.store.atomic import fsync_dir, write_atomic, write_json
+from featx.store.lock import OutputLock
+from featx.store.output import (
+    STAT_COLUMNS,
+    Changes,
+    DatasetFolder,
+    Finished,
+    Output,
+    SingleFile,
+    partial_dir,
+    read_last_run,
+    with_stats,
+)
 from featx.store.read import (
     feature_files,
     feature_matrix,
@@ -18,6 +30,7 @@ from featx.store.schema import (
     ERROR_COLUMNS,
     ERROR_SCHEMA,
     METADATA_KEY,
+    differing,
     errors_path,
     errors_table,
     feature_schema,
@@ -25,8 +38,9 @@ from featx.store.schema import (
 )
 
 __all__ = [
-    "ERROR_COLUMNS", "ERROR_SCHEMA", "METADATA_KEY", "Pieces", "errors_path", "errors_table",
+    "ERROR_COLUMNS", "ERROR_SCHEMA", "METADATA_KEY", "STAT_COLUMNS", "Changes", "DatasetFolder",
+    "Finished", "Output", "OutputLock", "SingleFile", "differing", "errors_path", "errors_table",
     "feature_files", "feature_matrix", "feature_schema", "fsync_dir", "iter_paths", "load_xy",
-    "merge", "partial_dir", "read_features", "read_provenance", "read_table", "rows_table",
-    "write_atomic",
+    "partial_dir", "read_features", "read_last_run", "read_provenance", "read_table", "rows_table",
+    "with_stats", "write_atomic", "write_json",
 ]

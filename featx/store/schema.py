@@ -50,6 +50,13 @@ def rows_table(schema: pa.Schema, paths, labels, widths, heights, features: np.n
     )
 
 
+def differing(old: dict, new: dict) -> str:
+    """Name the descriptor settings in which two provenances differ, for a refusal message."""
+    a, b = old.get("settings", {}), new["settings"]
+    diffs = [f"{k}={a.get(k)!r} there, {b.get(k)!r} now" for k in b if a.get(k) != b.get(k)]
+    return "; ".join(diffs) or "settings hash differs"
+
+
 def errors_table(records: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{c: r[c] for c in ERROR_COLUMNS} for r in records], ERROR_SCHEMA)
 

@@ -40,12 +40,15 @@ def reference(folder, tmp_path_factory):
 
 def test_one_row_per_image_with_labels_and_sizes(reference, folder):
     df = featx.read_features(reference)
-    assert list(df.columns) == ["path", "label", "width", "height", "feature"]
+    assert list(df.columns) == ["path", "label", "width", "height", "feature", "file_size", "file_mtime_ns"]
     assert len(df) == 10
     assert df["path"].tolist() == sorted(df["path"])
     assert (df["label"] == df["path"].str.split("/").str[0]).all()
     row = df.set_index("path").loc["dogs/img_005.jpg"]
     assert (row["width"], row["height"]) == (240, 320)
+    # Each row records the size and mtime of the file it was described from (for resume).
+    st = (folder / "dogs" / "img_005.jpg").stat()
+    assert (row["file_size"], row["file_mtime_ns"]) == (st.st_size, st.st_mtime_ns)
     norms = np.linalg.norm(np.stack(df["feature"]), axis=1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
 

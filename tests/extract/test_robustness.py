@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -192,17 +193,18 @@ def test_kill_during_finalisation_states_resume_cleanly(kill_input, tmp_path):
     out.unlink()
     pieces_dir = store.partial_dir(out)
     pieces_dir.mkdir()
-    store.Pieces(out).start(featx.read_provenance(clean))
+    store.write_json(featx.read_provenance(clean), pieces_dir / "settings.json")
     table = pq.read_table(clean)
     for i in range(0, table.num_rows, 5):
         store.write_atomic(table.slice(i, 5), pieces_dir / f"rows-{i:06d}.parquet")
-    (pieces_dir / "final.parquet.tmp").write_bytes(b"PAR1 half a file")
+    (pieces_dir / ".final.parquet.123-abc.tmp").write_bytes(b"PAR1 half a file")
     result = featx.extract_features(inp, out, rows_per_group=2, **SETTINGS)
     assert (result.new_rows, result.rows) == (0, N_KILL)
     assert_same_rows(clean, out)
     assert not pieces_dir.exists()
     # State 2: killed after the rename, before the pieces were removed: no duplicates.
-    store.Pieces(out).start(featx.read_provenance(clean))
+    pieces_dir.mkdir()
+    store.write_json(featx.read_provenance(clean), pieces_dir / "settings.json")
     store.write_atomic(table.slice(0, 5), pieces_dir / "rows-000000.parquet")
     result = featx.extract_features(inp, out, rows_per_group=2, **SETTINGS)
     assert result.rows == N_KILL
@@ -228,12 +230,14 @@ def test_ctrl_c_stops_cleanly_keeps_work_and_says_how_to_resume(kill_input, tmp_
 def test_changed_settings_refused_for_unfinished_run_too(kill_input, tmp_path):
     inp, _ = kill_input
     out = tmp_path / "f.parquet"
-    store.Pieces(out).start({"settings_hash": "0" * 16, "settings": {"model": "vgg16"}})
+    store.partial_dir(out).mkdir()
+    state = store.partial_dir(out) / "settings.json"
+    store.write_json({"settings_hash": "0" * 16, "settings": {"model": "vgg16"}}, state)
     for change, name in [({"model": "vgg13"}, "model"), ({"scales": (256,)}, "scales"),
                          ({"precision": "bf16"}, "precision"), ({"aggregate": "stack"}, "aggregate")]:
         with pytest.raises(ValueError, match=f"{name}=.*--overwrite"):
             featx.extract_features(inp, out, **(SETTINGS | change))
-    assert store.Pieces(out).provenance()["settings_hash"] == "0" * 16
+    assert json.loads(state.read_text())["settings_hash"] == "0" * 16
 
 
 # -- the environment fails -----------------------------------------------------------------

@@ -50,7 +50,7 @@ def one(feats):
 def test_pyarrow_reads_fixed_size_lists_and_provenance(one):
     table = pq.read_table(one)
     assert table.schema.field("feature").type == pa.list_(pa.float32(), DIM)
-    assert table.column_names == ["path", "label", "width", "height", "feature"]
+    assert table.column_names == ["path", "label", "width", "height", "feature", "file_size", "file_mtime_ns"]
     assert featx.read_provenance(one)["settings"]["layer"] == "pool5"
     flat = table.column("feature").combine_chunks().flatten().to_numpy()
     X, _ = featx.load_xy(one)
@@ -67,7 +67,7 @@ def test_pandas_reads_one_array_per_row(one):
 
 def test_read_features_file_folder_columns_filters(feats, one):
     df = featx.read_features(one)
-    assert list(df.columns) == ["path", "label", "width", "height", "feature"]
+    assert list(df.columns) == ["path", "label", "width", "height", "feature", "file_size", "file_mtime_ns"]
     assert df["feature"][0].dtype == np.float32 and df["feature"][0].shape == (DIM,)
     # A folder: every feature file in it, never the errors files beside them.
     both = featx.read_features(feats)

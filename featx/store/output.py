@@ -1,0 +1,531 @@
+"""One output of a run, locked and resumable: a single Parquet file or a dataset folder.
+
+Both engines write through an Output, so resume, the settings check, locking and durable
+writes exist once:
+
+    with SingleFile(out) as output:                       # or DatasetFolder(out); Locked if taken
+        todo = output.begin(provenance, files, overwrite)  # refuses other settings; what is left
+        output.add(rows, errors)                           # one piece, atomically and durably
+        finished = output.finish(schema)                   # the complete output, what changed
+
+Resume is a fresh run over the images as they are now. Each row records its file's size and
+mtime (`file_size`, `file_mtime_ns`): an image changed since is described again and replaces
+its row, an image gone since loses its row, a moved one is both. An interrupted run resumes
+with the command it was started with: its state records whether it began as an --overwrite,
+which discards what existed before the run, once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from featx.errors import BadInput, SettingsMismatch
+from featx.store import atomic
+from featx.store.lock import OutputLock
+from featx.store.schema import (
+    ERROR_COLUMNS,
+    differing,
+    errors_path,
+    errors_table,
+)
+
+log = logging.getLogger("featx")
+
+STAT_COLUMNS = ("file_size", "file_mtime_ns")
+LAST_RUN_KEY = b"featx.last_run"
+STATE = "settings.json"
+# The dataset folder's own bookkeeping; the leading "_" hides it from pyarrow/pandas/Spark.
+WORK = "_featx"
+
+Stat = tuple[int, int]
+
+
+def file_stats(files: Mapping[str, Path]) -> dict[str, Stat]:
+    """(size, mtime in ns) of each image, by the path recorded in its row."""
+    stats: dict[str, Stat] = {}
+    for path, file in files.items():
+        try:
+            st = os.stat(file)
+            stats[path] = (st.st_size, st.st_mtime_ns)
+        except OSError:  # gone since discovery: its decode fails and is recorded as such
+            stats[path] = (-1, -1)
+    return stats
+
+
+def with_stats(schema: pa.Schema) -> pa.Schema:
+    """The feature schema plus where each row came from: its file's size and mtime (ns)."""
+    for name in STAT_COLUMNS:
+        if name not in schema.names:
+            schema = schema.append(pa.field(name, pa.int64(), nullable=False))
+    return schema
+
+
+def _stamp(table: pa.Table, stats: Mapping[str, Stat]) -> pa.Table:
+    """`table` with its stat columns set from `stats`, by path."""
+    table = table.drop_columns([c for c in STAT_COLUMNS if c in table.column_names])
+    recorded = [stats[p] for p in table.column("path").to_pylist()]
+    for i, name in enumerate(STAT_COLUMNS):
+        table = table.append_column(pa.field(name, pa.int64(), nullable=False),
+                                    pa.array([s[i] for s in recorded], pa.int64()))
+    return table
+
+
+def _recorded(source: Path, stats: Mapping[str, Stat]) -> list[tuple[str, Stat | None]]:
+    """(path, recorded stat) of each row of `source`, in order.
+
+    Files written before featx recorded stats are trusted by path (their stat is taken as now).
+    """
+    names = pq.read_schema(source).names
+    if all(c in names for c in STAT_COLUMNS):
+        t = pq.read_table(source, columns=["path", *STAT_COLUMNS])
+        return list(zip(t.column("path").to_pylist(),
+                        zip(t.column(STAT_COLUMNS[0]).to_pylist(), t.column(STAT_COLUMNS[1]).to_pylist())))
+    paths = pq.read_table(source, columns=["path"]).column("path").to_pylist()
+    return [(p, stats.get(p)) for p in paths]
+
+
+@dataclass
+class Changes:
+    """What a run did to the output, against what it held before the run."""
+
+    added: int = 0
+    replaced: int = 0
+    dropped: int = 0
+
+    @classmethod
+    def between(cls, before: set[str], after: set[str], computed: set[str]) -> Changes:
+        return cls(len(after - before), len(after & before & computed), len(before - after))
+
+    def record(self) -> dict:
+        return asdict(self) | {"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+@dataclass
+class Finished:
+    rows: int
+    failures: int
+    changes: Changes
+    errors_file: Path | None
+
+
+class Output:
+    """What both flavours share: the lock, the run's state, the settings check, the plan."""
+
+    def __init__(self, target: str | Path, wait: bool = False):
+        self.target = Path(target).expanduser()
+        self.lock = OutputLock(self.target, wait)
+        # Piece names carry this token: unique per process and run, whatever the counters say.
+        self.token = f"{os.getpid():x}{secrets.token_hex(3)}"
+        self.stats: dict[str, Stat] = {}
+        self.provenance: dict = {}
+        self.overwrite = self.resume = self.started = False
+        self.up_to_date = False
+        self._index = 0
+
+    # -- what a flavour says about itself ------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / STATE
+
+    def _check_target(self) -> None: ...
+
+    def _complete_provenance(self) -> dict | None:
+        raise NotImplementedError
+
+    def _unfinished(self) -> dict | None:
+        raise NotImplementedError
+
+    def _done_sources(self) -> list[Path]:
+        raise NotImplementedError
+
+    def _row_piece(self, index: int) -> Path:
+        raise NotImplementedError
+
+    def _error_piece(self, index: int) -> Path:
+        raise NotImplementedError
+
+    def _discard(self) -> None:
+        raise NotImplementedError
+
+    def pieces(self) -> list[Path]:
+        raise NotImplementedError
+
+    def error_pieces(self) -> list[Path]:
+        raise NotImplementedError
+
+    # -- the lock ------------------------------------------------------------------------
+    def __enter__(self) -> Output:
+        self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    # -- plan: what exists, whose settings, what is left ---------------------------------
+    def read_state(self) -> dict | None:
+        if not self.state_file.is_file():
+            return None
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BadInput(f"{self.state_file} is unreadable ({e}); pass --overwrite to start over") from None
+
+    def begin(self, provenance: dict, files: Mapping[str, Path], overwrite: bool = False) -> list[str]:
+        """The paths still to describe; refuses existing work made with other settings.
+
+        Reads only: nothing is written before the first piece (or `finish`).
+        """
+        self._check_target()
+        self.provenance = provenance
+        self.stats = file_stats(files)
+        state = self._unfinished()
+        if state is not None:
+            same = state.get("settings_hash") == provenance["settings_hash"]
+            began_as_overwrite = bool(state.get("run", {}).get("overwrite"))
+            if same and (began_as_overwrite or not overwrite):
+                self.resume, self.overwrite = True, began_as_overwrite
+                if began_as_overwrite and not overwrite:
+                    log.info(f"resuming the interrupted --overwrite run of {self.target}")
+            elif overwrite:
+                self.overwrite = True
+            else:
+                raise SettingsMismatch(
+                    f"{self.state_dir} holds an unfinished run with other settings "
+                    f"({differing(state, provenance)}); rerun with its settings to finish it, or pass --overwrite"
+                )
+        else:
+            self.overwrite = overwrite
+        if not self.overwrite:
+            old = self._complete_provenance()
+            if old is not None and old.get("settings_hash") != provenance["settings_hash"]:
+                raise SettingsMismatch(
+                    f"{self.target} holds features with other settings ({differing(old, provenance)}); "
+                    f"pass --overwrite to replace it, or choose another -o"
+                )
+        done: set[str] = set()
+        stale = False
+        for source in self._done_sources():
+            for path, stat in _recorded(source, self.stats):
+                if self.stats.get(path) == stat:
+                    done.add(path)
+                elif not source.name.startswith("errors-") and not source.name.endswith(".errors.parquet"):
+                    stale = True
+        todo = [p for p in files if p not in done]
+        self.up_to_date = not (todo or stale or self.resume or self.overwrite)
+        return todo
+
+    # -- add: one piece at a time, each complete or absent -------------------------------
+    def _start(self) -> None:
+        """Record the run's state (settings, --overwrite) before its first piece."""
+        if self.started:
+            return
+        self.started = True
+        atomic.make_dir(self.state_dir)
+        for leftover in [*self.state_dir.glob(".*.tmp"), *self.target.parent.glob(f".{self.target.name}.*.tmp")]:
+            leftover.unlink(missing_ok=True)  # a killed run's temporaries; we hold the lock
+        if not self.resume:
+            self._discard()
+            atomic.make_dir(self.state_dir)
+            run = {"overwrite": self.overwrite, "started": time.time()} | self._run_state()
+            atomic.write_json(self.provenance | {"run": run}, self.state_file)
+        existing = [int(m.group(1)) for p in self.pieces() + self.error_pieces()
+                    if (m := re.search(r"-(\d{6})", p.name))]
+        self._index = max(existing, default=-1) + 1
+
+    def _run_state(self) -> dict:
+        return {}
+
+    def next_index(self) -> int:
+        """The first free piece number (call after `begin`)."""
+        self._start()
+        return self._index
+
+    def add(self, rows: pa.Table | None, errors: list[dict], index: int | None = None) -> None:
+        """Persist one row group (and its failures) as a piece, each file complete or absent."""
+        self._start()
+        if index is None:
+            index = self._index
+        self._index = max(self._index, index + 1)
+        # Rows first, errors second: a crash in between only costs a retry of the failures.
+        if rows is not None and rows.num_rows:
+            atomic.write_atomic(_stamp(rows, self.stats), self._row_piece(index))
+        if errors:
+            atomic.write_atomic(_stamp(errors_table(errors), self.stats), self._error_piece(index))
+
+    # -- finish --------------------------------------------------------------------------
+    def _failures(self, have_rows: set[str]) -> list[dict]:
+        """This run's failures of current images that have no row, one per path."""
+        failures: dict[str, dict] = {}
+        for source in self.error_pieces():
+            for record in pq.read_table(source).to_pylist():
+                path = record["path"]
+                stat = (record.get(STAT_COLUMNS[0]), record.get(STAT_COLUMNS[1]))
+                if path in self.stats and path not in have_rows and (
+                    stat == self.stats[path] or stat == (None, None)
+                ):
+                    failures[path] = {c: record[c] for c in ERROR_COLUMNS}
+        return sorted(failures.values(), key=lambda r: r["path"])
+
+    def _write_errors(self, failures: list[dict], out: Path) -> None:
+        if failures:
+            atomic.write_atomic(errors_table(failures), out)
+        elif out.exists():
+            out.unlink()
+            atomic.fsync_dir(out.parent)
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+class SingleFile(Output):
+    """One Parquet file OUT; an unfinished run keeps its pieces in `OUT.partial/`.
+
+    At the end the pieces (and the rows of OUT that still hold) are merged into OUT through a
+    temporary file and an atomic rename: OUT is always the previous complete file or the new one.
+    """
+
+    @property
+    def state_dir(self) -> Path:
+        return partial_dir(self.target)
+
+    def _check_target(self) -> None:
+        if self.target.is_dir():
+            raise BadInput(f"-o {self.target} is a folder; give a file name such as {self.target / 'features.parquet'}")
+
+    def _complete_provenance(self) -> dict | None:
+        if not self.target.exists():
+            return None
+        from featx.store.read import read_provenance
+
+        return read_provenance(self.target)
+
+    def _unfinished(self) -> dict | None:
+        if self.state_dir.exists() and not self.state_file.is_file():
+            shutil.rmtree(self.state_dir, ignore_errors=True)  # killed before its state: nothing to keep
+        return self.read_state()
+
+    def pieces(self) -> list[Path]:
+        return sorted(self.state_dir.glob("rows-*.parquet"))
+
+    def error_pieces(self) -> list[Path]:
+        return sorted(self.state_dir.glob("errors-*.parquet"))
+
+    def _old(self) -> list[Path]:
+        return [self.target] if self.target.exists() and not self.overwrite else []
+
+    def _done_sources(self) -> list[Path]:
+        return self._old() + (self.pieces() + self.error_pieces() if self.resume else [])
+
+    def _row_piece(self, index: int) -> Path:
+        return self.state_dir / f"rows-{index:06d}-{self.token}.parquet"
+
+    def _error_piece(self, index: int) -> Path:
+        return self.state_dir / f"errors-{index:06d}-{self.token}.parquet"
+
+    def _discard(self) -> None:
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def remove_state(self) -> None:
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def rows(self) -> int:
+        return pq.ParquetFile(self.target).metadata.num_rows
+
+    def finish(self, schema: pa.Schema) -> Finished:
+        """Merge the pieces and OUT's rows that still hold into OUT, atomically; drop the state.
+
+        Memory stays at one row group at a time (plus the paths).
+        """
+        self._start()
+        old = self._old()
+        sources = self.pieces() + old  # this run's rows first: they win over OUT's
+        owner: dict[str, int] = {}
+        for i, source in enumerate(sources):
+            for path, stat in _recorded(source, self.stats):
+                if self.stats.get(path) == stat:
+                    owner.setdefault(path, i)
+        before = {p for p, _ in _recorded(self.target, self.stats)} if self.target.exists() else set()
+        computed = {p for p, i in owner.items() if sources[i] not in old}
+        changes = Changes.between(before, set(owner), computed)
+        schema = with_stats(schema).with_metadata(
+            (schema.metadata or {}) | {LAST_RUN_KEY: json.dumps(changes.record())}
+        )
+        names = [n for n in schema.names if n not in STAT_COLUMNS]
+        tmp = atomic.temporary(self.state_dir / "final.parquet")
+        rows = 0
+        try:
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for i, source in enumerate(sources):
+                    pf = pq.ParquetFile(source)
+                    for g in range(pf.num_row_groups):
+                        table = pf.read_row_group(g)
+                        keep = [owner.get(p) == i for p in table.column("path").to_pylist()]
+                        if not all(keep):
+                            table = table.filter(pa.array(keep))
+                        if table.num_rows:
+                            writer.write_table(_stamp(table.select(names), self.stats).cast(schema))
+                            rows += table.num_rows
+            atomic.fsync_file(tmp)
+            failures = self._failures(set(owner))
+            if rows:
+                atomic.publish(tmp, self.target)
+            elif self.target.exists():
+                self.target.unlink()  # every image gone or failing: no rows is the truth now
+                atomic.fsync_dir(self.target.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        err = errors_path(self.target)
+        self._write_errors(failures, err)
+        self.remove_state()
+        return Finished(rows, len(failures), changes, err if failures else None)
+
+
+PART = re.compile(r"part-\d{6}(-[0-9a-f]+)?\.parquet")
+
+
+class DatasetFolder(Output):
+    """A Parquet dataset folder: `part-NNNNNN-TOKEN.parquet` rows, `_featx/` settings and errors.
+
+    Each part appears complete or not at all; the folder's failures are listed in
+    `FOLDER.errors.parquet` beside it.
+    """
+
+    @property
+    def state_dir(self) -> Path:
+        return self.target / WORK
+
+    def _check_target(self) -> None:
+        if self.target.is_file():
+            raise BadInput(
+                f"-o {self.target} is a file; --engine ray writes a folder of Parquet parts, "
+                f"give e.g. {self.target.with_suffix('')}"
+            )
+        if not self.target.is_dir():
+            return
+        foreign = sorted(
+            p.name for p in self.target.iterdir()
+            if p.name != WORK and not p.name.startswith(".") and not PART.fullmatch(p.name)
+        )
+        if foreign:
+            raise BadInput(
+                f"-o {self.target} holds files featx did not write ({', '.join(foreign[:3])}); "
+                f"choose a new or empty folder"
+            )
+
+    def _complete_provenance(self) -> dict | None:
+        state = self.read_state()
+        if state is None and self.pieces():
+            raise BadInput(f"{self.target} has parts but no {WORK}/{STATE}; pass --overwrite")
+        return None if state is None else {k: v for k, v in state.items() if k not in ("run", "last_run")}
+
+    def _unfinished(self) -> dict | None:
+        state = self.read_state()
+        return state if state is not None and "run" in state else None
+
+    def pieces(self) -> list[Path]:
+        return sorted(p for p in self.target.glob("part-*.parquet") if PART.fullmatch(p.name))
+
+    def error_pieces(self) -> list[Path]:
+        return sorted(self.state_dir.glob("part-*.errors.parquet"))
+
+    def _done_sources(self) -> list[Path]:
+        if self.overwrite and not self.resume:
+            return []
+        return self.pieces() + (self.error_pieces() if self.resume else [])
+
+    def _row_piece(self, index: int) -> Path:
+        return self.target / f"part-{index:06d}-{self.token}.parquet"
+
+    def _error_piece(self, index: int) -> Path:
+        return self.state_dir / f"part-{index:06d}-{self.token}.errors.parquet"
+
+    def _run_state(self) -> dict:
+        return {"before": [p.name for p in self.pieces()]}
+
+    def _discard(self) -> None:
+        """A new run: failures are retried; --overwrite drops the parts. Rows gone stale go."""
+        before = set()
+        for part in self.pieces():
+            before.update(p for p, _ in _recorded(part, self.stats))
+        atomic.make_dir(self.state_dir)
+        atomic.write_atomic(pa.table({"path": pa.array(sorted(before), pa.string())}),
+                            self.state_dir / "before.parquet")
+        for f in self.error_pieces():
+            f.unlink()
+        if self.overwrite:
+            for f in self.pieces():
+                f.unlink()
+        self._drop_stale()
+        atomic.fsync_dir(self.target)
+
+    def _drop_stale(self) -> None:
+        """Rewrite each part without the rows of images gone or changed since (or duplicated)."""
+        seen: set[str] = set()
+        for part in self.pieces():
+            recorded = _recorded(part, self.stats)
+            keep = [self.stats.get(p) == s and p not in seen for p, s in recorded]
+            seen.update(p for (p, _), k in zip(recorded, keep) if k)
+            if all(keep):
+                continue
+            if any(keep):
+                atomic.write_atomic(pq.read_table(part).filter(pa.array(keep)), part)
+            else:
+                part.unlink()
+
+    def rows(self) -> int:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.pieces())
+
+    def finish(self, schema: pa.Schema | None = None) -> Finished:
+        """Drop rows gone stale, list the failures beside the folder, record what changed."""
+        self._start()
+        self._drop_stale()
+        state = self.read_state() or {}
+        run = state.get("run", {})
+        before_parts = set(run.get("before", []))
+        before_file = self.state_dir / "before.parquet"
+        before = set(pq.read_table(before_file).column("path").to_pylist()) if before_file.exists() else set()
+        after: set[str] = set()
+        computed: set[str] = set()
+        for part in self.pieces():
+            paths = {p for p, _ in _recorded(part, self.stats)}
+            after |= paths
+            if part.name not in before_parts:
+                computed |= paths
+        changes = Changes.between(before, after, computed)
+        failures = self._failures(after)
+        err = errors_path(self.target)
+        self._write_errors(failures, err)
+        complete = {k: v for k, v in (state or self.provenance).items() if k != "run"}
+        atomic.write_json(complete | {"last_run": changes.record()}, self.state_file)
+        before_file.unlink(missing_ok=True)
+        return Finished(self.rows(), len(failures), changes, err if failures else None)
+
+
+def read_last_run(path: str | Path) -> dict | None:
+    """What the last finished run did to a feature file or folder: added, replaced, dropped."""
+    path = Path(path)
+    if path.is_dir():
+        state = path / WORK / STATE
+        try:
+            return json.loads(state.read_text()).get("last_run") if state.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            return None
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[LAST_RUN_KEY]) if LAST_RUN_KEY in meta else None
