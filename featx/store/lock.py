@@ -49,6 +49,8 @@ class OutputLock:
 
     def acquire(self) -> None:
         try:
+            # filelock reports an unwritable folder as a lock held by someone: ask the OS first.
+            os.close(os.open(lock_path(self.target), os.O_RDWR | os.O_CREAT, 0o644))
             try:
                 self._lock.acquire(timeout=0)
             except Timeout:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -291,22 +292,32 @@ def test_weights_for_another_architecture_or_corrupt(tmp_path, samples):
 @pytest.mark.slow
 def test_sigkill_during_finalisation_keeps_the_previous_file_and_rerun_completes(kill_input, tmp_path):
     """A real kill while the merged file is being written: OUT stays the previous complete file."""
-    inp, clean = kill_input
+    given, clean = kill_input
     out = tmp_path / "f.parquet"
-    # A previous complete output, large enough that merging it takes a moment, holding other images.
+    # A previous complete output, large enough that merging it takes a moment, holding other
+    # images that are still there (hard links of one file: resume keeps only current images).
+    inp = tmp_path / "in"
+    shutil.copytree(given, inp)
+    (inp / "old").mkdir()
+    first = next(given.rglob("*.jpg"))
     prov = featx.read_provenance(clean)
-    schema = store.feature_schema(4096, prov)
+    schema = store.with_stats(store.feature_schema(4096, prov))
     n_old = 6000
+    for i in range(n_old):
+        os.link(first, inp / "old" / f"{i:05d}.jpg")
+    st = first.stat()
     rng = np.random.default_rng(0)
     with pq.ParquetWriter(out, schema) as w:
         for start_row in range(0, n_old, 1000):
             paths = [f"old/{i:05d}.jpg" for i in range(start_row, start_row + 1000)]
-            w.write_table(store.rows_table(schema, paths, ["old"] * 1000, [1] * 1000, [1] * 1000,
-                                           rng.random((1000, 4096), dtype=np.float32)))
+            rows = store.rows_table(store.feature_schema(4096, prov), paths, ["old"] * 1000, [1] * 1000,
+                                    [1] * 1000, rng.random((1000, 4096), dtype=np.float32))
+            rows = rows.append_column("file_size", pa.array([st.st_size] * 1000, pa.int64()))
+            rows = rows.append_column("file_mtime_ns", pa.array([st.st_mtime_ns] * 1000, pa.int64()))
+            w.write_table(rows.cast(schema))
     before = out.stat().st_mtime_ns, out.stat().st_size
     proc = start(inp, out)
-    tmp = store.partial_dir(out) / "final.parquet.tmp"
-    reached = wait_for(tmp.exists, proc, timeout=300)
+    reached = wait_for(lambda: any(store.partial_dir(out).glob(".final.parquet.*.tmp")), proc, timeout=300)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert reached, "the run ended before finalisation could be interrupted"
