@@ -7,6 +7,7 @@ downstream code reads through `read`.
 from featx.store.atomic import fsync_dir, write_atomic, write_json
 from featx.store.lock import OutputLock
 from featx.store.output import (
+    LAST_RUN_KEY,
     STAT_COLUMNS,
     Changes,
     DatasetFolder,
@@ -38,7 +39,7 @@ from featx.store.schema import (
 )
 
 __all__ = [
-    "ERROR_COLUMNS", "ERROR_SCHEMA", "METADATA_KEY", "STAT_COLUMNS", "Changes", "DatasetFolder",
+    "ERROR_COLUMNS", "ERROR_SCHEMA", "LAST_RUN_KEY", "METADATA_KEY", "STAT_COLUMNS", "Changes", "DatasetFolder",
     "Finished", "Output", "OutputLock", "SingleFile", "differing", "errors_path", "errors_table",
     "feature_files", "feature_matrix", "feature_schema", "fsync_dir", "iter_paths", "load_xy",
     "partial_dir", "read_features", "read_last_run", "read_provenance", "read_table", "rows_table",

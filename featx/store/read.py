@@ -17,12 +17,16 @@ from featx.store.schema import METADATA_KEY
 
 
 def feature_files(path: Path) -> list[Path]:
-    """The finished feature files of a folder: no error lists, no pieces of unfinished runs."""
+    """The finished feature files of a folder: no error lists, no pieces of unfinished runs.
+
+    Like pyarrow's dataset discovery, names starting with "." or "_" (a Ray folder's `_featx/`
+    bookkeeping, temporary files) are skipped.
+    """
     files = []
     for p in sorted(path.rglob("*.parquet")):
         rel = p.relative_to(path)
         if p.name.endswith(".errors.parquet") or any(
-            part.startswith(".") or part.endswith(".partial") for part in rel.parts
+            part.startswith((".", "_")) or part.endswith(".partial") for part in rel.parts
         ):
             continue
         files.append(p)

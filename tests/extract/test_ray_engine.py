@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import featx
+from featx import store
 from featx.store import errors_path
 from tests.conftest import write_images
 
@@ -78,9 +79,14 @@ def test_same_schema_and_featx_metadata(local, on_ray):
     parts = sorted(on_ray.output.glob("part-*.parquet"))
     assert len(parts) == 3  # five images in parts of two; the broken one has no row
     expected = pq.read_schema(local.output)
+    # Equal fields and equal metadata, but for the record of what a run did (which run, when):
+    # the local file carries its own; a folder keeps it in _featx/ (store.read_last_run).
+    assert store.LAST_RUN_KEY in expected.metadata
+    expected = expected.with_metadata({k: v for k, v in expected.metadata.items() if k != store.LAST_RUN_KEY})
     for part in parts:
         schema = pq.read_schema(part)
         assert schema.equals(expected, check_metadata=True), part
+    assert store.read_last_run(on_ray.output)["added"] == 5
     assert featx.read_provenance(on_ray.output) == featx.read_provenance(local.output)
     assert on_ray.settings_hash == local.settings_hash
 
