@@ -247,10 +247,7 @@ def _run(ray, items, folder: store.DatasetFolder, config, actors, overwrite, pro
     todo = [it for it in items if it.path in todo_paths]
     if folder.up_to_date:
         return ExtractResult(folder.target, folder.rows(), 0, 0, time.perf_counter() - t0, prov["settings_hash"])
-    try:
-        first = folder.next_index()
-    except OSError as e:
-        raise BadInput(f"cannot write in {folder.target} ({e.strerror}); choose a writable -o") from None
+    first = folder.next_index()
     size = max(1, min(config.rows_per_group, math.ceil(len(todo) / (PARTS_PER_ACTOR * n_actors))))
     parts = [(first + i, todo[s : s + size]) for i, s in enumerate(range(0, len(todo), size))]
 

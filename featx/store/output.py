@@ -244,17 +244,18 @@ class Output:
             atomic.make_dir(self.state_dir)
             run = {"overwrite": self.overwrite, "started": time.time()} | self._run_state()
             atomic.write_json(self.provenance | {"run": run}, self.state_file)
-        existing = [int(m.group(1)) for p in self.pieces() + self.error_pieces()
-                    if (m := re.search(r"-(\d{6})", p.name))]
-        self._index = max(existing, default=-1) + 1
+        self._index = max(self._index, self._free_index())
+
+    def _free_index(self) -> int:
+        taken = [int(m.group(1)) for p in self.pieces() + self.error_pieces() if (m := re.search(r"-(\d{6})", p.name))]
+        return max(taken, default=-1) + 1
 
     def _run_state(self) -> dict:
         return {}
 
     def next_index(self) -> int:
-        """The first free piece number (call after `begin`)."""
-        self._start()
-        return self._index
+        """The first free piece number (after `begin`; the names' token keeps runs apart anyway)."""
+        return max(self._index, self._free_index())
 
     def add(self, rows: pa.Table | None, errors: list[dict], index: int | None = None) -> None:
         """Persist one row group (and its failures) as a piece, each file complete or absent."""
