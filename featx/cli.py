@@ -122,6 +122,7 @@ def extract(
     engine: Annotated[Engine, typer.Option(help="local (this machine) or ray (a Ray cluster; OUTPUT is a folder of Parquet parts).")] = Engine.local,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join, e.g. auto or HEAD:6379 (default: a local Ray).")] = None,
     ray_actors: Annotated[Optional[int], typer.Option(help="Model actors (default: one per GPU; on CPUs, half of the cores).")] = None,
+    regions: Annotated[Optional[Path], typer.Option(help="CSV or Parquet table of boxes (path, x1, y1, x2, y2 in upright pixels, 0-based, x2/y2 exclusive; optional region id): one row per box instead of per image.")] = None,
 ) -> None:
     """Describe every image with the paper's dense multi-scale VGG descriptor; write Parquet."""
     from featx.extract.config import ExtractConfig
@@ -138,12 +139,12 @@ def extract(
         from featx.extract.ray_engine import extract_ray
 
         result = call(extract_ray, paths, output, config, address=ray_address, actors=ray_actors,
-                      shard=shard, overwrite=overwrite, progress=not quiet, wait=wait)
+                      shard=shard, overwrite=overwrite, progress=not quiet, wait=wait, regions=regions)
     elif ray_address or ray_actors:
         fail("--ray-address and --ray-actors need --engine ray")
     else:
         result = call(run_extract, paths, output, config, overwrite=overwrite, progress=not quiet, shard=shard,
-                      wait=wait)
+                      wait=wait, regions=regions)
     if result.interrupted:
         typer.echo(
             f"featx: interrupted after {result.new_rows} new images; they are kept in "

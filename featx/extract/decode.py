@@ -147,3 +147,41 @@ def decode_image(img: Image.Image, scales: tuple[int, ...], bucket: int = 0) -> 
     """An upright RGB image rescaled to every Q in `scales`."""
     tensor = pil_to_tensor(img)
     return Decoded(img.width, img.height, {q: rescale(tensor, q, bucket) for q in scales})
+
+
+def crop_box(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The pixels x1 <= x < x2, y1 <= y < y2 of an upright RGB image (PIL's crop convention).
+
+    A box that is empty or reaches outside the image raises ImageError (stage "region").
+    """
+    x1, y1, x2, y2 = box
+    if x2 <= x1 or y2 <= y1:
+        raise ImageError("region", "EmptyBox", f"box {list(box)} is empty: x2 must exceed x1 and y2 exceed y1")
+    if x1 < 0 or y1 < 0 or x2 > img.width or y2 > img.height:
+        raise ImageError(
+            "region", "BoxOutsideImage",
+            f"box {list(box)} reaches outside the upright {img.width}x{img.height} image "
+            f"(0 <= x1 < x2 <= {img.width}, 0 <= y1 < y2 <= {img.height})",
+        )
+    return img.crop(box)
+
+
+def decode_regions(
+    file, boxes: list[tuple[int, int, int, int]], scales: tuple[int, ...], max_pixels: int, bucket: int = 0
+) -> list[Decoded | ImageError]:
+    """Read one image once and rescale each box's crop to every Q, as a whole image would be.
+
+    The crop is taken from the upright 8-bit RGB image before rescaling, so the crop's smaller
+    side becomes Q. Width and height are the whole image's. A failure to read the image raises
+    ImageError; a bad box is returned as that box's ImageError.
+    """
+    img = open_upright(file, max_pixels)
+    out: list[Decoded | ImageError] = []
+    for box in boxes:
+        try:
+            d = decode_image(crop_box(img, box), scales, bucket)
+        except ImageError as e:
+            out.append(e)
+            continue
+        out.append(Decoded(img.width, img.height, d.scaled))
+    return out

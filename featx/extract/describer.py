@@ -107,11 +107,19 @@ def descriptor_hash(config: ExtractConfig) -> str:
     return settings_hash(descriptor_settings(config, weights_identity(config), _preprocess(mean, std)))
 
 
-def provenance(config: ExtractConfig, device: torch.device | str, weights_id: dict | None = None) -> dict:
-    """The `featx` metadata of a feature file: what defines the numbers, and how they were run."""
+def provenance(
+    config: ExtractConfig, device: torch.device | str, weights_id: dict | None = None, regions: dict | None = None
+) -> dict:
+    """The `featx` metadata of a feature file: what defines the numbers, and how they were run.
+
+    `regions` (featx.extract.regions' identity of a regions table) enters the settings: a file of
+    region features resumes only with the same table.
+    """
     weights_id = weights_id if weights_id is not None else weights_identity(config)
     mean, std = normalization(config.model, config.weights)
     settings = descriptor_settings(config, weights_id, _preprocess(mean, std))
+    if regions is not None:
+        settings["regions"] = regions
     return {
         "featx_version": __version__,
         "settings": settings,

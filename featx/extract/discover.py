@@ -18,6 +18,15 @@ class Item:
     file: Path  # absolute, to open
     path: str  # relative to the PATH it came from, posix, as written to the Parquet row
     label: str | None  # parent folder name below that PATH; None for loose files
+    # A region of the image (featx extract --regions): its id and box (x1, y1, x2, y2), upright
+    # pixels, 0-based, x2/y2 exclusive. None for a whole image.
+    region: str | None = None
+    box: tuple[int, int, int, int] | None = None
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        """What identifies the item's row in a feature file (resume, deduplication)."""
+        return (self.path, self.region)
 
 
 def image_extensions() -> frozenset[str]:

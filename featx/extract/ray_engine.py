@@ -13,6 +13,7 @@ the folder takes the same lock, resume and settings checks as a local run's file
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import pickle
@@ -29,11 +30,11 @@ from featx.extract.decode import ImageError
 from featx.extract.describer import make_describer, provenance
 from featx.extract.discover import discover
 from featx.extract.live import progress_bar, sigterm_as_interrupt
-from featx.extract.run import ExtractResult
+from featx.extract.run import ExtractResult, expand_regions, recorded_files
 from featx.extract.shard import take_shard
 from featx.extract.stages import (
     STAGES,
-    decode_item,
+    decode_items,
     describe_group,
     error_record,
     group_rows,
@@ -63,12 +64,15 @@ def _decode_part(row: dict, config: ExtractConfig) -> dict:
     """Ray task: decode and rescale every image of one part; failures become error records."""
     decoded, errors = [], []
     t = time.perf_counter()
-    for item in pickle.loads(row["items"]):
-        result = decode_item(item, config)
-        if isinstance(result, ImageError):
-            errors.append(error_record(item, result))
-        else:
-            decoded.append((item, result))
+    items = pickle.loads(row["items"])
+    # One decode per file: the regions of an image are cut from it.
+    for _, group in itertools.groupby(items, key=lambda it: it.file):
+        group = list(group)
+        for item, result in zip(group, decode_items(group, config)):
+            if isinstance(result, ImageError):
+                errors.append(error_record(item, result))
+            else:
+                decoded.append((item, result))
     seconds = dict.fromkeys(STAGES, 0.0) | {"decode": time.perf_counter() - t}
     payload = {"decoded": decoded, "errors": errors, "seconds": seconds}
     return {"part": row["part"], "payload": pickle.dumps(payload, protocol=5)}
@@ -86,7 +90,7 @@ class _DescribeParts:
         weights: Weights = ray.get(weights_ref[0])
         self.describer = make_describer(config, device, weights=weights)
         self.config = config
-        self.schema = store.feature_schema(config.dim, prov)
+        self.schema = store.feature_schema(config.dim, prov, regions="regions" in prov["settings"])
 
     def __call__(self, row: dict) -> dict:
         payload = pickle.loads(row["payload"])
@@ -199,12 +203,13 @@ def extract_ray(
     overwrite: bool = False,
     progress: bool = False,
     wait: bool = False,
+    regions=None,
     **settings,
 ) -> ExtractResult:
     """Describe every image under `paths` on a Ray cluster into the Parquet folder `output`.
 
     Same settings, rows and `featx` metadata as featx.extract; one file per part of
-    at most `rows_per_group` images. Paper: arXiv 1409.1556, Appendix B.
+    at most `rows_per_group` images; `regions` as featx.extract. Paper: arXiv 1409.1556, Appendix B.
     """
     t0 = time.perf_counter()
     if isinstance(paths, (str, Path)):
@@ -214,14 +219,19 @@ def extract_ray(
     items = discover(list(paths))
     if not items:
         raise BadInput(f"no images found under {', '.join(map(str, paths))}; check the PATH")
-    if shard is not None:
+    region_errors, region_id = [], None
+    discovered = {it.path: it.file for it in items}
+    if regions is not None:
+        items, region_errors, region_id = expand_regions(regions, items, list(paths), shard)
+    elif shard is not None:
         items = take_shard(items, shard)
 
     ray = _import_ray()
     with folder:  # the same lock a local run on this -o takes
         started = _connect(ray, address)
         try:
-            return _run(ray, items, folder, config, actors, overwrite, progress, t0)
+            files = recorded_files(items, region_errors, discovered, Path(paths[0]).expanduser())
+            return _run(ray, items, folder, config, actors, overwrite, progress, t0, files, region_errors, region_id)
         finally:
             if started:
                 ray.shutdown()
@@ -238,15 +248,19 @@ def _output_folder(output, wait: bool) -> store.DatasetFolder:
     return store.DatasetFolder(root, wait=wait)
 
 
-def _run(ray, items, folder: store.DatasetFolder, config, actors, overwrite, progress, t0) -> ExtractResult:
+def _run(ray, items, folder: store.DatasetFolder, config, actors, overwrite, progress, t0,
+         files: dict[str, Path], region_errors: list[dict], region_id: dict | None) -> ExtractResult:
     device, n_actors, actor_resources, threads = _actor_plan(ray, config, actors)
     config = _pin_precision(ray, config, device, actor_resources)
-    prov = provenance(config, torch.device(device))
+    prov = provenance(config, torch.device(device), regions=region_id)
 
-    todo_paths = set(folder.begin(prov, {it.path: it.file for it in items}, overwrite))
-    todo = [it for it in items if it.path in todo_paths]
+    keys = [it.key for it in items] if region_id is not None else None
+    todo_keys = set(folder.begin(prov, files, overwrite, keys=keys))
+    todo = [it for it in items if (it.key if keys is not None else it.path) in todo_keys]
     if folder.up_to_date:
         return ExtractResult(folder.target, folder.rows(), 0, 0, time.perf_counter() - t0, prov["settings_hash"])
+    if region_errors:  # regions no image can answer, recorded again each run as other failures are
+        folder.add(None, list(region_errors), index=folder.next_index())
     first = folder.next_index()
     size = max(1, min(config.rows_per_group, math.ceil(len(todo) / (PARTS_PER_ACTOR * n_actors))))
     parts = [(first + i, todo[s : s + size]) for i, s in enumerate(range(0, len(todo), size))]

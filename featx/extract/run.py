@@ -9,6 +9,7 @@ the pieces into OUT atomically).
 from __future__ import annotations
 
 import errno
+import itertools
 import threading
 import time
 from collections import deque
@@ -27,10 +28,11 @@ from featx.extract.describer import make_describer, provenance
 from featx.extract.descriptor import DenseDescriber
 from featx.extract.discover import Item, discover
 from featx.extract.live import progress_bar, sigterm_as_interrupt
-from featx.extract.shard import take_shard
+from featx.extract.regions import plan_regions
+from featx.extract.shard import parse_shard, shard_of, take_shard
 from featx.extract.stages import (
     STAGES,
-    decode_item,
+    decode_items,
     describe_group,
     error_record,
     group_rows,
@@ -69,7 +71,7 @@ class Run:
     """One extraction job: decides what to resume, runs the stages, finalises the output."""
 
     def __init__(self, paths, output, config: ExtractConfig, overwrite: bool, progress: bool, shard=None,
-                 wait: bool = False):
+                 wait: bool = False, regions=None):
         self.config, self.overwrite, self.show_progress = config, overwrite, progress
         self.out = Path(output).expanduser()
         if self.out.is_dir():
@@ -79,7 +81,13 @@ class Run:
         self.items = discover(paths)
         if not self.items:
             raise BadInput(f"no images found under {', '.join(map(str, paths))}; check the PATH")
-        if shard is not None:
+        # --regions: one item per region (all regions of an image share its path, so its shard).
+        self.regions, self.region_errors = None, []
+        self.roots = [Path(p).expanduser() for p in paths]
+        self.discovered = {it.path: it.file for it in self.items}
+        if regions is not None:
+            self.items, self.region_errors, self.regions = expand_regions(regions, self.items, paths, shard)
+        elif shard is not None:
             self.items = take_shard(self.items, shard)
         self.output = store.SingleFile(self.out, wait=wait)
         self.stage_seconds = dict.fromkeys(STAGES, 0.0)
@@ -88,37 +96,45 @@ class Run:
 
     # -- plan: what exists, what is left -------------------------------------------------
     def plan(self, prov: dict) -> list[Item]:
-        """The images still to describe (new or changed since); refuses other settings."""
-        todo = set(self.output.begin(prov, {it.path: it.file for it in self.items}, self.overwrite))
-        return [it for it in self.items if it.path in todo]
+        """The images (or regions) still to describe (new or changed since); refuses other settings."""
+        keys = [it.key for it in self.items] if self.regions is not None else None
+        todo = set(self.output.begin(prov, self.files(), self.overwrite, keys=keys))
+        return [it for it in self.items if (it.key if keys is not None else it.path) in todo]
+
+    def files(self) -> dict[str, Path]:
+        return recorded_files(self.items, self.region_errors, self.discovered, self.roots[0])
 
     # -- describe: decode ahead of the net, one piece per row group ----------------------
-    def _decode(self, item: Item) -> Decoded | ImageError:
+    def _decode(self, items: list[Item]) -> list[Decoded | ImageError]:
         t = time.perf_counter()
         try:
-            return decode_item(item, self.config)
+            return decode_items(items, self.config)
         finally:
             with self._lock:
                 self.stage_seconds["decode"] += time.perf_counter() - t
 
     def decoded(self, items: list[Item]) -> Iterator[tuple[Item, Decoded | ImageError]]:
-        """Decode in `workers` threads ahead of the model, in order, with a bounded window."""
+        """Decode in `workers` threads ahead of the model, in order, with a bounded window.
+
+        The unit of work is a file: the regions of one image are cut from one decode.
+        """
+        files = [list(g) for _, g in itertools.groupby(items, key=lambda it: it.file)]
         if self.config.workers == 0:
-            for item in items:
-                yield item, self._decode(item)
+            for group in files:
+                yield from zip(group, self._decode(group))
             return
         window = max(2 * self.config.rows_per_group, 4 * self.config.workers)
         with ThreadPoolExecutor(self.config.workers, thread_name_prefix="featx-decode") as pool:
-            pending: deque[tuple[Item, Future]] = deque()
+            pending: deque[tuple[list[Item], Future]] = deque()
             try:
-                for item in items:
-                    pending.append((item, pool.submit(self._decode, item)))
+                for group in files:
+                    pending.append((group, pool.submit(self._decode, group)))
                     if len(pending) >= window:
                         head, fut = pending.popleft()
-                        yield head, fut.result()
+                        yield from zip(head, fut.result())
                 while pending:
                     head, fut = pending.popleft()
-                    yield head, fut.result()
+                    yield from zip(head, fut.result())
             finally:
                 for _, fut in pending:
                     fut.cancel()
@@ -154,7 +170,7 @@ class Run:
         try:
             with progress_bar(len(todo), self.show_progress) as self._advance, sigterm_as_interrupt():
                 group: list[tuple[Item, Decoded]] = []
-                errors: list[dict] = []
+                errors: list[dict] = list(self.region_errors)  # regions no image can answer
                 for item, result in self.decoded(todo):
                     if isinstance(result, ImageError):
                         errors.append(error_record(item, result))
@@ -191,13 +207,13 @@ class Run:
         cfg = self.config
         t0 = time.perf_counter()
         device = resolve_device(cfg.device)
-        prov = provenance(cfg, device)
+        prov = provenance(cfg, device, regions=self.regions)
         todo = self.plan(prov)
         if self.output.up_to_date:
             return ExtractResult(self.out, self.output.rows(), 0, 0, time.perf_counter() - t0, prov["settings_hash"])
-        schema = store.feature_schema(cfg.dim, prov)
+        schema = store.feature_schema(cfg.dim, prov, regions=self.regions is not None)
         tally = _Tally()
-        if todo:
+        if todo or self.region_errors:
             describer = make_describer(cfg, device)
             tally = self.describe_all(todo, describer, schema)
         if tally.interrupted:
@@ -208,6 +224,32 @@ class Run:
             self.out, done.rows, tally.new_rows, done.failures, time.perf_counter() - t0, prov["settings_hash"],
             errors_file=done.errors_file, stage_seconds=self.stage_seconds, changes=done.changes,
         )
+
+
+def expand_regions(regions, items: list[Item], paths, shard) -> tuple[list[Item], list[dict], dict]:
+    """The items of a regions table, its failing regions and its identity; `shard` keeps one shard."""
+    plan = plan_regions(regions, items, paths)
+    todo, errors = list(plan.items), list(plan.errors)
+    if shard is not None:
+        k, n = parse_shard(shard) if isinstance(shard, str) else shard
+        todo = [it for it in todo if shard_of(it.path, n) == k]
+        errors = [r for r in errors if shard_of(r["path"], n) == k]
+    if not plan.items:
+        first = plan.errors[0]
+        raise BadInput(
+            f"none of the {len(plan.errors)} regions can be described (first: {first['path']} region "
+            f"{first['region']}: {first['message']}); fix the regions table"
+        )
+    return todo, errors, plan.identity
+
+
+def recorded_files(items: list[Item], region_errors: list[dict], discovered: dict[str, Path], root: Path) -> dict[str, Path]:
+    """The file behind each path the output will record: the items' images, and the paths of
+    failing regions (an image none of whose regions could be cut, or no image at all)."""
+    files = {it.path: it.file for it in items}
+    for record in region_errors:
+        files.setdefault(record["path"], discovered.get(record["path"], root / record["path"]))
+    return files
 
 
 def disk_error(e: OSError, out: Path) -> BadInput:
@@ -227,6 +269,7 @@ def extract_features(
     progress: bool = False,
     shard: str | tuple[int, int] | None = None,
     wait: bool = False,
+    regions=None,
     **settings,
 ) -> ExtractResult:
     """Describe every image under `paths` and write the features to `output` (Parquet).
@@ -235,9 +278,12 @@ def extract_features(
     ...). An existing `output` with the same settings is resumed (new and changed images are
     described, removed ones dropped); other settings are refused unless `overwrite`. Another
     process writing `output` makes this call raise Locked, or wait for it if `wait`. `shard="K/N"` keeps only shard K of N (featx.extract.shard: by path hash).
+    `regions` (a CSV or Parquet file, a DataFrame or Arrow table with path, x1, y1, x2, y2 and
+    optionally region) describes those boxes instead of whole images: one row per region
+    (featx.extract.regions).
     Paper: arXiv 1409.1556, Appendix B.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     config = (config or ExtractConfig()).replace(**settings) if settings else (config or ExtractConfig())
-    return Run(list(paths), output, config, overwrite, progress, shard, wait).run()
+    return Run(list(paths), output, config, overwrite, progress, shard, wait, regions).run()

@@ -1,6 +1,7 @@
 """The per-image stages of a run, shared by the local and the Ray engine.
 
     decode_item      file -> upright RGB rescaled to every Q (or an ImageError record)
+    decode_items     the items of one file (its regions) -> one decode, each crop rescaled
     describe_group   decoded images -> L2-normalised descriptors, failures isolated per image
     group_rows       the described images -> an Arrow table in the feature file's schema
 """
@@ -16,7 +17,7 @@ import torch
 
 from featx import store
 from featx.extract.config import ExtractConfig
-from featx.extract.decode import Decoded, ImageError, decode
+from featx.extract.decode import Decoded, ImageError, decode, decode_regions
 from featx.extract.descriptor import DenseDescriber, combine, pooled_per_scale
 from featx.extract.discover import Item
 
@@ -33,9 +34,22 @@ def decode_item(item: Item, config: ExtractConfig) -> Decoded | ImageError:
         return ImageError("decode", type(e).__name__, str(e))
 
 
+def decode_items(items: list[Item], config: ExtractConfig) -> list[Decoded | ImageError]:
+    """Decode the items of one file: a whole image, or all its regions from one decode."""
+    if len(items) == 1 and items[0].box is None:
+        return [decode_item(items[0], config)]
+    try:
+        return decode_regions(items[0].file, [it.box for it in items], config.scales, config.max_pixels, config.bucket)
+    except ImageError as e:
+        return [e] * len(items)
+    except Exception as e:  # a decoder bug on one file must not end the run
+        return [ImageError("decode", type(e).__name__, str(e))] * len(items)
+
+
 def error_record(item: Item, e: ImageError) -> dict:
-    """One row of the errors table."""
-    return {"path": item.path, "stage": e.stage, "error": e.error, "message": e.message}
+    """One row of the errors table (with the region's id for a region)."""
+    record = {"path": item.path, "stage": e.stage, "error": e.error, "message": e.message}
+    return record if item.region is None else record | {"region": item.region}
 
 
 def describe_group(
@@ -81,11 +95,14 @@ def group_rows(
 ) -> pa.Table:
     """The rows of the images of `group` that did not fail, in the feature file's schema."""
     keep = [i for i in range(len(group)) if i not in failed]
+    items = [group[i][0] for i in keep]
     return store.rows_table(
         schema,
-        [group[i][0].path for i in keep],
-        [group[i][0].label for i in keep],
+        [it.path for it in items],
+        [it.label for it in items],
         [group[i][1].width for i in keep],
         [group[i][1].height for i in keep],
         features[keep],
+        regions=[it.region for it in items],
+        boxes=[it.box for it in items],
     )

@@ -21,6 +21,7 @@ from featx.store.output import (
 from featx.store.read import (
     feature_files,
     feature_matrix,
+    iter_keys,
     iter_paths,
     load_xy,
     read_features,
@@ -31,17 +32,19 @@ from featx.store.schema import (
     ERROR_COLUMNS,
     ERROR_SCHEMA,
     METADATA_KEY,
+    REGION_COLUMNS,
     differing,
     errors_path,
     errors_table,
     feature_schema,
+    row_keys,
     rows_table,
 )
 
 __all__ = [
     "ERROR_COLUMNS", "ERROR_SCHEMA", "LAST_RUN_KEY", "METADATA_KEY", "STAT_COLUMNS", "Changes", "DatasetFolder",
     "Finished", "Output", "OutputLock", "SingleFile", "differing", "errors_path", "errors_table",
-    "feature_files", "feature_matrix", "feature_schema", "fsync_dir", "iter_paths", "load_xy",
-    "partial_dir", "read_features", "read_last_run", "read_provenance", "read_table", "rows_table",
-    "with_stats", "write_atomic", "write_json",
+    "feature_files", "feature_matrix", "feature_schema", "fsync_dir", "iter_keys", "iter_paths", "load_xy",
+    "partial_dir", "read_features", "read_last_run", "read_provenance", "read_table", "REGION_COLUMNS",
+    "row_keys", "rows_table", "with_stats", "write_atomic", "write_json",
 ]

@@ -39,6 +39,7 @@ from featx.store.schema import (
     differing,
     errors_path,
     errors_table,
+    row_keys,
 )
 
 log = logging.getLogger("featx")
@@ -50,6 +51,13 @@ STATE = "settings.json"
 WORK = "_featx"
 
 Stat = tuple[int, int]
+# What identifies a row: its path, and for a region (featx extract --regions) the region's id.
+Key = tuple[str, str | None]
+
+
+def as_key(wanted: str | Key) -> Key:
+    """A path (one row per image) or a (path, region) key, as a key."""
+    return wanted if isinstance(wanted, tuple) else (wanted, None)
 
 
 def file_stats(files: Mapping[str, Path]) -> dict[str, Stat]:
@@ -82,18 +90,18 @@ def _stamp(table: pa.Table, stats: Mapping[str, Stat]) -> pa.Table:
     return table
 
 
-def _recorded(source: Path, stats: Mapping[str, Stat]) -> list[tuple[str, Stat | None]]:
-    """(path, recorded stat) of each row of `source`, in order.
+def _recorded(source: Path, stats: Mapping[str, Stat]) -> list[tuple[Key, Stat | None]]:
+    """((path, region), recorded stat) of each row of `source`, in order; region None for images.
 
     Files written before featx recorded stats are trusted by path (their stat is taken as now).
     """
     names = pq.read_schema(source).names
+    keyed = [c for c in ("path", "region") if c in names]
     if all(c in names for c in STAT_COLUMNS):
-        t = pq.read_table(source, columns=["path", *STAT_COLUMNS])
-        return list(zip(t.column("path").to_pylist(),
-                        zip(t.column(STAT_COLUMNS[0]).to_pylist(), t.column(STAT_COLUMNS[1]).to_pylist())))
-    paths = pq.read_table(source, columns=["path"]).column("path").to_pylist()
-    return [(p, stats.get(p)) for p in paths]
+        t = pq.read_table(source, columns=[*keyed, *STAT_COLUMNS])
+        return list(zip(row_keys(t), zip(t.column(STAT_COLUMNS[0]).to_pylist(), t.column(STAT_COLUMNS[1]).to_pylist())))
+    keys = row_keys(pq.read_table(source, columns=keyed))
+    return [(k, stats.get(k[0])) for k in keys]
 
 
 @dataclass
@@ -105,7 +113,7 @@ class Changes:
     dropped: int = 0
 
     @classmethod
-    def between(cls, before: set[str], after: set[str], computed: set[str]) -> Changes:
+    def between(cls, before: set[Key], after: set[Key], computed: set[Key]) -> Changes:
         return cls(len(after - before), len(after & before & computed), len(before - after))
 
     def record(self) -> dict:
@@ -186,8 +194,11 @@ class Output:
         except (OSError, json.JSONDecodeError) as e:
             raise BadInput(f"{self.state_file} is unreadable ({e}); pass --overwrite to start over") from None
 
-    def begin(self, provenance: dict, files: Mapping[str, Path], overwrite: bool = False) -> list[str]:
-        """The paths still to describe; refuses existing work made with other settings.
+    def begin(
+        self, provenance: dict, files: Mapping[str, Path], overwrite: bool = False, keys: list[Key] | None = None
+    ) -> list:
+        """The paths (or, given `keys`, the (path, region) keys) still to describe; refuses
+        existing work made with other settings. `files` maps every recorded path to its file.
 
         Reads only: nothing is written before the first piece (or `finish`).
         """
@@ -218,15 +229,15 @@ class Output:
                     f"{self.target} holds features with other settings ({differing(old, provenance)}); "
                     f"pass --overwrite to replace it, or choose another -o"
                 )
-        done: set[str] = set()
+        done: set[Key] = set()
         stale = False
         for source in self._done_sources():
-            for path, stat in _recorded(source, self.stats):
-                if self.stats.get(path) == stat:
-                    done.add(path)
+            for key, stat in _recorded(source, self.stats):
+                if self.stats.get(key[0]) == stat:
+                    done.add(key)
                 elif not source.name.startswith("errors-") and not source.name.endswith(".errors.parquet"):
                     stale = True
-        todo = [p for p in files if p not in done]
+        todo = [k for k in (list(files) if keys is None else keys) if as_key(k) not in done]
         self.up_to_date = not (todo or stale or self.resume or self.overwrite)
         return todo
 
@@ -270,18 +281,20 @@ class Output:
             atomic.write_atomic(_stamp(errors_table(errors), self.stats), self._error_piece(index))
 
     # -- finish --------------------------------------------------------------------------
-    def _failures(self, have_rows: set[str]) -> list[dict]:
-        """This run's failures of current images that have no row, one per path."""
-        failures: dict[str, dict] = {}
+    def _failures(self, have_rows: set[Key]) -> list[dict]:
+        """This run's failures of current images (or regions) that have no row, one per key."""
+        failures: dict[Key, dict] = {}
         for source in self.error_pieces():
             for record in pq.read_table(source).to_pylist():
-                path = record["path"]
+                path, key = record["path"], (record["path"], record.get("region"))
                 stat = (record.get(STAT_COLUMNS[0]), record.get(STAT_COLUMNS[1]))
-                if path in self.stats and path not in have_rows and (
+                if path in self.stats and key not in have_rows and (
                     stat == self.stats[path] or stat == (None, None)
                 ):
-                    failures[path] = {c: record[c] for c in ERROR_COLUMNS}
-        return sorted(failures.values(), key=lambda r: r["path"])
+                    failures[key] = {c: record[c] for c in ERROR_COLUMNS} | (
+                        {"region": key[1]} if key[1] is not None else {}
+                    )
+        return [failures[k] for k in sorted(failures, key=lambda k: (k[0], k[1] or ""))]
 
     def _write_errors(self, failures: list[dict], out: Path) -> None:
         if failures:
@@ -357,12 +370,12 @@ class SingleFile(Output):
         self._start()
         old = self._old()
         sources = self.pieces() + old  # this run's rows first: they win over OUT's
-        owner: dict[str, int] = {}
+        owner: dict[Key, int] = {}
         for i, source in enumerate(sources):
-            for path, stat in _recorded(source, self.stats):
-                if self.stats.get(path) == stat:
-                    owner.setdefault(path, i)
-        before = {p for p, _ in _recorded(self.target, self.stats)} if self.target.exists() else set()
+            for key, stat in _recorded(source, self.stats):
+                if self.stats.get(key[0]) == stat:
+                    owner.setdefault(key, i)
+        before = {k for k, _ in _recorded(self.target, self.stats)} if self.target.exists() else set()
         computed = {p for p, i in owner.items() if sources[i] not in old}
         changes = Changes.between(before, set(owner), computed)
         schema = with_stats(schema).with_metadata(
@@ -377,7 +390,7 @@ class SingleFile(Output):
                     pf = pq.ParquetFile(source)
                     for g in range(pf.num_row_groups):
                         table = pf.read_row_group(g)
-                        keep = [owner.get(p) == i for p in table.column("path").to_pylist()]
+                        keep = [owner.get(k) == i for k in row_keys(table)]
                         if not all(keep):
                             table = table.filter(pa.array(keep))
                         if table.num_rows:
@@ -462,11 +475,13 @@ class DatasetFolder(Output):
 
     def _discard(self) -> None:
         """A new run: failures are retried; --overwrite drops the parts. Rows gone stale go."""
-        before = set()
+        before: set[Key] = set()
         for part in self.pieces():
-            before.update(p for p, _ in _recorded(part, self.stats))
+            before.update(k for k, _ in _recorded(part, self.stats))
         atomic.make_dir(self.state_dir)
-        atomic.write_atomic(pa.table({"path": pa.array(sorted(before), pa.string())}),
+        ordered = sorted(before, key=lambda k: (k[0], k[1] or ""))
+        atomic.write_atomic(pa.table({"path": pa.array([k[0] for k in ordered], pa.string()),
+                                      "region": pa.array([k[1] for k in ordered], pa.string())}),
                             self.state_dir / "before.parquet")
         for f in self.error_pieces():
             f.unlink()
@@ -478,11 +493,11 @@ class DatasetFolder(Output):
 
     def _drop_stale(self) -> None:
         """Rewrite each part without the rows of images gone or changed since (or duplicated)."""
-        seen: set[str] = set()
+        seen: set[Key] = set()
         for part in self.pieces():
             recorded = _recorded(part, self.stats)
-            keep = [self.stats.get(p) == s and p not in seen for p, s in recorded]
-            seen.update(p for (p, _), k in zip(recorded, keep) if k)
+            keep = [self.stats.get(k[0]) == s and k not in seen for k, s in recorded]
+            seen.update(k for (k, _), kept in zip(recorded, keep) if kept)
             if all(keep):
                 continue
             if any(keep):
@@ -501,14 +516,14 @@ class DatasetFolder(Output):
         run = state.get("run", {})
         before_parts = set(run.get("before", []))
         before_file = self.state_dir / "before.parquet"
-        before = set(pq.read_table(before_file).column("path").to_pylist()) if before_file.exists() else set()
-        after: set[str] = set()
-        computed: set[str] = set()
+        before = set(row_keys(pq.read_table(before_file))) if before_file.exists() else set()
+        after: set[Key] = set()
+        computed: set[Key] = set()
         for part in self.pieces():
-            paths = {p for p, _ in _recorded(part, self.stats)}
-            after |= paths
+            keys = {k for k, _ in _recorded(part, self.stats)}
+            after |= keys
             if part.name not in before_parts:
-                computed |= paths
+                computed |= keys
         changes = Changes.between(before, after, computed)
         failures = self._failures(after)
         err = errors_path(self.target)

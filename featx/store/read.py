@@ -13,7 +13,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from featx.errors import BadInput, MissingData
-from featx.store.schema import METADATA_KEY
+from featx.store.schema import METADATA_KEY, row_keys
 
 
 def feature_files(path: Path) -> list[Path]:
@@ -116,6 +116,14 @@ def load_xy(path: str | Path, filters=None) -> tuple[np.ndarray, np.ndarray]:
     X = feature_matrix(table.column("feature"))
     y = table.column("label").to_numpy(zero_copy_only=False).astype(object, copy=False)
     return X, y
+
+
+def iter_keys(path: Path) -> Iterator[tuple[str, str | None]]:
+    """(path, region) of every row of a feature file (region None: a whole image's row)."""
+    pf = pq.ParquetFile(path)
+    columns = [c for c in ("path", "region") if c in pf.schema_arrow.names]
+    for g in range(pf.num_row_groups):
+        yield from row_keys(pf.read_row_group(g, columns=columns))
 
 
 def iter_paths(path: Path) -> Iterator[str]:
