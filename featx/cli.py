@@ -289,13 +289,17 @@ def evaluate(
     workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
     jobs: Annotated[Optional[int], typer.Option(help="Processes fitting the C grid in parallel (same results; -1: all cores).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    results: Annotated[Optional[Path], typer.Option(help="voc2012-action: write the devkit's result files (DIR/image/, DIR/image_box/).")] = None,
+    test_server: Annotated[bool, typer.Option(help="voc2012-action: train on trainval and score the test persons (VOC2012test.tar unpacked under --root) for the evaluation server; needs --results.")] = False,
 ) -> None:
-    """Run the paper's transfer experiment (Appendix B, Table 11) and print featx beside the paper."""
+    """Run the paper's transfer experiment (Appendix B, Tables 11, 12) and print featx beside the paper."""
     from featx.evaluate.pipeline import pipeline_for
     from featx.evaluate.report import check_report_path, print_table, write_report
     from featx.evaluate.run import evaluate as run_evaluate
 
     warnings.showwarning = _warn_one_line
+    if test_server and results is None:
+        fail("--test-server writes the test set's result files: give --results DIR")
     if report is not None:
         call(check_report_path, report)
     chosen = call(pipeline_for, dataset.value if dataset else None, pipeline)
@@ -310,6 +314,7 @@ def evaluate(
     result = call(
         run_evaluate, chosen, root=root, download=download, cache_dir=cache_dir, features=features or (),
         device=device, batch_size=batch_size, workers=workers, jobs=jobs, progress=not quiet, log=log,
+        results_dir=results, test_server=test_server,
     )
     print_table(result.report)
     if report is not None:

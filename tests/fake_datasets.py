@@ -85,3 +85,78 @@ def caltech101_zip(path: Path, per_class: dict[str, int] | None = None) -> Path:
         zf.writestr("caltech-101/Annotations.tar", b"")
         zf.writestr("caltech-101/show_annotation.m", "% not needed\n")
     return path
+
+
+# Ten clearly different looks, one per action, so that even a random net tells the persons apart.
+ACTION_COLOURS = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (250, 250, 250), (0, 0, 0),
+)  # fmt: skip
+ACTION_PERSON_BOXES = ((8, 12, 52, 108), (60, 20, 100, 110), (110, 8, 150, 100))  # 0-based, x2/y2 exclusive
+
+
+def make_voc_action(root: Path, sets: dict[str, int] | None = None) -> Path:
+    """root/VOCdevkit/VOC2012 with ImageSets/Action, Annotations and JPEGImages of persons.
+
+    Image i of the listing holds a bicycle (object 1) and three persons (objects 2-4); person j
+    does action (3 * i + j) % 10 and is painted in that action's colour over grey noise, so the
+    persons of one image differ. As in the real devkit, the XML boxes are 1-based and
+    inclusive, the jumping files list fewer persons (the last image is left out), and one val
+    person is 0 (ignored) for walking. Returns the year folder.
+    """
+    from featx.evaluate.action import ACTIONS
+
+    sets = sets or {"train": 8, "val": 8}
+    base = root / "VOCdevkit" / "VOC2012"
+    folder = base / "ImageSets" / "Action"
+    folder.mkdir(parents=True, exist_ok=True)
+    (base / "Annotations").mkdir(parents=True, exist_ok=True)
+    (base / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    counter = 0
+    for name, n in sets.items():
+        lines = {a: [] for a in ACTIONS}
+        for i in range(n):
+            counter += 1
+            image_id = f"2011_{counter:06d}"
+            rng = np.random.default_rng(counter)
+            pixels = rng.integers(90, 160, (120, 160, 3)).astype(np.uint8)
+            objects = [("bicycle", (120, 100, 150, 118), None)]
+            for j, (x1, y1, x2, y2) in enumerate(ACTION_PERSON_BOXES):
+                action = (3 * i + j) % len(ACTIONS)
+                pixels[y1:y2, x1:x2] = ACTION_COLOURS[action]
+                objects.append(("person", (x1, y1, x2, y2), action))
+            Image.fromarray(pixels).save(base / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            (base / "Annotations" / f"{image_id}.xml").write_text(_action_xml(image_id, objects, ACTIONS))
+            for k, (_, _, action) in enumerate(objects, 1):
+                if action is None:
+                    continue
+                for a, act in enumerate(ACTIONS):
+                    if act == "jumping" and i == n - 1:
+                        continue  # the jumping files are shorter
+                    label = 1 if a == action else -1
+                    if name == "val" and i == 0 and k == 2 and act == "walking" and label == -1:
+                        label = 0
+                    lines[act].append(f"{image_id} {k} {label:2d}")
+        for act, rows in lines.items():
+            (folder / f"{act}_{name}.txt").write_text("".join(r + "\n" for r in rows))
+        (folder / f"{name}.txt").write_text("".join(sorted({r.split()[0] + "\n" for r in lines["walking"]})))
+    return base
+
+
+def _action_xml(image_id: str, objects, actions) -> str:
+    parts = []
+    for name, (x1, y1, x2, y2), action in objects:
+        acts = ""
+        if action is not None:
+            acts = "<actions>" + "".join(f"<{a}>{int(k == action)}</{a}>" for k, a in enumerate(actions)) + "</actions>"
+        # Children in an unusual order (xmax first): parsers must go by tag name.
+        parts.append(
+            f"<object><name>{name}</name><pose>Unspecified</pose>{acts}<bndbox><xmax>{x2}</xmax><ymin>{y1 + 1}</ymin>"
+            f"<xmin>{x1 + 1}</xmin><ymax>{y2}</ymax></bndbox><difficult>0</difficult></object>"
+        )
+    return (
+        f"<annotation><folder>VOC2012</folder><filename>{image_id}.jpg</filename>"
+        "<source><database>The VOC2012 Database</database></source>"
+        "<size><width>160</width><height>120</height><depth>3</depth></size><segmented>0</segmented>"
+        + "".join(parts) + "</annotation>\n"
+    )

@@ -38,6 +38,12 @@ class Protocol:
     metric: str = "mean_class_recall"
     # Caltech: keep the background / clutter class, as the paper does.
     background: bool = True
+    # VOC action: the choices the paper leaves open. The person's box grown by this fraction of
+    # its width and height on each side (clipped to the image) before it is described; and how
+    # stacked descriptors are normalised: "final" (L2 once more after stacking the L2-normalised
+    # blocks) or "blocks" (each block L2-normalised, the stack left as it is).
+    box_margin: float = 0.0
+    stack_norm: str = "final"
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ class PaperResult:
     models: tuple[str, ...]
     mean: float
     std: float | None = None
+    # VOC action: "image" or "image_box" (Table 12's two settings).
+    setting: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,8 @@ class Pipeline:
         p, f = self.protocol, self.features
         if p.metric not in METRICS:
             raise BadInput(f"unknown metric {p.metric!r}{where}; choose one of {', '.join(METRICS)}")
+        if kind == "voc_action" and p.metric != "voc_ap":
+            raise BadInput(f"metric {p.metric!r} does not fit {self.dataset}{where}: VOC2012 action uses voc_ap")
         if (kind == "caltech") != (p.metric == "mean_class_recall"):
             raise BadInput(
                 f"metric {p.metric!r} does not fit {self.dataset}{where}: Caltech uses "
@@ -116,6 +126,10 @@ class Pipeline:
             )
         if kind == "caltech" and not p.n_train:
             raise BadInput(f"[protocol] n_train is missing{where}; Caltech needs it (e.g. 30)")
+        if p.stack_norm not in ("final", "blocks"):
+            raise BadInput(f"stack_norm {p.stack_norm!r}{where} must be 'final' or 'blocks'")
+        if not 0 <= p.box_margin < 1:
+            raise BadInput(f"box_margin {p.box_margin}{where} must be a fraction in [0, 1), e.g. 0.1")
         if p.splits < 1:
             raise BadInput(f"--splits {p.splits} must be at least 1")
         if not 0 < p.holdout < 1:
@@ -169,8 +183,8 @@ class Pipeline:
         models = list(self.features.models)
         return [(m,) for m in models] + ([tuple(models)] if len(models) > 1 else [])
 
-    def paper_result(self, models: tuple[str, ...]) -> PaperResult | None:
-        return next((r for r in self.paper if tuple(r.models) == tuple(models)), None)
+    def paper_result(self, models: tuple[str, ...], setting: str | None = None) -> PaperResult | None:
+        return next((r for r in self.paper if tuple(r.models) == tuple(models) and r.setting == setting), None)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -221,7 +235,8 @@ def parse_pipeline(data: dict, source: str = "") -> Pipeline:
             raise BadInput(
                 f"[paper] results entry {r}{where} needs label, models, mean (and optional std)"
             )
-        results.append(PaperResult(r.get("label", "+".join(r["models"])), tuple(r["models"]), r["mean"], r.get("std")))
+        results.append(PaperResult(r.get("label", "+".join(r["models"])), tuple(r["models"]), r["mean"], r.get("std"),
+                                   r.get("setting")))
     return Pipeline(
         name=data.get("name", data["dataset"]),
         dataset=data["dataset"],
@@ -266,7 +281,7 @@ def builtin_pipeline(dataset: str) -> Pipeline:
     """The paper's experiment for `dataset`, from featx.pipelines/<dataset>.toml."""
     if dataset not in DATASETS:
         raise BadInput(f"unknown --dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    entry = _builtin_folder() / f"{dataset}.toml"
+    entry = _builtin_folder() / f"{dataset.replace('-', '_')}.toml"  # voc2012-action: voc2012_action.toml
     return parse_pipeline(tomllib.loads(entry.read_text()), f"featx.pipelines/{dataset}.toml")
 
 

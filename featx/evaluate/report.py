@@ -37,7 +37,7 @@ def table(report: dict) -> Table:
     t = Table(
         title=(
             f"{spec.title}: {metric}, %  ({len(report['classes'])} classes, {cfg['n_images']} "
-            f"images, {n_splits} split{'s' if n_splits != 1 else ''})"
+            f"{'persons' if spec.kind == 'voc_action' else 'images'}, {n_splits} split{'s' if n_splits != 1 else ''})"
         ),
         title_justify="left",
     )
@@ -48,13 +48,17 @@ def table(report: dict) -> Table:
     t.add_column("paper", justify="right")
     t.add_column("C per split", justify="right")
     t.add_column("train / test", justify="right")
-    paper = {tuple(r["models"]): r for r in report["paper"]["results"]}
+    paper = {(tuple(r["models"]), r.get("setting")): r for r in report["paper"]["results"]}
     for r in report["results"]:
-        ref = paper.get(tuple(r["models"]))
+        ref = paper.get((tuple(r["models"]), r.get("setting")))
         nets = " + ".join(r["models"])
         name = nets if r["label"] in (nets, " & ".join(r["models"])) else f"{r['label']} ({nets})"
+        if r.get("setting"):
+            name = r["label"]
         row = [name, _pm(r["mean"], r["std"])]
-        if report.get("ap"):
+        if report.get("ap") and r["mean"] is None:  # --test-server: scored by the server
+            row.append("-")
+        elif report.get("ap"):
             key = "area_mAP" if report["ap"] == "voc07_11point" else "voc07_mAP"
             other = [s[key] for s in r["splits"]]
             row.append(f"{np.mean(other):.1f} ({'area' if key == 'area_mAP' else '11-pt'})")

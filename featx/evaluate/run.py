@@ -69,11 +69,29 @@ def evaluate(
     jobs: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    results_dir: str | Path | None = None,
+    test_server: bool = False,
 ) -> Evaluation:
-    """Run one experiment of the paper end to end and return its report (Appendix B)."""
+    """Run one experiment of the paper end to end and return its report (Appendix B).
+
+    `results_dir` and `test_server` apply to VOC2012 action (featx.evaluate.action).
+    """
     log = log or (lambda message: None)
     spec = get_spec(pipeline.dataset)
     t0 = time.perf_counter()
+    if spec.kind == "voc_action":
+        from featx.evaluate.action import evaluate_action
+
+        if features:
+            raise BadInput("--features does not apply to voc2012-action (it needs image and box features); leave it out")
+        if root is None:
+            raise BadInput(f"--root is missing: give the folder that holds (or should receive, with --download) {spec.images}")
+        return evaluate_action(
+            pipeline, root=root, download=download, cache_dir=cache_dir, device=device, batch_size=batch_size,
+            workers=workers, jobs=jobs, progress=progress, log=log, results_dir=results_dir, test_server=test_server,
+        )
+    if results_dir is not None or test_server:
+        raise BadInput("--results and --test-server apply to --dataset voc2012-action only; leave them out")
     if root is None and (download or not features or spec.kind == "voc"):
         raise BadInput(
             f"--root is missing: give the folder that holds (or should receive, with --download) "

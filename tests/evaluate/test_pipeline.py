@@ -18,7 +18,7 @@ PAPER = {  # Table 11 of arXiv 1409.1556: Net-D, Net-E, D & E
 
 
 def test_the_four_experiments_ship_with_the_package():
-    assert builtin_names() == ["caltech101", "caltech256", "voc2007", "voc2012"]
+    assert builtin_names() == ["caltech101", "caltech256", "voc2007", "voc2012", "voc2012_action"]
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

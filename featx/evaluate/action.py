@@ -1,0 +1,413 @@
+"""PASCAL VOC 2012 action classification: person instances, two settings, devkit AP and files.
+
+Simonyan & Zisserman, arXiv 1409.1556, Appendix B and Table 12: Net-D & Net-E descriptors of
+(i) the whole image holding the person ("image") and (ii) that stacked with the descriptor of
+the person's box ("image and box"); one linear SVM per action; mean AP over the ten actions.
+
+The devkit lists persons in `ImageSets/Action/<action>_<set>.txt` as `<image id> <object
+index> <label>` (1 / -1; 0 is ignored); the object index is 1-based among all `<object>`
+elements of `Annotations/<id>.xml`, whose `<bndbox>` is 1-based and inclusive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featx import __version__, store
+from featx.errors import BadInput, MissingData
+from featx.evaluate.datasets import DatasetSpec, ensure_dataset, find_images, get_spec, where_to_put
+from featx.evaluate.heads import HeldOutC, OneVsRest
+from featx.evaluate.metrics import precision_recall, voc07_ap, voc_ap
+from featx.evaluate.pipeline import Pipeline
+from featx.extract.describer import descriptor_hash
+from featx.extract.run import extract_features
+
+ACTIONS = (
+    "jumping", "phoning", "playinginstrument", "reading", "ridingbike", "ridinghorse",
+    "running", "takingphoto", "usingcomputer", "walking",
+)  # fmt: skip
+SETTINGS = {"image": "image", "image_box": "image and box"}
+# The devkit's competition number for action classification with any training data.
+COMP = "comp10"
+
+
+@dataclass(frozen=True, eq=False)
+class ActionSet:
+    """The person instances of one image set, in devkit order (sorted by image id, object index)."""
+
+    name: str
+    ids: tuple[str, ...]  # image id per instance
+    objects: tuple[int, ...]  # 1-based object index per instance
+    boxes: np.ndarray  # [n, 4] int: x1, y1, x2, y2, 0-based, x2/y2 exclusive (region convention)
+    # [n, 10] in {1, -1, 0}; 0 also where an action's file does not list the instance.
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def voc_box(xmin: float, ymin: float, xmax: float, ymax: float, width: int | None, height: int | None) -> tuple[int, ...]:
+    """A 1-based inclusive VOC box as (x1, y1, x2, y2), 0-based with x2/y2 exclusive, in the image.
+
+    Pixel xmin..xmax (1-based, both included) is 0-based xmin-1 .. xmax-1, so x2 = xmax.
+    """
+    x1, y1, x2, y2 = round(xmin) - 1, round(ymin) - 1, round(xmax), round(ymax)
+    if width:
+        x1, x2 = max(0, min(x1, width - 1)), max(1, min(x2, width))
+    if height:
+        y1, y2 = max(0, min(y1, height - 1)), max(1, min(y2, height))
+    return x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)
+
+
+def read_objects(xml_file: Path) -> tuple[list[tuple[int, ...]], tuple[int | None, int | None]]:
+    """The boxes of every `<object>` of an annotation, in document order, and the image size.
+
+    Parsed by tag name, never by child position (files differ in the order of their elements).
+    """
+    try:
+        root = ET.parse(xml_file).getroot()
+    except (OSError, ET.ParseError) as e:
+        raise BadInput(f"{xml_file} is not a readable VOC annotation ({e}); unpack the archive again") from None
+
+    def number(node, tag):
+        child = node.find(tag) if node is not None else None
+        try:
+            return float(child.text)
+        except (AttributeError, TypeError, ValueError):
+            return None
+
+    size = root.find("size")
+    w, h = number(size, "width"), number(size, "height")
+    width, height = (int(w) if w else None), (int(h) if h else None)
+    boxes = []
+    for k, obj in enumerate(root.findall("object"), 1):
+        bb = obj.find("bndbox")
+        values = [number(bb, t) for t in ("xmin", "ymin", "xmax", "ymax")]
+        if None in values:
+            raise BadInput(f"{xml_file}: object {k} has no complete <bndbox>; unpack the archive again")
+        boxes.append(voc_box(*values, width, height))
+    return boxes, (width, height)
+
+
+def read_action_file(path: Path) -> dict[tuple[str, int], int]:
+    """(image id, object index) -> label of one `<action>_<set>.txt` (split on whitespace)."""
+    labels = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or parts[2] not in ("1", "-1", "0") or not parts[1].isdigit():
+            raise BadInput(
+                f"{path}:{n}: expected '<image id> <object index> <1|-1|0>', got {line!r}; "
+                "the file is damaged: unpack the VOC archive again"
+            )
+        labels[(parts[0], int(parts[1]))] = int(parts[2])
+    return labels
+
+
+def load_action_set(year: Path, name: str) -> ActionSet:
+    """The persons of image set `name` with their boxes and labels; each action's own file counts."""
+    folder = year / "ImageSets" / "Action"
+    per_action = []
+    for action in ACTIONS:
+        f = folder / f"{action}_{name}.txt"
+        if not f.is_file():
+            raise MissingData(f"{f} is missing: the VOC2012 action {name} set is incomplete; unpack the archive again")
+        per_action.append(read_action_file(f))
+    keys = sorted(set().union(*per_action))
+    return _instances(year, name, keys, np.array([[a.get(k, 0) for a in per_action] for k in keys], np.int8))
+
+
+def load_test_persons(year: Path) -> ActionSet:
+    """The persons of the test set (labels unknown: 0): `ImageSets/Action/test.txt`."""
+    f = year / "ImageSets" / "Action" / "test.txt"
+    if not f.is_file():
+        raise MissingData(
+            f"{f} is missing: --test-server needs the VOC2012 test archive (VOC2012test.tar, from the "
+            "evaluation server) unpacked under --root"
+        )
+    keys = set()
+    for line in f.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            keys.add((parts[0], int(parts[1])))
+        elif parts:  # an image id alone: every object of the image that has <actions>
+            keys.update((parts[0], k) for k in _person_objects(year / "Annotations" / f"{parts[0]}.xml"))
+    keys = sorted(keys)
+    return _instances(year, "test", keys, np.zeros((len(keys), len(ACTIONS)), np.int8))
+
+
+def _person_objects(xml_file: Path) -> list[int]:
+    root = ET.parse(xml_file).getroot()
+    return [k for k, obj in enumerate(root.findall("object"), 1) if obj.find("actions") is not None]
+
+
+def _instances(year: Path, name: str, keys: list[tuple[str, int]], labels: np.ndarray) -> ActionSet:
+    boxes = []
+    cache: dict[str, list] = {}
+    for image_id, k in keys:
+        if image_id not in cache:
+            xml = year / "Annotations" / f"{image_id}.xml"
+            if not xml.is_file():
+                raise MissingData(f"{xml} is missing (listed in the action {name} set); unpack the archive again")
+            cache[image_id] = read_objects(xml)[0]
+        objects = cache[image_id]
+        if not 1 <= k <= len(objects):
+            raise BadInput(
+                f"ImageSets/Action lists object {k} of {image_id}, whose annotation has {len(objects)} "
+                "objects; the copy mixes versions: unpack the archive again"
+            )
+        boxes.append(objects[k - 1])
+    return ActionSet(
+        name, tuple(i for i, _ in keys), tuple(k for _, k in keys), np.array(boxes, np.int64).reshape(-1, 4), labels
+    )
+
+
+def action_shortfall(spec: DatasetSpec, year: Path) -> list[str]:
+    """What a copy lacks against the full action sets (persons listed, cheap line counts)."""
+    out = []
+    for name, full in spec.n_images.items():
+        files = [year / "ImageSets" / "Action" / f"{a}_{name}.txt" for a in ACTIONS]
+        n = max((sum(1 for line in f.read_text().splitlines() if line.strip()) for f in files if f.is_file()), default=0)
+        if n < full:
+            out.append(f"{n} of {full} {name} persons")
+    return out
+
+
+# -- features ----------------------------------------------------------------------------
+
+
+def region_table(sets: Sequence[ActionSet], margin: float = 0.0, sizes: dict[str, tuple] | None = None):
+    """The persons' boxes as a regions table (path = `<id>.jpg`, region = object index)."""
+    import pyarrow as pa
+
+    rows = {"path": [], "region": [], "x1": [], "y1": [], "x2": [], "y2": []}
+    for s in sets:
+        for image_id, k, box in zip(s.ids, s.objects, s.boxes):
+            x1, y1, x2, y2 = (int(v) for v in box)
+            if margin:
+                dx, dy = round(margin * (x2 - x1)), round(margin * (y2 - y1))
+                w, h = (sizes or {}).get(image_id, (None, None))
+                x1, y1 = max(0, x1 - dx), max(0, y1 - dy)
+                x2, y2 = (x2 + dx if w is None else min(w, x2 + dx)), (y2 + dy if h is None else min(h, y2 + dy))
+            for c, v in zip(rows, (f"{image_id}.jpg", str(k), x1, y1, x2, y2)):
+                rows[c].append(v)
+    return pa.table(rows)
+
+
+def _extract(config, inputs, out: Path, regions=None, progress=False) -> tuple[dict, float, int]:
+    result = extract_features(inputs, out, config, progress=progress, regions=regions)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return store.read_provenance(out), result.seconds, result.new_rows
+
+
+def _features(path: Path, keys: list[tuple]) -> np.ndarray:
+    """Rows of a feature file in the order of `keys` ((path,) or (path, region)); NaN if absent."""
+    columns = ["path", "region", "feature"] if len(keys[0]) == 2 else ["path", "feature"]
+    table = store.read_table(path, columns)
+    X = store.feature_matrix(table.column("feature"))
+    found = {k if len(keys[0]) == 2 else (k[0],): i for i, k in enumerate(store.row_keys(table))}
+    out = np.full((len(keys), X.shape[1]), np.nan, np.float32)
+    idx = np.array([found.get(k, -1) for k in keys])
+    out[idx >= 0] = X[idx[idx >= 0]]
+    return out
+
+
+def _l2(X: np.ndarray) -> np.ndarray:
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def stack(blocks: list[np.ndarray], norm: str = "final") -> np.ndarray:
+    """Blocks (each L2-normalised) side by side; "final" L2-normalises the stack once more."""
+    X = blocks[0] if len(blocks) == 1 else np.hstack(blocks)
+    return _l2(X) if norm == "final" and len(blocks) > 1 else X
+
+
+# -- the experiment ----------------------------------------------------------------------
+
+
+def evaluate_action(
+    pipeline: Pipeline,
+    *,
+    root: str | Path,
+    download: bool = False,
+    cache_dir: str | Path = ".featx-cache",
+    device: str = "auto",
+    batch_size: int = 8,
+    workers: int = 2,
+    jobs: int | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    results_dir: str | Path | None = None,
+    test_server: bool = False,
+):
+    """VOC2012 action classification (Table 12): both settings, every net and their fusion."""
+    from featx.evaluate.run import Evaluation, span_coordinates, _weights_text
+
+    log = log or (lambda message: None)
+    spec = get_spec(pipeline.dataset)
+    t0 = time.perf_counter()
+    root = Path(root).expanduser()
+    if download:
+        ensure_dataset(spec, root, progress=progress)
+    year = find_images(spec, root)
+    if year is None or not (year / "ImageSets" / "Action").is_dir():
+        raise MissingData(
+            f"{spec.title} not found under {root}: expected {root / spec.images}/ImageSets/Action; "
+            + where_to_put(spec, root)
+        )
+    notes = []
+    short = action_shortfall(spec, year)
+    if short:
+        notes.append(f"{spec.title} at {year} is incomplete ({', '.join(short)}): results are not comparable to the paper")
+        log(f"warning: {notes[-1]}")
+    train, test = load_action_set(year, spec.train_set), load_action_set(year, spec.test_set)
+    if test_server:
+        # As the paper did: train on trainval, score the test persons for the evaluation server.
+        train = _join(train, test, "trainval")
+        test = load_test_persons(year)
+    sets = (train, test)
+    jpegs = year / "JPEGImages"
+    image_ids = sorted({i for s in sets for i in s.ids})
+    missing = [i for i in image_ids if not (jpegs / f"{i}.jpg").is_file()]
+    if missing:
+        raise MissingData(f"{len(missing)} images of the action sets are missing from {jpegs} (first: {missing[0]}.jpg); "
+                          + where_to_put(spec, root))
+    regions = region_table(sets, pipeline.protocol.box_margin)
+    region_key = hashlib.sha256(json.dumps(regions.to_pydict(), separators=(",", ":")).encode()).hexdigest()[:12]
+
+    cache = Path(cache_dir).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    inputs = [jpegs / f"{i}.jpg" for i in image_ids]
+    blocks: dict[str, dict[str, list[np.ndarray]]] = {}
+    nets = []
+    for model in pipeline.features.models:
+        config = pipeline.features.config(model, device=device, batch_size=batch_size, workers=workers)
+        h = descriptor_hash(config)
+        image_file = cache / f"{spec.name}-image-{h}.parquet"
+        box_file = cache / f"{spec.name}-box-{h}-{region_key}.parquet"
+        log(f"{model}: image features in {image_file}, box features in {box_file}")
+        prov, s1, n1 = _extract(config, inputs, image_file, progress=progress)
+        _, s2, n2 = _extract(config, inputs, box_file, regions=regions, progress=progress)
+        blocks[model] = {}
+        for s in sets:
+            img = _features(image_file, [(f"{i}.jpg",) for i in s.ids])
+            box = _features(box_file, [(f"{i}.jpg", str(k)) for i, k in zip(s.ids, s.objects)])
+            blocks[model][s.name] = [img, box]
+        nets.append({"model": model, "files": [str(image_file), str(box_file)], "settings_hash": prov.get("settings_hash"),
+                     "extract_seconds": round(s1 + s2, 3), "new_rows": n1 + n2, "provenance": prov})
+
+    keep = {s.name: np.ones(len(s), bool) for s in sets}
+    for model in blocks:
+        for s in sets:
+            for B in blocks[model][s.name]:
+                keep[s.name] &= ~np.isnan(B[:, 0])
+    for s in sets:
+        if not keep[s.name].all():
+            notes.append(f"{int((~keep[s.name]).sum())} {s.name} persons have no features (their image failed) and are left out")
+
+    norm = pipeline.protocol.stack_norm
+    results, curves, scores_by = [], {}, {}
+    t_heads = time.perf_counter()
+    for models in pipeline.rows():
+        for setting, setting_name in SETTINGS.items():
+            parts = (0,) if setting == "image" else (0, 1)
+
+            def matrix(s):
+                # Per net, its image (and box) descriptor; then the nets side by side.
+                return stack([blocks[m][s.name][p][keep[s.name]] for p in parts for m in models], norm)
+
+            X_train, X_test = span_coordinates(matrix(train), matrix(test))
+            Y_train, Y_test = train.labels[keep[train.name]], test.labels[keep[test.name]]
+            est = HeldOutC(OneVsRest(pipeline.head.name, random_state=pipeline.protocol.seed), Cs=pipeline.head.C,
+                           holdout=pipeline.protocol.holdout, scoring="voc_ap", random_state=pipeline.protocol.seed,
+                           n_jobs=jobs)
+            est.fit(X_train, Y_train)
+            S = est.decision_function(X_test)
+            paper = pipeline.paper_result(models, setting)
+            label = f"{paper.label if paper else ' & '.join(models)}, {setting_name}"
+            scores_by[(models, setting)] = S
+            record = {"seed": pipeline.protocol.seed, "C": est.C_, "n_train": int(len(X_train)), "n_test": int(len(X_test)),
+                      "n_holdout": est.n_holdout_, "convergence_warnings": est.convergence_warnings_,
+                      "holdout_scores": {f"{C:g}": round(100 * v, 4) for C, v in est.scores_.items()}}
+            if not test_server:
+                ap07 = np.array([voc07_ap(Y_test[:, k], S[:, k]) for k in range(len(ACTIONS))])
+                area = np.array([voc_ap(Y_test[:, k], S[:, k]) for k in range(len(ACTIONS))])
+                record |= {"value": 100 * float(np.nanmean(area)), "area_mAP": 100 * float(np.nanmean(area)),
+                           "voc07_mAP": 100 * float(np.nanmean(ap07)),
+                           "per_class": {a: {"voc07_ap": _pct(x), "area_ap": _pct(y)} for a, x, y in zip(ACTIONS, ap07, area)}}
+                curves[label] = {a: precision_recall(Y_test[:, k], S[:, k]) for k, a in enumerate(ACTIONS)}
+            results.append({"label": label, "models": list(models), "setting": setting,
+                            "mean": record.get("value"), "std": None, "splits": [record]})
+    head_seconds = time.perf_counter() - t_heads
+
+    written = []
+    if results_dir is not None:
+        final = pipeline.rows()[-1]
+        for setting in SETTINGS:
+            written += write_results(Path(results_dir) / setting, test, keep[test.name], scores_by[(final, setting)])
+    n_instances = sum(int(keep[s.name].sum()) for s in sets)
+    extract_seconds = sum(n["extract_seconds"] for n in nets)
+    report = {
+        "dataset": spec.name,
+        "metric": "mAP",
+        "ap": "area",
+        "classes": list(ACTIONS),
+        "results": results,
+        "test_server": test_server,
+        "paper": {
+            "source": pipeline.paper_source,
+            "note": pipeline.paper_note,
+            "results": [{"label": r.label, "models": list(r.models), "setting": r.setting, "mean": r.mean, "std": r.std}
+                        for r in pipeline.paper],
+        },
+        "config": {
+            "pipeline": pipeline.to_dict(),
+            "weights": _weights_text(nets[0]["provenance"]),
+            "features": [{k: v for k, v in n.items() if k != "provenance"} for n in nets],
+            "root": str(root.resolve()),
+            "image_dir": str(jpegs),
+            "n_images": n_instances,
+            "n_persons": {s.name: int(keep[s.name].sum()) for s in sets},
+            "results_files": [str(p) for p in written],
+            "notes": notes + ([spec.note] if spec.note else []),
+            "featx_version": __version__,
+            "head_seconds": round(head_seconds, 3),
+            "extract_seconds_per_person": round(extract_seconds / max(n_instances, 1), 4),
+            "seconds": round(time.perf_counter() - t0, 3),
+        },
+    }
+    return Evaluation(report, curves)
+
+
+def write_results(folder: Path, persons: ActionSet, keep: np.ndarray, scores: np.ndarray) -> list[Path]:
+    """The devkit's result files: `comp10_action_<set>_<action>.txt`, `<id> <object index> <score>`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = [i for i, k in zip(persons.ids, keep) if k]
+    objects = [o for o, k in zip(persons.objects, keep) if k]
+    written = []
+    for j, action in enumerate(ACTIONS):
+        path = folder / f"{COMP}_action_{persons.name}_{action}.txt"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{i} {o} {s:.6f}\n" for i, o, s in zip(ids, objects, scores[:, j])))
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def _join(a: ActionSet, b: ActionSet, name: str) -> ActionSet:
+    return ActionSet(name, a.ids + b.ids, a.objects + b.objects, np.vstack([a.boxes, b.boxes]), np.vstack([a.labels, b.labels]))
+
+
+def _pct(x: float) -> float | None:
+    return None if np.isnan(x) else 100 * float(x)
