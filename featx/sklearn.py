@@ -18,7 +18,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from featx.errors import BadInput, MissingData
 from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, ExtractConfig
-from featx.extract.decode import Decoded, ImageError, decode, decode_image, upright_rgb
+from featx.extract.decode import Decoded, ImageError, crop_box, decode_image, open_upright, upright_rgb
+from featx.extract.regions import as_pixel
 from featx.extract import describer as factory
 from featx.extract.descriptor import DenseDescriber, combine, pooled_per_scale
 from featx.net.device import resolve_device
@@ -42,31 +43,55 @@ def describe_decoded(
     return combine(pooled_per_scale(describer, [d.scaled for d in decoded], scales, batch_size), aggregate).numpy()
 
 
-def _decode_one(x, i: int, scales: tuple[int, ...]) -> Decoded:
-    """One sample of X (path, PIL image, HxWx3 uint8 array) -> upright RGB rescaled to every Q."""
+def _upright(x, i: int) -> Image.Image:
+    """One image of X (path, PIL image, HxWx3 uint8 array) upright as 8-bit RGB, as files enter featx."""
     if isinstance(x, (str, os.PathLike)):
         file = Path(x).expanduser()
         if not file.is_file():
             raise MissingData(f"X[{i}] = {str(x)!r}: no such image file; pass paths of existing images")
         try:
-            return decode(file, scales, DEFAULT_MAX_PIXELS)
+            return open_upright(file, DEFAULT_MAX_PIXELS)
         except ImageError as e:
             raise BadInput(f"X[{i}] = {str(x)!r}: {e.message}") from None
     if isinstance(x, Image.Image):
-        img = upright_rgb(x)  # as for a file: EXIF orientation, then 8-bit RGB
-    elif isinstance(x, np.ndarray):
+        return upright_rgb(x)  # as for a file: EXIF orientation, then 8-bit RGB
+    if isinstance(x, np.ndarray):
         if x.ndim != 3 or x.shape[2] != 3 or x.dtype != np.uint8:
             raise BadInput(
                 f"X[{i}] is a {x.dtype} array of shape {x.shape}; arrays must be HxWx3 uint8 RGB "
                 f"(for gray or RGBA pass PIL.Image.fromarray(a), which is converted as files are)"
             )
-        img = Image.fromarray(x)  # HxWx3 uint8 is RGB
-    else:
-        raise BadInput(
-            f"X[{i}] is a {type(x).__name__}; VGGFeatures takes image paths, PIL images or "
-            f"HxWx3 uint8 arrays"
-        )
-    return decode_image(img, scales)
+        return Image.fromarray(x)  # HxWx3 uint8 is RGB
+    raise BadInput(
+        f"X[{i}] is a {type(x).__name__}; VGGFeatures takes image paths, PIL images, HxWx3 uint8 "
+        f"arrays, or (image, (x1, y1, x2, y2)) pairs"
+    )
+
+
+def _is_pair(x) -> bool:
+    """(image, box): a box is four numbers, never an image."""
+    if not (isinstance(x, tuple) and len(x) == 2):
+        return False
+    box = x[1]
+    return not isinstance(box, (str, os.PathLike, Image.Image)) and hasattr(box, "__len__") and len(box) == 4
+
+
+def _decode_one(x, i: int, scales: tuple[int, ...]) -> Decoded:
+    """One sample of X -> upright RGB (or the crop of an (image, box) pair) rescaled to every Q.
+
+    A box is (x1, y1, x2, y2) in upright pixels, 0-based, x2/y2 exclusive, as `featx extract
+    --regions`: the crop is taken before rescaling, so its smaller side becomes Q.
+    """
+    if not _is_pair(x):
+        return decode_image(_upright(x, i), scales)
+    image, box = x
+    coords = tuple(as_pixel(v) for v in box)
+    if None in coords:
+        raise BadInput(f"X[{i}] box {tuple(box)} is not four integer pixel coordinates (x1, y1, x2, y2)")
+    try:
+        return decode_image(crop_box(_upright(image, i), coords), scales)
+    except ImageError as e:
+        raise BadInput(f"X[{i}]: {e.message}") from None
 
 
 def _samples(X) -> list:
@@ -93,6 +118,9 @@ def _samples(X) -> list:
 
 class VGGFeatures(TransformerMixin, BaseEstimator):
     """The very deep features of images: paths, PIL images or HxWx3 uint8 arrays -> float32 [n, D].
+
+    A sample may also be an (image, (x1, y1, x2, y2)) pair: the features of that box, equal to
+    `featx extract --regions` for the same box.
 
     Paper: arXiv 1409.1556, Appendix B. Equal to `featx extract` for the same settings (see
     its options); `fit` ignores X and y, and loads the net once per process for all clones.

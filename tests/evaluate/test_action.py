@@ -131,3 +131,19 @@ def test_end_to_end_image_and_box_beats_image(voc, tmp_path):
     assert image_scores[0] == image_scores[1] == image_scores[2]  # one image, one score
     print(f"\nmAP image {image:.1f}, image and box {box:.1f}; "
           f"{report['config']['extract_seconds_per_person']:.3f} s per person to extract")
+
+
+def test_test_server_persons_come_from_test_txt_and_the_xml(voc, tmp_path):
+    import shutil
+
+    from featx.evaluate.action import load_test_persons
+
+    _, year = voc
+    copy = tmp_path / "VOC2012"
+    shutil.copytree(year, copy)
+    # As in the test archive: persons listed by image id and object index, boxes in the XML.
+    (copy / "ImageSets" / "Action" / "test.txt").write_text("2011_000009 3\n2011_000009 2\n2011_000010\n")
+    test = load_test_persons(copy)
+    assert list(zip(test.ids, test.objects)) == [("2011_000009", 2), ("2011_000009", 3),
+                                                  ("2011_000010", 2), ("2011_000010", 3), ("2011_000010", 4)]
+    assert tuple(test.boxes[0]) == ACTION_PERSON_BOXES[0] and not test.labels.any()

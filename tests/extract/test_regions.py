@@ -154,3 +154,19 @@ def test_cli_regions(folder, tmp_path):
     r = CliRunner().invoke(app, ["extract", str(folder), "-o", str(tmp_path / "x.parquet"), "--regions",
                                  str(tmp_path / "missing.csv"), "--weights", "random"])
     assert r.exit_code == 2 and "missing.csv" in r.output
+
+
+def test_vggfeatures_on_image_box_pairs_equals_the_region_rows(folder, tmp_path):
+    from featx.sklearn import VGGFeatures
+
+    boxes = [("a/one.png", 10, 20, 110, 140), ("a/two.png", 5, 5, 100, 170)]
+    out = tmp_path / "r.parquet"
+    table = pd.DataFrame(boxes, columns=["path", "x1", "y1", "x2", "y2"])
+    featx.extract_features(folder, out, regions=table, **SETTINGS)
+    rows = np.stack(featx.read_features(out)["feature"])
+    vgg = VGGFeatures(model="vgg11", weights="random", layer="pool5", scales=(64, 96), precision="fp32")
+    image = Image.open(folder / "a" / "two.png")
+    X = vgg.fit_transform([(str(folder / "a" / "one.png"), (10, 20, 110, 140)), (image, [5, 5, 100, 170])])
+    np.testing.assert_allclose(X, rows, atol=1e-5)
+    with pytest.raises(BadInput, match="outside"):
+        vgg.transform([(image, (0, 0, 500, 10))])
