@@ -190,3 +190,24 @@ def test_info_counts_the_failures_of_a_ray_folder(on_ray):
     assert result.exit_code == 0, result.output
     errors = errors_path(on_ray.output)
     assert f"1 image, listed in {errors}" in result.output
+
+
+@pytest.mark.slow
+def test_regions_on_ray_equal_the_local_engine(ray_local, folder, tmp_path):
+    regions = pd.DataFrame(
+        [("dogs/img_000.jpg", "a", 0, 0, 150, 200), ("dogs/img_000.jpg", "b", 100, 20, 300, 225),
+         ("cats/img_001.jpg", "c", 10, 10, 250, 220), ("cats/img_000.jpg", "bad", 0, 0, 999, 10)],
+        columns=["path", "region", "x1", "y1", "x2", "y2"],
+    )
+    local = featx.extract_features(folder, tmp_path / "local.parquet", regions=regions, **SETTINGS)
+    on_ray = ray_engine.extract_ray(folder, tmp_path / "ray", regions=regions, rows_per_group=PART, **SETTINGS)
+    a = featx.read_features(local.output).sort_values(["path", "region"]).reset_index(drop=True)
+    b = featx.read_features(on_ray.output).sort_values(["path", "region"]).reset_index(drop=True)
+    assert a["region"].tolist() == ["c", "a", "b"]
+    pd.testing.assert_frame_equal(a.drop(columns="feature"), b.drop(columns="feature"))
+    assert np.abs(np.stack(a["feature"]) - np.stack(b["feature"])).max() < 1e-5
+    assert local.failures == on_ray.failures == 1
+    errors = pq.read_table(on_ray.errors_file).to_pylist()
+    assert [(e["region"], e["error"]) for e in errors] == [("bad", "BoxOutsideImage")]
+    again = ray_engine.extract_ray(folder, tmp_path / "ray", regions=regions, rows_per_group=PART, **SETTINGS)
+    assert again.new_rows == 0 and again.rows == 3
