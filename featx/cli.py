@@ -156,9 +156,10 @@ def extract(
     rate = result.images_per_second
     changes = result.changes
     changed = f", {changes.replaced} replaced, {changes.dropped} dropped" if changes and (changes.replaced or changes.dropped) else ""
+    unit = "regions" if regions is not None else "images"
     typer.echo(
-        f"{result.output}: {result.rows} images ({result.new_rows} new{changed}), {result.failures} failures, "
-        f"{result.seconds:.1f} s, {rate:.2f} images/s"
+        f"{result.output}: {result.rows} {unit} ({result.new_rows} new{changed}), {result.failures} failures, "
+        f"{result.seconds:.1f} s, {rate:.2f} {unit}/s"
         + (f"; failures listed in {result.errors_file}" if result.errors_file else "")
     )
     if profile:

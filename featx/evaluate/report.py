@@ -105,6 +105,8 @@ def write_report(evaluation: Evaluation, path: str | Path) -> list[Path]:
     matplotlib.use("Agg")  # files only: no display needed (and none on a server)
     for r in report["results"]:
         stem = f"{path.stem}-{_slug(r['label'])}"
+        if r["mean"] is None:  # --test-server: no labels, nothing to plot
+            continue
         if report["metric"] == "mean_class_recall":
             written.append(_plot_recall(report, r, path.with_name(f"{stem}-recall.png")))
         else:

@@ -117,7 +117,8 @@ def test_end_to_end_image_and_box_beats_image(voc, tmp_path):
     assert box > image + 10 and box > 90, (image, box)
     assert set(by["image"]["splits"][0]["per_class"]) == set(ACTIONS)
     assert report["config"]["n_persons"] == {"train": 24, "val": 24}
-    assert "test-server" in " ".join(report["config"]["notes"])
+    notes = " ".join(report["config"]["notes"])
+    assert "test-server" in notes and "24 of 3134 train persons" in notes and "not comparable" in notes
 
     # The devkit's result files: one per action and setting, every val person, "<id> <obj> <score>".
     val = load_action_set(year, "val")
@@ -147,3 +148,35 @@ def test_test_server_persons_come_from_test_txt_and_the_xml(voc, tmp_path):
     assert list(zip(test.ids, test.objects)) == [("2011_000009", 2), ("2011_000009", 3),
                                                   ("2011_000010", 2), ("2011_000010", 3), ("2011_000010", 4)]
     assert tuple(test.boxes[0]) == ACTION_PERSON_BOXES[0] and not test.labels.any()
+
+
+@pytest.mark.slow
+def test_shipped_pipeline_with_test_server_writes_the_test_files(voc, tmp_path):
+    import shutil
+
+    root, year = voc
+    copy = tmp_path / "data"
+    shutil.copytree(root / "VOCdevkit", copy / "VOCdevkit")
+    # The test archive adds its persons (by image id and object index) and their XML/JPEGs.
+    test_year = make_voc_action(tmp_path / "test", {"test": 2})
+    for sub in ("Annotations", "JPEGImages"):
+        for f in (test_year / sub).iterdir():
+            shutil.copy(f, copy / "VOCdevkit" / "VOC2012" / sub / f.name.replace("2011_", "2012_"))
+    ids = sorted(f.stem.replace("2011_", "2012_") for f in (test_year / "JPEGImages").iterdir())
+    (copy / "VOCdevkit" / "VOC2012" / "ImageSets" / "Action" / "test.txt").write_text(
+        "".join(f"{i} {k}\n" for i in ids for k in (2, 3, 4))
+    )
+    r = CliRunner().invoke(app, [
+        "evaluate", "--dataset", "voc2012-action", "--root", str(copy), "--model", "vgg11", "--weights", "random",
+        "--scales", "224", "--no-flip", "--cache-dir", str(tmp_path / "cache"), "--test-server",
+        "--results", str(tmp_path / "results"), "--report", str(tmp_path / "r.json"), "--quiet",
+    ])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["test_server"] and report["config"]["n_persons"] == {"trainval": 48, "test": 6}
+    assert all(x["mean"] is None for x in report["results"])
+    for setting in ("image", "image_box"):
+        lines = (tmp_path / "results" / setting / "comp10_action_test_walking.txt").read_text().splitlines()
+        assert [tuple(line.split()[:2]) for line in lines] == [(i, str(k)) for i in ids for k in (2, 3, 4)]
+    r = CliRunner().invoke(app, ["evaluate", "--dataset", "voc2012-action", "--root", str(copy), "--test-server"])
+    assert r.exit_code == 2 and "--results" in r.output
