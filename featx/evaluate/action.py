@@ -252,7 +252,7 @@ def evaluate_action(
     test_server: bool = False,
 ):
     """VOC2012 action classification (Table 12): both settings, every net and their fusion."""
-    from featx.evaluate.run import Evaluation, span_coordinates, _weights_text
+    from featx.evaluate.run import Evaluation, span_coordinates, weights_text
 
     log = log or (lambda message: None)
     spec = get_spec(pipeline.dataset)
@@ -361,6 +361,15 @@ def evaluate_action(
     report = {
         "dataset": spec.name,
         "metric": "mAP",
+        # Table 12 at a glance: each setting's mAP and per-action AP for the last row (D & E).
+        "settings": {
+            r["setting"]: {
+                "label": r["label"],
+                "mAP": r["mean"],
+                "per_action": {a: v["area_ap"] for a, v in r["splits"][0].get("per_class", {}).items()},
+            }
+            for r in results if tuple(r["models"]) == pipeline.rows()[-1]
+        },
         "ap": "area",
         "classes": list(ACTIONS),
         "results": results,
@@ -373,7 +382,7 @@ def evaluate_action(
         },
         "config": {
             "pipeline": pipeline.to_dict(),
-            "weights": _weights_text(nets[0]["provenance"]),
+            "weights": weights_text(nets[0]["provenance"]),
             "features": [{k: v for k, v in n.items() if k != "provenance"} for n in nets],
             "root": str(root.resolve()),
             "image_dir": str(jpegs),

@@ -164,7 +164,7 @@ def evaluate(
         },
         "config": {
             "pipeline": pipeline.to_dict(),
-            "weights": _weights_text(nets[0].provenance),
+            "weights": weights_text(nets[0].provenance),
             "features": [
                 {
                     "model": n.model,
@@ -420,7 +420,8 @@ def _row_label(pipeline: Pipeline, models: tuple[str, ...]) -> str:
     return paper.label if paper is not None else " & ".join(models)
 
 
-def _weights_text(prov: dict) -> str:
+def weights_text(prov: dict) -> str:
+    """The weights a feature file was made with, in words for the report."""
     w = prov.get("weights", {})
     kind = w.get("kind")
     if kind == "random":

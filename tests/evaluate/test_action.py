@@ -116,6 +116,7 @@ def test_end_to_end_image_and_box_beats_image(voc, tmp_path):
     # Image-only scores tie for the three persons of an image, whose actions differ.
     assert box > image + 10 and box > 90, (image, box)
     assert set(by["image"]["splits"][0]["per_class"]) == set(ACTIONS)
+    assert report["settings"]["image_box"]["mAP"] == box and set(report["settings"]["image"]["per_action"]) == set(ACTIONS)
     assert report["config"]["n_persons"] == {"train": 24, "val": 24}
     notes = " ".join(report["config"]["notes"])
     assert "test-server" in notes and "24 of 3134 train persons" in notes and "not comparable" in notes
