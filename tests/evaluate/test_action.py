@@ -152,7 +152,7 @@ def test_test_server_persons_come_from_test_txt_and_the_xml(voc, tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_pipeline_with_test_server_writes_the_test_files(voc, tmp_path):
+def test_test_server_trains_on_trainval_and_writes_the_test_files(voc, tmp_path):
     import shutil
 
     root, year = voc
@@ -167,10 +167,11 @@ def test_shipped_pipeline_with_test_server_writes_the_test_files(voc, tmp_path):
     (copy / "VOCdevkit" / "VOC2012" / "ImageSets" / "Action" / "test.txt").write_text(
         "".join(f"{i} {k}\n" for i in ids for k in (2, 3, 4))
     )
+    pipeline = tmp_path / "action.toml"
+    pipeline.write_text(PIPELINE)
     r = CliRunner().invoke(app, [
-        "evaluate", "--dataset", "voc2012-action", "--root", str(copy), "--model", "vgg11", "--weights", "random",
-        "--scales", "224", "--no-flip", "--cache-dir", str(tmp_path / "cache"), "--test-server",
-        "--results", str(tmp_path / "results"), "--report", str(tmp_path / "r.json"), "--quiet",
+        "evaluate", "--pipeline", str(pipeline), "--root", str(copy), "--cache-dir", str(tmp_path / "cache"),
+        "--test-server", "--results", str(tmp_path / "results"), "--report", str(tmp_path / "r.json"), "--quiet",
     ])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "r.json").read_text())
@@ -179,5 +180,12 @@ def test_shipped_pipeline_with_test_server_writes_the_test_files(voc, tmp_path):
     for setting in ("image", "image_box"):
         lines = (tmp_path / "results" / setting / "comp10_action_test_walking.txt").read_text().splitlines()
         assert [tuple(line.split()[:2]) for line in lines] == [(i, str(k)) for i in ids for k in (2, 3, 4)]
-    r = CliRunner().invoke(app, ["evaluate", "--dataset", "voc2012-action", "--root", str(copy), "--test-server"])
+
+
+def test_the_shipped_experiment_runs_from_the_cli_and_says_what_is_missing(tmp_path):
+    r = CliRunner().invoke(app, ["evaluate", "--dataset", "voc2012-action", "--root", str(tmp_path)])
+    assert r.exit_code == 2 and "PASCAL VOC 2012 action not found" in r.output and "--download" in r.output
+    r = CliRunner().invoke(app, ["evaluate", "--dataset", "voc2012-action", "--root", str(tmp_path), "--test-server"])
     assert r.exit_code == 2 and "--results" in r.output
+    r = CliRunner().invoke(app, ["evaluate", "--dataset", "voc2007", "--root", str(tmp_path), "--results", str(tmp_path)])
+    assert r.exit_code == 2 and "voc2012-action only" in r.output
