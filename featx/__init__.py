@@ -27,6 +27,8 @@ _LAZY = {
     "read_features": "featx.store.read",
     "read_provenance": "featx.store.read",
     "VGGFeatures": "featx.sklearn",
+    "probe": "featx.downstream.probe",
+    "Index": "featx.downstream.search",
 }
 
 __all__ = [

@@ -321,3 +321,135 @@ def evaluate(
     if report is not None:
         for path in call(write_report, result, report):
             typer.echo(f"wrote {path}", err=True)
+
+
+# -- featx probe, index, neighbours (your own data) ----------------------------------------
+
+
+@app.command()
+def probe(
+    source: Annotated[Path, typer.Argument(help="An image folder (labels: its subfolders) or a feature file/folder from featx extract.")],
+    labels: Annotated[Optional[Path], typer.Option(help="CSV or Parquet with path,label (or path,labels: a list, 'a;b' in CSV, for multi-label).")] = None,
+    splits: Annotated[int, typer.Option(help="Seeded splits; mean ± std over them.")] = 3,
+    test_size: Annotated[float, typer.Option(help="Fraction of each class tested (stratified).")] = 0.2,
+    train_per_class: Annotated[Optional[int], typer.Option(help="Few-shot: K training images per class, the rest tested (instead of --test-size).")] = None,
+    head: Annotated[HeadName, typer.Option(help="Classifier: svm (linear SVM, the paper's) or logreg; C chosen on held-out training images.")] = HeadName.svm,
+    seed: Annotated[int, typer.Option(help="Seed of the first split (split i uses seed + i).")] = 0,
+    drop_small_classes: Annotated[bool, typer.Option(help="Probe without the classes that have too few images (default: refuse, naming them).")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here, with a confusion matrix and per-class bars (PNG) beside it.")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(help="Write path, split, label, predicted, score per test image per split (.parquet).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where an image folder's features are cached (as featx evaluate's).")] = None,
+    model: Annotated[Model, typer.Option(help="torchvision VGG: D = vgg16, E = vgg19.")] = "vgg16",
+    weights: Annotated[str, typer.Option(help="'default' (ImageNet), a state-dict FILE, or 'random' (tests only: chance level).")] = "default",
+    layer: Annotated[Layer, typer.Option(help="fc7 (the paper's), fc6, or pool5 (512-D).")] = Layer.fc7,
+    scales: Annotated[str, typer.Option(help="Smaller-side sizes Q, comma-separated.")] = ",".join(map(str, DEFAULT_SCALES)),
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Average with the horizontally flipped image.")] = True,
+    aggregate: Annotated[Aggregate, typer.Option(help="Combine scales by mean (VOC) or stack (Caltech).")] = Aggregate.mean,
+    precision: Annotated[Precision, typer.Option(help="Model precision (auto = bf16 where native, else fp32).")] = Precision.auto,
+    device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N].")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
+    max_pixels: Annotated[int, typer.Option(help="Refuse larger images before decoding them.")] = DEFAULT_MAX_PIXELS,
+    bucket: Annotated[int, typer.Option(help="0 = exact resize; N = snap the longer side to a multiple of N (changes numbers).")] = 0,
+    weights_seed: Annotated[int, typer.Option(help="Seed of --weights random.")] = 0,
+    jobs: Annotated[Optional[int], typer.Option(help="Processes fitting the C grid in parallel (same results).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+) -> None:
+    """How well do the features transfer to your labelled images? The paper's protocol on your folder."""
+    from featx.downstream.probe import check_output_path, print_report, write_predictions, write_report
+    from featx.downstream.probe import probe as run_probe
+
+    warnings.showwarning = _warn_one_line
+    if report is not None:
+        call(check_output_path, report, ".json", "--report")
+    if predictions is not None:
+        call(check_output_path, predictions, ".parquet", "--predictions")
+    log = logging.getLogger("featx").info if not quiet else None
+    result = call(
+        run_probe, source, labels=labels, splits=splits, test_size=test_size, train_per_class=train_per_class,
+        head=head.value, seed=seed, drop_small_classes=drop_small_classes, cache_dir=cache_dir, jobs=jobs,
+        progress=not quiet, log=log,
+        model=model.value, weights=weights, layer=layer.value, scales=parse_scales(scales), flip=flip,
+        aggregate=aggregate.value, precision=precision.value, device=device, batch_size=batch_size,
+        workers=workers, max_pixels=max_pixels, bucket=bucket, weights_seed=weights_seed,
+    )
+    print_report(result)
+    if report is not None:
+        for path in call(write_report, result, report):
+            typer.echo(f"wrote {path}", err=True)
+    if predictions is not None:
+        typer.echo(f"wrote {call(write_predictions, result, predictions)}", err=True)
+
+
+class IndexKind(str, Enum):
+    flat = "flat"
+    hnsw = "hnsw"
+    ivf = "ivf"
+
+
+@app.command()
+def index(
+    features: Annotated[Path, typer.Argument(help="A feature file or folder from featx extract.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The index folder to write.")],
+    kind: Annotated[IndexKind, typer.Option(help="flat: exact cosine; hnsw or ivf: approximate, for large sets (recall@k printed).")] = IndexKind.flat,
+    images: Annotated[Optional[Path], typer.Option(help="The folder the features were extracted from (for --sheet thumbnails).")] = None,
+    m: Annotated[int, typer.Option(help="hnsw: links per node.")] = 32,
+    ef_search: Annotated[int, typer.Option(help="hnsw: candidates kept while searching (more: better recall, slower).")] = 128,
+    nlist: Annotated[Optional[int], typer.Option(help="ivf: number of lists (default about 4 sqrt(rows)).")] = None,
+    nprobe: Annotated[int, typer.Option(help="ivf: lists visited per query (more: better recall, slower).")] = 32,
+    recall_k: Annotated[int, typer.Option(help="k of the recall@k measured for approximate kinds.")] = 10,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing index.")] = False,
+) -> None:
+    """Build a nearest-neighbour index (cosine, FAISS) over a feature file or folder."""
+    from featx.downstream.search import Index
+
+    built = call(Index.build, features, kind.value, m=m, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
+                 recall_k=recall_k, images=images)
+    call(built.save, output, overwrite=overwrite)
+    typer.echo(f"{output}: {len(built)} rows × {built.dim}, {kind.value} index, built in {built.build_seconds:.1f} s")
+    if built.recall is not None:
+        r = built.recall
+        typer.echo(
+            f"  recall@{r['k']} against exact search: {r['recall']:.3f} ({r['queries']} of the rows as queries, "
+            f"{r['query_ms']:.3f} ms per query); raise "
+            + ("--ef-search" if kind is IndexKind.hnsw else "--nprobe") + " for more"
+        )
+
+
+@app.command()
+def neighbours(
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="An index folder from featx index.")],
+    queries: Annotated[Optional[list[Path]], typer.Argument(metavar="QUERY...", help="Image files, image folders or feature files.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Neighbours per query.")] = 10,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the table to FILE.parquet or FILE.csv instead of stdout.")] = None,
+    sheet: Annotated[Optional[Path], typer.Option(help="Draw each query beside its neighbours in FILE.png.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Folder of the indexed images, for --sheet (default: the one given to featx index).")] = None,
+    duplicates: Annotated[Optional[float], typer.Option(help="List pairs of indexed rows with cosine >= THRESHOLD (exact), e.g. 0.95.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="The weights FILE the index's features were made with (needed for image queries if a file).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N] (to describe query images).")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+) -> None:
+    """The nearest indexed images of each query by cosine; or near-duplicate pairs (--duplicates)."""
+    from featx.downstream.search import Index, draw_sheet
+
+    warnings.showwarning = _warn_one_line
+    if output is not None and output.suffix.lower() not in (".parquet", ".csv"):
+        fail(f"-o {output} must end in .parquet or .csv")
+    if not queries and duplicates is None:
+        fail("give a QUERY (image, folder or feature file), or --duplicates THRESHOLD")
+    idx = call(Index.load, index_dir)
+    if duplicates is not None:
+        table = call(idx.duplicates, duplicates)
+    else:
+        table = call(idx.neighbours, queries, k, weights=weights, device=device, batch_size=batch_size)
+        if sheet is not None:
+            where = images if images is not None else idx.images
+            typer.echo(f"wrote {call(draw_sheet, table, sheet, images=where)}", err=True)
+    if output is None:
+        typer.echo(table.to_string(index=False, float_format=lambda x: f"{x:.4f}") if len(table) else "(no pairs)")
+    elif output.suffix.lower() == ".csv":
+        table.to_csv(output, index=False)
+        typer.echo(f"wrote {output} ({len(table)} rows)", err=True)
+    else:
+        table.to_parquet(output, index=False)
+        typer.echo(f"wrote {output} ({len(table)} rows)", err=True)

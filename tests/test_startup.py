@@ -14,7 +14,7 @@ import pytest
 
 from featx import store
 
-HEAVY = ("torch", "torchvision", "sklearn", "ray", "scipy", "matplotlib")
+HEAVY = ("torch", "torchvision", "sklearn", "ray", "scipy", "matplotlib", "faiss")
 
 PROBE = """
 import json, sys
@@ -44,7 +44,9 @@ def feature_file(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("args", [["--help"], ["extract", "--help"], ["evaluate", "--help"], ["info", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["extract", "--help"], ["evaluate", "--help"], ["info", "--help"],
+    ["probe", "--help"], ["index", "--help"], ["neighbours", "--help"],
+])
 def test_help_imports_no_heavy_library(args):
     assert imported_by(*args) == []
 

@@ -18,6 +18,7 @@ import torch
 import torchvision
 
 from featx import __version__
+from featx.errors import BadInput, MissingData, SettingsMismatch
 from featx.extract.config import ExtractConfig, descriptor_settings, settings_hash
 from featx.extract.decode import RESIZE
 from featx.extract.descriptor import DenseDescriber
@@ -146,3 +147,59 @@ def provenance(
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
     }
+
+
+def config_from_provenance(
+    prov: dict, *, weights: str | None = None, device: str = "auto", batch_size: int = 8, workers: int = 2
+) -> ExtractConfig:
+    """The ExtractConfig that describes new images as a feature file's rows were described.
+
+    `prov` is the file's `featx` metadata. A weights file is recorded by name and sha256 only,
+    so its path must be given as `weights`. The rebuilt settings must give the file's settings
+    hash: a query described otherwise would not be comparable with the rows.
+    """
+    settings = prov.get("settings") or {}
+    identity = settings.get("weights") or prov.get("weights") or {}
+    kind = identity.get("kind")
+    if weights is None:
+        if kind == "random":
+            weights = "random"
+        elif kind == "torchvision":
+            weights = identity["name"]
+        elif kind == "file":
+            raise MissingData(
+                f"the features were made with the weights file {identity.get('file')} "
+                f"(sha256 {str(identity.get('sha256'))[:12]}…); pass its path with --weights FILE"
+            )
+        else:
+            raise BadInput(f"the feature file records no weights ({identity!r}); it was not written by featx extract")
+    try:
+        config = ExtractConfig(
+            model=settings.get("model", prov.get("model")),
+            weights=weights,
+            layer=settings.get("layer", prov.get("layer")),
+            scales=tuple(settings.get("scales", prov.get("scales", ()))),
+            flip=bool(settings.get("flip", prov.get("flip"))),
+            aggregate=settings.get("aggregate", prov.get("aggregate")),
+            precision=settings.get("precision", prov.get("precision")),
+            bucket=int(settings.get("bucket", prov.get("bucket", 0)) or 0),
+            seed=int(identity.get("seed", 0)) if kind == "random" else 0,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+        )
+    except TypeError as e:  # a field missing from an old or foreign file
+        raise BadInput(f"the feature file's provenance is incomplete ({e}); extract the features again") from None
+    # Region features describe crops with the same descriptor: the regions table is no setting of it.
+    recorded = {k: v for k, v in settings.items() if k != "regions"}
+    want = settings_hash(recorded) if recorded else prov.get("settings_hash")
+    got = descriptor_hash(config)
+    if want is not None and got != want:
+        from featx.store import differing
+
+        new = provenance(config, device="cpu")
+        raise SettingsMismatch(
+            f"the rebuilt descriptor settings do not match the feature file's "
+            f"({differing(prov, new)}); pass the weights the features were made with"
+        )
+    return config

@@ -1,0 +1,1 @@
+"""Downstream use of feature files: probe (your classes, the paper's protocol) and search (FAISS)."""

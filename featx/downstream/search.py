@@ -1,0 +1,483 @@
+"""Similarity search over feature files: a FAISS index of the L2-normalised descriptors.
+
+Rows are L2-normalised (arXiv 1409.1556, Appendix B), so cosine similarity is an inner
+product: the exact index is FAISS's flat inner-product index; for large sets HNSW or IVF
+answer approximately, and their recall@k against the exact answer is measured when built.
+An index is a folder: `faiss.index`, `rows.parquet` (path, label per row) and `index.json`
+(kind, search parameters, measured recall, and the feature file's provenance, so that a
+query image is described exactly as the rows were).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from featx import store
+from featx.errors import BadInput, MissingData, SettingsMismatch
+
+KINDS = ("flat", "hnsw", "ivf")
+INDEX_FILE, ROWS_FILE, META_FILE = "faiss.index", "rows.parquet", "index.json"
+# Rows of the collection used as queries to measure an approximate index's recall.
+RECALL_QUERIES = 1000
+# Query rows per FAISS call when listing duplicates: bounds the result buffers.
+BLOCK = 4096
+
+
+def faiss_module():
+    """The faiss module, or one line naming the extra that installs it."""
+    try:
+        import faiss
+    except ImportError:
+        raise MissingData(
+            "similarity search needs FAISS, which is not installed; pip install 'featx[search]' (faiss-cpu)"
+        ) from None
+    return faiss
+
+
+@dataclass
+class Index:
+    """Nearest neighbours by cosine over the rows of a feature file or folder.
+
+    `Index.build(features)` makes one (exact by default), `save`/`load` keep it as a folder,
+    `neighbours(queries, k)` answers image files, folders, feature files or a matrix.
+    """
+
+    index: object  # a faiss.Index over L2-normalised rows, inner product metric
+    rows: pd.DataFrame  # path, label: row i of the index
+    provenance: dict  # the `featx` metadata of the indexed features
+    kind: str = "flat"
+    params: dict = field(default_factory=dict)  # hnsw: m, ef_search; ivf: nlist, nprobe
+    recall: dict | None = None  # approximate kinds: {"k", "queries", "recall"}
+    build_seconds: float = 0.0
+    images: str | None = None  # where the indexed images are (for thumbnails), if known
+
+    # -- build -------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        features: str | Path,
+        kind: str = "flat",
+        *,
+        m: int = 32,
+        ef_search: int = 128,
+        nlist: int | None = None,
+        nprobe: int = 32,
+        recall_k: int = 10,
+        seed: int = 0,
+        images: str | Path | None = None,
+    ) -> Index:
+        """Index the rows of a feature file or folder; approximate kinds measure recall@k."""
+        faiss_module()  # before reading gigabytes of rows
+        table = store.read_table(features, ["path", "label", "feature"])
+        if table.num_rows == 0:
+            raise BadInput(f"{features} holds no rows; extract some images first")
+        X = store.feature_matrix(table.column("feature"))
+        rows = table.select(["path", "label"]).to_pandas()
+        return cls.from_matrix(
+            X, rows, store.read_provenance(features), kind, m=m, ef_search=ef_search, nlist=nlist,
+            nprobe=nprobe, recall_k=recall_k, seed=seed, images=images,
+        )
+
+    @classmethod
+    def from_matrix(
+        cls,
+        X: np.ndarray,
+        rows: pd.DataFrame,
+        provenance: dict | None = None,
+        kind: str = "flat",
+        *,
+        m: int = 32,
+        ef_search: int = 128,
+        nlist: int | None = None,
+        nprobe: int = 32,
+        recall_k: int = 10,
+        seed: int = 0,
+        images: str | Path | None = None,
+    ) -> Index:
+        """Index the rows of X (float [n, D]; normalised here) named by `rows` (path, label)."""
+        faiss = faiss_module()
+        if kind not in KINDS:
+            raise BadInput(f"unknown --kind {kind!r}; choose one of {', '.join(KINDS)}")
+        X = normalized(X)
+        n, d = X.shape
+        if len(rows) != n:
+            raise BadInput(f"{len(rows)} row names for {n} rows; give one path per row")
+        t = time.perf_counter()
+        params: dict = {}
+        if kind == "flat":
+            index = faiss.IndexFlatIP(d)
+        elif kind == "hnsw":
+            if m < 4:
+                raise BadInput(f"--m {m} is too small for HNSW; use 16-64")
+            index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = max(40, 2 * m)
+            params = {"m": m, "ef_construction": index.hnsw.efConstruction, "ef_search": ef_search}
+        else:
+            # FAISS's rule of thumb: about 4 * sqrt(n) lists, each trained on >= 39 points.
+            nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
+            if not 1 <= nlist <= n:
+                raise BadInput(f"--nlist {nlist} must be between 1 and the {n} rows")
+            quantizer = faiss.IndexFlatIP(d)
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = seed
+            index.train(X)
+            params = {"nlist": nlist, "nprobe": min(nprobe, nlist)}
+        index.add(X)
+        seconds = time.perf_counter() - t
+        result = cls(index, rows.reset_index(drop=True)[["path", "label"]], provenance or {}, kind, params,
+                     None, seconds, str(Path(images).resolve()) if images is not None else None)
+        result._apply_params()
+        if kind != "flat":
+            result.recall = measure_recall(result, X, recall_k, seed)
+        return result
+
+    def _apply_params(self) -> None:
+        # Search-time parameters are not all kept by faiss.write_index: set them on every load.
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = int(self.params["ef_search"])
+        elif self.kind == "ivf":
+            self.index.nprobe = int(self.params["nprobe"])
+
+    # -- persist -------------------------------------------------------------------------
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the index folder; it appears complete or not at all."""
+        faiss = faiss_module()
+        path = Path(path).expanduser()
+        if path.exists():
+            if not (path / META_FILE).is_file():
+                raise BadInput(f"-o {path} exists and is not a featx index; choose a new name")
+            if not overwrite:
+                raise BadInput(f"-o {path} already holds an index; pass --overwrite to replace it")
+        if not path.parent.is_dir():
+            raise MissingData(f"-o {path}: folder {path.parent} does not exist; create it first")
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            faiss.write_index(self.index, str(tmp / INDEX_FILE))
+            pq.write_table(pa.Table.from_pandas(self.rows, preserve_index=False), tmp / ROWS_FILE)
+            meta = {
+                "kind": self.kind,
+                "params": self.params,
+                "recall": self.recall,
+                "rows": len(self),
+                "dim": self.dim,
+                "build_seconds": round(self.build_seconds, 3),
+                "images": self.images,
+                "provenance": self.provenance,
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Index:
+        """An index folder written by `save` (or `featx index`)."""
+        faiss = faiss_module()
+        path = Path(path).expanduser()
+        if not (path / META_FILE).is_file():
+            raise MissingData(f"{path}: not a featx index (no {META_FILE}); build one with `featx index FEATURES -o {path}`")
+        meta = json.loads((path / META_FILE).read_text())
+        index = faiss.read_index(str(path / INDEX_FILE))
+        rows = pq.read_table(path / ROWS_FILE).to_pandas()
+        result = cls(index, rows, meta.get("provenance", {}), meta["kind"], meta.get("params", {}),
+                     meta.get("recall"), meta.get("build_seconds", 0.0), meta.get("images"))
+        result._apply_params()
+        return result
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    # -- search --------------------------------------------------------------------------
+    def search(self, X: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, row ids), each [n, k], best first: cosine of the normalised rows of X."""
+        X = normalized(X)
+        if X.shape[1] != self.dim:
+            raise SettingsMismatch(f"queries have {X.shape[1]} dimensions, the index {self.dim}; use features of the same descriptor")
+        if k < 1:
+            raise BadInput(f"-k {k} must be at least 1")
+        return self.index.search(X, min(k, len(self)))
+
+    def neighbours(
+        self,
+        queries,
+        k: int = 10,
+        *,
+        weights: str | None = None,
+        device: str = "auto",
+        batch_size: int = 8,
+    ) -> pd.DataFrame:
+        """The k nearest rows of each query: columns query, rank (1 first), path, label, score.
+
+        A query is an image file (described with the settings recorded in the index's
+        features), a folder of images, or a feature file of the same descriptor; or pass a
+        matrix X (queries named q0, q1, ...).
+        """
+        if isinstance(queries, np.ndarray):
+            names, X = [f"q{i}" for i in range(len(queries))], queries
+        else:
+            names, X = self.query_features(queries, weights=weights, device=device, batch_size=batch_size)
+        scores, ids = self.search(X, k)
+        return self.table(names, scores, ids)
+
+    def table(self, names: list[str], scores: np.ndarray, ids: np.ndarray) -> pd.DataFrame:
+        """The neighbours table of `search`'s answer for queries called `names`."""
+        n, k = ids.shape
+        keep = ids.reshape(-1) >= 0  # an approximate index may find fewer than k
+        flat = np.where(keep, ids.reshape(-1), 0)
+        return pd.DataFrame(
+            {
+                "query": np.repeat(np.asarray(names, dtype=object), k)[keep],
+                "rank": np.tile(np.arange(1, k + 1), n)[keep],
+                "path": self.rows["path"].to_numpy()[flat][keep],
+                "label": self.rows["label"].to_numpy()[flat][keep],
+                "score": scores.reshape(-1)[keep].astype(np.float32),
+            }
+        )
+
+    def query_features(
+        self, queries, *, weights: str | None = None, device: str = "auto", batch_size: int = 8
+    ) -> tuple[list[str], np.ndarray]:
+        """(names, X) of image files, image folders and feature files, in the order given."""
+        if isinstance(queries, (str, os.PathLike)):
+            queries = [queries]
+        names: list[str] = []
+        blocks: list[np.ndarray] = []
+        images: list[Path] = []
+
+        def flush():
+            if images:
+                n, X = describe_images(images, self.provenance, weights=weights, device=device, batch_size=batch_size)
+                names.extend(n)
+                blocks.append(X)
+                images.clear()
+
+        for q in queries:
+            q = Path(q).expanduser()
+            if not q.exists():
+                raise MissingData(f"query {q}: no such image, folder or feature file")
+            if q.suffix == ".parquet" or (q.is_dir() and _is_feature_folder(q)):
+                flush()
+                prov = store.read_provenance(q)
+                if prov.get("settings_hash") != self.provenance.get("settings_hash"):
+                    raise SettingsMismatch(
+                        f"query {q} holds features of another descriptor (settings hash "
+                        f"{prov.get('settings_hash')}, the index's {self.provenance.get('settings_hash')}); "
+                        "extract it with the index's settings or give the images"
+                    )
+                table = store.read_table(q, ["path", "feature"])
+                names.extend(table.column("path").to_pylist())
+                blocks.append(store.feature_matrix(table.column("feature")))
+            elif q.is_dir():
+                from featx.extract.discover import discover
+
+                found = discover([q])
+                if not found:
+                    raise BadInput(f"query folder {q} holds no images")
+                images.extend(q / item.path for item in found)  # named as given, folder/relative path
+            else:
+                images.append(q)
+        flush()
+        if not blocks:
+            raise BadInput("no query given; name image files, folders or feature files")
+        return names, np.concatenate(blocks)
+
+    def duplicates(self, threshold: float = 0.95) -> pd.DataFrame:
+        """Pairs of rows whose cosine is at least `threshold`: path_a, path_b, score (exact, best first)."""
+        faiss = faiss_module()
+        if not -1 <= threshold <= 1:
+            raise BadInput(f"--duplicates {threshold} must be a cosine between -1 and 1, e.g. 0.95")
+        X = self.vectors()
+        exact = faiss.IndexFlatIP(X.shape[1])
+        exact.add(X)
+        a, b, s = [], [], []
+        for start in range(0, len(X), BLOCK):
+            # Strictly above the radius for inner products: open it by a float step.
+            lims, D, I = exact.range_search(X[start : start + BLOCK], float(np.nextafter(np.float32(threshold), -2)))
+            q = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
+            keep = (I > q) & (D >= np.float32(threshold))
+            a.append(q[keep])
+            b.append(I[keep])
+            s.append(D[keep])
+        a, b, s = (np.concatenate(v) for v in (a, b, s))
+        order = np.lexsort((b, a, -s))
+        paths = self.rows["path"].to_numpy()
+        return pd.DataFrame({"path_a": paths[a[order]], "path_b": paths[b[order]], "score": s[order].astype(np.float32)})
+
+    def vectors(self) -> np.ndarray:
+        """The indexed rows, float32 [n, D]."""
+        if self.kind == "ivf":
+            self.index.make_direct_map()
+        return self.index.reconstruct_n(0, len(self))
+
+
+def normalized(X: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, float32, C-contiguous (what FAISS takes)."""
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2 or X.shape[0] == 0:
+        raise BadInput(f"features must be a non-empty [n, D] matrix, got shape {X.shape}")
+    if not np.isfinite(X).all():
+        raise BadInput("features contain NaN or infinity; extract them again")
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return np.ascontiguousarray(X / np.maximum(norms, 1e-12))
+
+
+def measure_recall(index: Index, X: np.ndarray, k: int = 10, seed: int = 0, queries: int = RECALL_QUERIES) -> dict:
+    """recall@k of `index` against exact search, queried with a seeded sample of its own rows.
+
+    recall@k = |approximate top k ∩ exact top k| / k, averaged over the queries.
+    """
+    faiss = faiss_module()
+    k = min(k, len(X))
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(len(X), size=min(queries, len(X)), replace=False))
+    exact = faiss.IndexFlatIP(X.shape[1])
+    exact.add(X)
+    _, truth = exact.search(X[sample], k)
+    t = time.perf_counter()
+    _, found = index.index.search(X[sample], k)
+    seconds = time.perf_counter() - t
+    hits = [len(np.intersect1d(f[f >= 0], t_)) for f, t_ in zip(found, truth)]
+    return {
+        "k": k,
+        "queries": len(sample),
+        "recall": float(np.mean(hits) / k),
+        "query_ms": round(1000 * seconds / len(sample), 4),
+    }
+
+
+def describe_images(
+    files: list[Path], provenance: dict, *, weights: str | None = None, device: str = "auto", batch_size: int = 8
+) -> tuple[list[str], np.ndarray]:
+    """(names, X) of image files, described with the settings a feature file records."""
+    from featx.extract.decode import ImageError
+    from featx.extract.describer import config_from_provenance, make_describer
+    from featx.extract.discover import Item
+    from featx.extract.stages import decode_item, describe_group
+
+    config = config_from_provenance(provenance, weights=weights, device=device, batch_size=batch_size)
+    describer = make_describer(config, cache=True)
+    items = [Item(Path(f).resolve(), str(f), None) for f in files]
+    decoded = []
+    for item in items:
+        d = decode_item(item, config)
+        if isinstance(d, ImageError):
+            raise BadInput(f"query {item.path}: {d.message}; give an image Pillow can open")
+        decoded.append(d)
+    X, failed = describe_group(describer, decoded, config)
+    if failed:
+        i, e = next(iter(failed.items()))
+        raise BadInput(f"query {items[i].path} could not be described ({e.error}: {e.message})")
+    return [item.path for item in items], X
+
+
+def _is_feature_folder(path: Path) -> bool:
+    """A folder of feature files (featx extract --engine ray, or shards), not of images."""
+    try:
+        return bool(store.feature_files(path)) and not any(
+            f.suffix.lower() in (".jpg", ".jpeg", ".png") for f in path.rglob("*") if f.is_file()
+        )
+    except MissingData:
+        return False
+
+
+def draw_sheet(
+    table: pd.DataFrame, out: str | Path, *, images: str | Path | None = None, max_queries: int = 24, thumb: int = 160
+) -> Path:
+    """A PNG with each query beside its neighbours: thumbnails, rank, cosine and label.
+
+    Query names that are image files are drawn from there; indexed rows (and queries taken
+    from a feature file) are looked up under `images`, the folder they were extracted from.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed (and none on a server)
+    import matplotlib.pyplot as plt
+
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".png":
+        raise BadInput(f"--sheet {out} must end in .png")
+    if not out.parent.is_dir():
+        raise MissingData(f"--sheet {out}: folder {out.parent} does not exist; create it first")
+    queries = list(dict.fromkeys(table["query"]))
+    shown = queries[:max_queries]
+    k = int(table["rank"].max()) if len(table) else 1
+    root = Path(images).expanduser() if images is not None else None
+    fig, axes = plt.subplots(
+        len(shown), k + 1, figsize=(1.9 * (k + 1), 2.25 * len(shown)), squeeze=False,
+        gridspec_kw={"wspace": 0.06, "hspace": 0.42},
+    )
+    for r, q in enumerate(shown):
+        hits = table[table["query"] == q].sort_values("rank")
+        _thumb(axes[r, 0], _find(q, root), thumb)
+        axes[r, 0].set_title(_short("/".join(Path(q).parts[-2:]), 26), fontsize=8, fontweight="bold")
+        for spine in axes[r, 0].spines.values():
+            spine.set_visible(True)
+            spine.set_color("#cc3311")
+            spine.set_linewidth(2.5)
+        for c in range(1, k + 1):
+            ax = axes[r, c]
+            row = hits[hits["rank"] == c]
+            if row.empty:
+                ax.axis("off")
+                continue
+            row = row.iloc[0]
+            _thumb(ax, _find(row["path"], root), thumb)
+            label = row["label"] if isinstance(row["label"], str) else ""
+            ax.set_title(f"#{c}  {row['score']:.3f}\n{_short(label or row['path'], 22)}", fontsize=7.5)
+    note = f" (first {len(shown)} of {len(queries)} queries)" if len(queries) > len(shown) else ""
+    fig.suptitle(f"nearest neighbours by cosine: query (red) and its {k} nearest{note}", fontsize=10)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def _find(name: str, root: Path | None) -> Path | None:
+    for candidate in ([root / name] if root is not None else []) + [Path(name)]:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _thumb(ax, file: Path | None, size: int) -> None:
+    from PIL import Image, ImageOps
+
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if file is None:
+        ax.set_facecolor("#eeeeee")
+        ax.text(0.5, 0.5, "image not found\n(pass --images DIR)", ha="center", va="center", fontsize=6.5, color="#555555")
+        return
+    try:
+        with Image.open(file) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            img.thumbnail((size, size))
+            ax.imshow(np.asarray(img))
+    except Exception:  # an unreadable file is drawn as missing, not a failed sheet
+        ax.set_facecolor("#eeeeee")
+        ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else "…" + text[-(n - 1):]
