@@ -32,7 +32,8 @@ def test_the_section_has_the_examples():
     blocks = python_blocks((REPO / "README.md").read_text(), HEADING)
     code = "\n".join(c for _, c in blocks)
     assert len(blocks) >= 4
-    for needle in ("load_xy", "LinearSVC", "VGGFeatures", "GridSearchCV", "duckdb", "list_dot_product", "polars"):
+    for needle in ("load_xy", "LinearSVC", "VGGFeatures", "GridSearchCV", "duckdb", "list_dot_product", "polars",
+                   "featx.probe(", "featx.Index.build(", ".neighbours("):
         assert needle in code, needle
     # Honest about its demo net: every VGGFeatures there is the random one the text names.
     assert code.count("VGGFeatures(") == code.count('VGGFeatures(model="vgg11", weights="random", scales=(224,))')
@@ -51,3 +52,6 @@ def test_the_examples_run(tmp_path, monkeypatch, capsys):
     assert "crab/image_0001.jpg" in out and "anchor" in out
     assert namespace["X"].shape == (12, 4096) and namespace["X"].dtype == np.float32
     assert namespace["search"].best_params_["linearsvc__C"] in (0.1, 1.0)
+    assert len(namespace["result"].predictions) == 3 * 4  # one test image per class per split
+    hits = namespace["index"].neighbours(["data/samples/crab/image_0001.jpg"], k=3)
+    assert hits["path"][0] == "crab/image_0001.jpg" and hits["score"][0] > 0.999

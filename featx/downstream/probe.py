@@ -539,7 +539,7 @@ def print_report(result: ProbeResult, console=None, max_classes: int = 30) -> No
         t.add_row(METRIC_NAMES[m], _pm(v), ", ".join(_f(s[m]) for s in r["splits"]))
     captions = [f"features: {r['features']['descriptor']}; weights {r['features']['weights']}"]
     if str(r["features"]["weights"]).startswith("random"):
-        captions[0] += " (random net: chance level expected)"
+        captions[0] += " (a random net: near chance on natural images)"
     captions.append("C per split: " + ", ".join(f"{s['C']:g}" for s in r["splits"]))
     captions += r["notes"]
     t.caption = "\n".join(f"• {c}" for c in captions)
@@ -656,7 +656,7 @@ def plot_confusion(result: ProbeResult, out: Path) -> Path:
                             color="white" if rows[i, j] > 0.5 else "black")
     r = result.report
     acc = r["metrics"]["accuracy"]["mean"]
-    ax.set_title(f"confusion, % of each true class, summed over {len(r['splits'])} split(s); "
+    ax.set_title(f"confusion, % of each true class, summed over {len(r['splits'])} split(s)\n"
                  f"accuracy {acc:.1f}% — weights {r['features']['weights']}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, shrink=0.4, label="% of the true class")
     fig.tight_layout()

@@ -338,6 +338,8 @@ def normalized(X: np.ndarray) -> np.ndarray:
     if not np.isfinite(X).all():
         raise BadInput("features contain NaN or infinity; extract them again")
     norms = np.linalg.norm(X, axis=1, keepdims=True)
+    if np.all(np.abs(norms - 1) < 1e-5):  # featx's rows already are: no second copy of a large matrix
+        return np.ascontiguousarray(X)
     return np.ascontiguousarray(X / np.maximum(norms, 1e-12))
 
 
