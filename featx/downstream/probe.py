@@ -161,8 +161,10 @@ def load_labelled(
     errors: list[dict] = []
     notes: list[str] = []
     if is_feature_source(source):
-        if extract:
-            notes.append(f"{source} is a feature file: extraction settings {sorted(extract)} are not used")
+        defaults = ExtractConfig()
+        ignored = sorted(k for k, v in extract.items() if getattr(defaults, k, object()) != v)
+        if ignored:
+            notes.append(f"{source} holds features already: the extraction settings {', '.join(ignored)} are not used")
         file = source
         keep = None
         error_file = store.errors_path(source)
@@ -171,7 +173,11 @@ def load_labelled(
     else:
         if not source.is_dir():
             raise BadInput(f"{source} is neither an image folder nor a .parquet feature file")
-        config = ExtractConfig(**extract)
+        try:
+            config = ExtractConfig(**extract)
+        except TypeError as e:  # a misspelt keyword: name the ones that exist
+            fields = ", ".join(ExtractConfig.__dataclass_fields__)
+            raise BadInput(f"{e}; extraction settings are {fields}") from None
         file, keep, more = cached_features(source, config, cache_dir, progress, log)
         errors += more
         errors += empty_folders(source)
@@ -314,6 +320,8 @@ def check_classes(data: Labelled, protocol: Protocol) -> Labelled:
     if data.multi_label:
         if protocol.train_per_class is not None:
             raise BadInput("--train-per-class needs one label per image; multi-label data uses --test-size")
+        if len(data.paths) < 3:
+            raise BadInput(f"{len(data.paths)} labelled images; a probe needs at least 3 (2 to train, 1 to test)")
         positives = (data.y > 0).sum(axis=0)
         small = [(c, int(n)) for c, n in zip(data.classes, positives) if n < 2]
         if small and not protocol.drop_small_classes:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from featx import store
@@ -178,3 +179,15 @@ def test_featx_probe_stays_the_function_once_its_module_is_imported():
     import featx.downstream.probe  # noqa: F401  (a featx/probe.py module would replace featx.probe)
 
     assert callable(featx.probe) and featx.probe is probe
+
+
+def test_settings_that_cannot_apply_are_named(tmp_path):
+    y, X = clusters(3, 6)
+    f = feature_file(tmp_path / "f.parquet", y, X)
+    result = probe(f, splits=1, model="vgg11", scales=(256, 384, 512))
+    assert any("extraction settings model are not used" in n for n in result.report["notes"])
+    images = tmp_path / "images" / "a"
+    images.mkdir(parents=True)
+    Image.new("RGB", (40, 30)).save(images / "1.jpg")
+    with pytest.raises(BadInput, match="extraction settings are model, weights"):
+        probe(images.parent, splits=1, modle="vgg11")
