@@ -437,6 +437,8 @@ def neighbours(
         fail(f"-o {output} must end in .parquet or .csv")
     if not queries and duplicates is None:
         fail("give a QUERY (image, folder or feature file), or --duplicates THRESHOLD")
+    if duplicates is not None and (queries or sheet is not None):
+        fail("--duplicates lists pairs within the index: give no QUERY and no --sheet with it")
     idx = call(Index.load, index_dir)
     if duplicates is not None:
         table = call(idx.duplicates, duplicates)
