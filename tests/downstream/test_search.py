@@ -154,3 +154,28 @@ def test_cli_an_image_from_the_collection_finds_itself_first(samples, samples_fi
     result = runner.invoke(app, ["neighbours", str(ix), str(other)])
     assert result.exit_code == 2 and "another descriptor" in result.output
     assert isinstance(SettingsMismatch("x"), BadInput)
+
+
+def test_cli_index_queries_by_feature_file_and_lists_duplicates(tmp_path):
+    from featx import store
+
+    X = clustered(40, 16)
+    X[30] = X[3]
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    prov = {"settings_hash": "f" * 16, "dim": 16, "model": "vgg16", "weights": {"kind": "random", "seed": 0}}
+    paths = [f"c/{i:02d}.jpg" for i in range(40)]
+    store.write_atomic(store.rows_table(store.feature_schema(16, prov), paths, ["c"] * 40, [1] * 40, [1] * 40, X),
+                       tmp_path / "f.parquet")
+    result = runner.invoke(app, ["index", str(tmp_path / "f.parquet"), "-o", str(tmp_path / "ix"), "--kind", "hnsw"])
+    assert result.exit_code == 0, result.output
+    assert "recall@10 against exact search: 1.000 (40 of the rows as queries" in result.output
+    result = runner.invoke(app, ["neighbours", str(tmp_path / "ix"), str(tmp_path / "f.parquet"), "-k", "2",
+                                 "-o", str(tmp_path / "n.parquet")])
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(tmp_path / "n.parquet")
+    first = table[table["rank"] == 1]
+    assert len(first) == 40 and ((first["query"] == first["path"]) | first["query"].isin(["c/03.jpg", "c/30.jpg"])).all()
+    result = runner.invoke(app, ["neighbours", str(tmp_path / "ix"), "--duplicates", "0.999"])
+    assert result.exit_code == 0 and "c/03.jpg c/30.jpg" in " ".join(result.output.split())
+    result = runner.invoke(app, ["neighbours", str(tmp_path / "ix"), "--duplicates", "2"])
+    assert result.exit_code == 2 and "between -1 and 1" in result.output
