@@ -54,13 +54,17 @@ class ExtractConfig:
     # "auto": bf16 where the device computes it natively (CPU with AVX512-BF16/AMX, CUDA), else
     # fp32; the resolved value enters the descriptor settings (hash and metadata).
     precision: str = "auto"
-    # 0 = exact resize; N > 0 = snap the longer side to a multiple of N (opt-in, changes numbers).
+    # 0 = exact resize; N > 0 = snap the longer side to a multiple of N: INEXACT (changes the
+    # numbers, recorded), kept for old feature files; mixed sizes share exact batches without it.
     bucket: int = 0
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Speed-only settings: not part of the descriptor hash.
     device: str = "auto"
-    batch_size: int = 8
+    # A batch closes at batch_size images or batch_pixels padded pixels (0 = per device),
+    # whichever comes first; images of mixed sizes share it exactly (featx.extract.batching).
+    batch_size: int = 32
+    batch_pixels: int = 0
     workers: int = 2
     rows_per_group: int = 64
     compile: bool = False
@@ -92,6 +96,8 @@ class ExtractConfig:
             )
         if self.batch_size < 1:
             raise BadInput(f"--batch-size {self.batch_size} must be at least 1")
+        if self.batch_pixels < 0:
+            raise BadInput(f"--batch-pixels {self.batch_pixels} must be 0 (per device) or a pixel count")
         if self.workers < 0:
             raise BadInput(f"--workers {self.workers} must be 0 or more")
         if self.rows_per_group < 1:

@@ -143,6 +143,7 @@ def provenance(
         ),
         "device": str(device),
         "batch_size": config.batch_size,
+        "batch_pixels": config.batch_pixels,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),

@@ -7,25 +7,39 @@ averaged with the same for the horizontally flipped image, combined over scales 
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Container
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from featx.errors import BadInput
+from featx.extract.batching import BatchStats, default_batch_pixels, padded_size, plan_batches
 from featx.net.accel import Plan, release_freed_memory
 from featx.net.device import DTYPES, resolve_precision
 from featx.net.model import DenseVGG
 
 
-class DenseDescriber:
-    """Runs the dense net on a batch of same-shape uint8 images; returns flip-averaged means.
+@dataclass
+class Staged:
+    """A batch on its way to the device: uint8 canvas [n, 3, H, W], valid sizes, copy event."""
 
-    One code path for CPU and GPU: uint8 images travel to the device (pinned, non-blocking on
-    CUDA), are normalised there in fp32, then run channels-last in the model's precision
-    through a featx.net.accel.Plan: on a CPU with oneDNN every weight is packed once and ReLU is
-    fused (`prepack=False` runs the plain F.conv2d/F.linear kernels that CUDA uses).
+    pixels: torch.Tensor
+    sizes: list[tuple[int, int]]
+    ready: object = None  # a torch.cuda.Event on CUDA
+
+
+class DenseDescriber:
+    """Runs the dense net on a batch of uint8 images of any sizes; returns flip-averaged means.
+
+    One code path for CPU and GPU: images are padded (uint8, top-left) into one canvas in
+    host memory (pinned on CUDA, copied non-blocking on a side stream so the copy of batch
+    n+1 overlaps the compute of batch n), normalised on the device in fp32, the padding set
+    to zero after normalising, flipped per image (each flip anchored top-left too), then run
+    channels-last in the model's precision through a featx.net.accel.Plan, which keeps the
+    padding out of every image's numbers. On a CPU with oneDNN every weight is packed once
+    and ReLU is fused (`prepack=False` runs the plain F.conv2d/F.linear kernels CUDA uses).
     """
 
     def __init__(
@@ -51,27 +65,69 @@ class DenseDescriber:
         self.plan = Plan(self.net, device, self.dtype, prepack, pass_pixels, head_rows)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+        self.cuda = device.type == "cuda"
+        self.copies = torch.cuda.Stream(device) if self.cuda else None
 
     @property
     def prepacked(self) -> bool:
         return self.plan.packed
 
+    @property
+    def channels(self) -> int:
+        return [m for m in self.net.modules() if isinstance(m, torch.nn.Conv2d)][-1].out_channels
+
+    def stage(self, images: torch.Tensor | list[torch.Tensor], canvas: tuple[int, int] | None = None) -> Staged:
+        """Pad uint8 [3, h, w] images top-left into one canvas (default: the largest h and w)
+        and start its copy to the device."""
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            host, sizes = images, [tuple(images.shape[2:])] * images.shape[0]
+        else:
+            sizes = [(int(t.shape[1]), int(t.shape[2])) for t in images]
+            h, w = canvas or (max(h for h, _ in sizes), max(w for _, w in sizes))
+            if any(hi > h or wi > w for hi, wi in sizes):
+                raise BadInput(f"canvas {h}x{w} is smaller than an image of the batch ({sizes})")
+            host = torch.zeros(len(sizes), 3, h, w, dtype=torch.uint8, pin_memory=self.cuda)
+            for i, t in enumerate(images):
+                host[i, :, : sizes[i][0], : sizes[i][1]] = t
+        if not self.cuda:
+            return Staged(host, sizes)
+        host = host if host.is_pinned() else host.pin_memory()
+        with torch.cuda.stream(self.copies):
+            pixels = host.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copies)
+        return Staged(pixels, sizes, ready)
+
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, h, w] -> float32 [B, C] on the CPU: position-averaged map, flip-averaged."""
-        n = images.shape[0]
-        if self.device.type == "cuda":
-            images = images.pin_memory().to(self.device, non_blocking=True)
-        x = (images.to(self.device, torch.float32) - self.mean) / self.std
-        if self.flip:
-            x = torch.cat([x, x.flip(-1)])
-        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        pooled = self.plan(x)
+    def run(self, staged: Staged, rezero: bool = True) -> torch.Tensor:
+        """The batch's [n, C] fp32 descriptors, left on the device (asynchronous on CUDA)."""
+        if staged.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(staged.ready)
+            staged.pixels.record_stream(torch.cuda.current_stream(self.device))
+        u8, sizes = staged.pixels, staged.sizes
+        n, (height, width) = len(sizes), u8.shape[2:]
+        x = (u8.to(self.device, torch.float32) - self.mean) / self.std
+        batch = torch.zeros(n * (2 if self.flip else 1), 3, height, width, device=self.device,
+                            dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+        # Padding after normalising (raw zeros would be -mean/std); each flip flips the image
+        # itself, so it is anchored top-left like the image.
+        for i, (h, w) in enumerate(sizes):
+            batch[i, :, :h, :w] = x[i, :, :h, :w]
+            if self.flip:
+                batch[n + i, :, :h, :w] = x[i, :, :h, :w].flip(-1)
+        pooled = self.plan(batch, sizes * (2 if self.flip else 1), rezero)
         if self.flip:
             pooled = (pooled[:n] + pooled[n:]) / 2
-        if self.device.type == "cpu":
+        return pooled
+
+    def __call__(self, images: torch.Tensor | list[torch.Tensor], canvas: tuple[int, int] | None = None
+                 ) -> torch.Tensor:
+        """uint8 [B, 3, h, w] (or a list of [3, h_i, w_i]) -> float32 [B, C] on the CPU:
+        position-averaged map, flip-averaged, each image exactly as if it ran alone."""
+        pooled = self.run(self.stage(images, canvas)).cpu()
+        if not self.cuda:
             release_freed_memory()
-        return pooled.cpu()
+        return pooled
 
 
 def pooled_per_scale(
@@ -79,32 +135,74 @@ def pooled_per_scale(
     images: list[dict[int, torch.Tensor]],
     scales: tuple[int, ...],
     batch_size: int,
-    run_batch: Callable[[int, list[int], torch.Tensor], None] | None = None,
-    skip: Container[int] = (),
+    *,
+    batch_pixels: int = 0,
+    on_batch: Callable[[int, float], None] | None = None,
+    failed: dict[int, Exception] | None = None,
+    stats: BatchStats | None = None,
 ) -> list[torch.Tensor]:
-    """[n, C] per scale for images rescaled to every Q; same-shape images share a batch.
+    """[n, C] per scale for images rescaled to every Q; mixed sizes share exact batches.
 
-    `run_batch(q, batch, out)` replaces the plain `out[batch] = describer(...)` (featx extract
-    uses it to time batches and isolate failing images); indices in `skip` are left at zero.
+    Batches are planned per Q (featx.extract.batching: by aspect, at most `batch_size` images
+    and `batch_pixels` padded pixels, 0 = the device's default); batch n+1 is staged before
+    batch n's result is collected. `on_batch(images, seconds)` is called after each batch.
+    With a `failed` dict, a failing batch is retried image by image and each failing image's
+    exception recorded there (its rows stay zero); without one, the exception propagates.
     """
     n = len(images)
-    channels = [m for m in describer.net.modules() if isinstance(m, torch.nn.Conv2d)][-1].out_channels
-    per_scale = []
+    out = {q: torch.zeros(n, describer.channels) for q in scales}
+    max_pixels = batch_pixels or default_batch_pixels(describer.device.type)
+    work: list[tuple[int, list[int], tuple[int, int]]] = []
     for q in scales:
-        out = torch.zeros(n, channels)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, scaled in enumerate(images):
-            if i not in skip:
-                groups[tuple(scaled[q].shape)].append(i)
-        for _, idx in sorted(groups.items()):
-            for s in range(0, len(idx), batch_size):
-                batch = idx[s : s + batch_size]
-                if run_batch is None:
-                    out[batch] = describer(torch.stack([images[i][q] for i in batch]))
-                else:
-                    run_batch(q, batch, out)
-        per_scale.append(out)
-    return per_scale
+        sizes = [tuple(images[i][q].shape[1:]) for i in range(n)]
+        for batch in plan_batches(sizes, batch_size, max_pixels):
+            work.append((q, batch, padded_size([sizes[i] for i in batch])))
+
+    def stage(k: int) -> Staged | None:
+        if k >= len(work):
+            return None
+        q, batch, canvas = work[k]
+        return describer.stage([images[i][q] for i in batch], canvas)
+
+    staged = stage(0)
+    for k, (q, batch, canvas) in enumerate(work):
+        t = time.perf_counter()
+        current, staged = staged, None
+        alive = [i for i in batch if failed is None or i not in failed]
+        try:
+            if len(alive) < len(batch):  # an image failed at an earlier Q: not again
+                current = describer.stage([images[i][q] for i in alive], canvas) if alive else None
+            result = describer.run(current) if current is not None else None
+            staged = stage(k + 1)  # host padding and copy overlap this batch's compute
+            if result is not None:
+                out[q][alive] = result.cpu()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            if failed is None:
+                raise
+            staged = staged or stage(k + 1)
+            _one_by_one(describer, images, q, alive, out[q], failed, e)
+        if describer.device.type == "cpu":
+            release_freed_memory()
+        if stats is not None and alive:
+            stats.add([tuple(images[i][q].shape[1:]) for i in alive], canvas)
+        if on_batch is not None:
+            on_batch(len(alive), time.perf_counter() - t)
+    return [out[q] for q in scales]
+
+
+def _one_by_one(describer, images, q, batch, out, failed, error) -> None:
+    if len(batch) == 1:
+        failed[batch[0]] = error
+        return
+    for i in batch:  # one image's failure must not cost the others their rows
+        try:
+            out[[i]] = describer([images[i][q]])
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            failed[i] = e
 
 
 def combine(per_scale: list[torch.Tensor], aggregate: str) -> torch.Tensor:

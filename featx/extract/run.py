@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from featx import store
 from featx.errors import BadInput, MissingData
+from featx.extract.batching import BatchStats
 from featx.extract.config import ExtractConfig
 from featx.extract.decode import Decoded, ImageError
 from featx.extract.describer import make_describer, provenance
@@ -54,6 +55,7 @@ class ExtractResult:
     interrupted: bool = False
     stage_seconds: dict = field(default_factory=dict)
     changes: store.Changes | None = None  # added, replaced, dropped against OUT before the run
+    batches: BatchStats = field(default_factory=BatchStats)
 
     @property
     def images_per_second(self) -> float:
@@ -91,6 +93,7 @@ class Run:
             self.items = take_shard(self.items, shard)
         self.output = store.SingleFile(self.out, wait=wait)
         self.stage_seconds = dict.fromkeys(STAGES, 0.0)
+        self.batches = BatchStats()
         self._advance: Callable[[float], None] = lambda n: None
         self._lock = threading.Lock()
 
@@ -148,7 +151,8 @@ class Run:
         """Describe one row group and persist it (rows and errors) as a piece; rows written."""
         rows = None
         if group:
-            features, failed = describe_group(describer, [d for _, d in group], self.config, self._on_batch)
+            features, failed = describe_group(describer, [d for _, d in group], self.config, self._on_batch,
+                                              self.batches)
             errors.extend(error_record(group[i][0], e) for i, e in failed.items())
             t = time.perf_counter()
             rows = group_rows(schema, group, features, failed)
@@ -218,11 +222,13 @@ class Run:
             tally = self.describe_all(todo, describer, schema)
         if tally.interrupted:
             return ExtractResult(self.out, 0, tally.new_rows, tally.failures, time.perf_counter() - t0,
-                                 prov["settings_hash"], interrupted=True, stage_seconds=self.stage_seconds)
+                                 prov["settings_hash"], interrupted=True, stage_seconds=self.stage_seconds,
+                                 batches=self.batches)
         done = self.finish(schema)
         return ExtractResult(
             self.out, done.rows, tally.new_rows, done.failures, time.perf_counter() - t0, prov["settings_hash"],
             errors_file=done.errors_file, stage_seconds=self.stage_seconds, changes=done.changes,
+            batches=self.batches,
         )
 
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from featx import store
+from featx.extract.batching import BatchStats
 from featx.extract.config import ExtractConfig
 from featx.extract.decode import Decoded, ImageError, decode, decode_regions
 from featx.extract.descriptor import DenseDescriber, combine, pooled_per_scale
@@ -57,37 +57,23 @@ def describe_group(
     decoded: list[Decoded],
     config: ExtractConfig,
     on_batch: Callable[[int, float], None] | None = None,
+    stats: BatchStats | None = None,
 ) -> tuple[np.ndarray, dict[int, ImageError]]:
     """Descriptors [n, D] of a group of decoded images, and the images that failed in the net.
 
-    A failing batch is retried image by image, so one image's failure never costs its
-    batch-mates their rows. `on_batch(images, seconds)` is called after every batch.
+    The group is the batch planner's window: its images, mixed sizes, share exact batches
+    (featx.extract.batching). A failing batch is retried image by image, so one image's
+    failure never costs its batch-mates their rows. `on_batch(images, seconds)` is called
+    after every batch; `stats` gathers images per batch and padding.
     """
-    failed: dict[int, ImageError] = {}
-
-    def run_batch(q: int, batch: list[int], out: torch.Tensor) -> None:
-        t = time.perf_counter()
-        _run_batch(describer, decoded, q, batch, out, failed)
-        if on_batch is not None:
-            on_batch(len(batch), time.perf_counter() - t)
-
+    errors: dict[int, Exception] = {}
     per_scale = pooled_per_scale(
-        describer, [d.scaled for d in decoded], config.scales, config.batch_size, run_batch, skip=failed
+        describer, [d.scaled for d in decoded], config.scales, config.batch_size,
+        batch_pixels=config.batch_pixels, on_batch=on_batch, failed=errors, stats=stats,
     )
+    failed = {i: ImageError("model", type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+              for i, e in errors.items()}
     return combine(per_scale, config.aggregate).numpy(), failed
-
-
-def _run_batch(describer, decoded, q, batch, out, failed) -> None:
-    try:
-        out[batch] = describer(torch.stack([decoded[i].scaled[q] for i in batch]))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as e:
-        if len(batch) > 1:  # one image's failure must not cost the others their rows
-            for i in batch:
-                _run_batch(describer, decoded, q, [i], out, failed)
-        else:
-            failed[batch[0]] = ImageError("model", type(e).__name__, str(e).splitlines()[0][:300])
 
 
 def group_rows(

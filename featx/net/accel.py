@@ -96,12 +96,17 @@ class Conv:
 
     weight: torch.Tensor  # packed (opaque oneDNN layout) or plain channels-last
     bias: torch.Tensor
+    kernel: tuple[int, int]
     padding: list[int]
     stride: list[int]
     dilation: list[int]
     groups: int
     relu: bool
     packed: bool
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        return (_out_size(h, self.kernel[0], self.stride[0], self.padding[0], self.dilation[0]),
+                _out_size(w, self.kernel[1], self.stride[1], self.padding[1], self.dilation[1]))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -156,6 +161,55 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(rows[:, :, :, 0::2], rows[:, :, :, 1::2])
 
 
+@dataclass
+class Pool:
+    """A max pool: VGG's 2x2/2 as max_pool_2x2, any other as its module."""
+
+    kernel: int
+    stride: int
+    padding: int
+    dilation: int
+    ceil: bool
+    module: nn.Module | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return max_pool_2x2(x) if self.module is None else self.module(x)
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        k, s, p, d, c = self.kernel, self.stride, self.padding, self.dilation, self.ceil
+        return _out_size(h, k, s, p, d, c), _out_size(w, k, s, p, d, c)
+
+
+def zero_outside(x: torch.Tensor, sizes: list[tuple[int, int]]) -> None:
+    """Write zeros into each map's padded strips: below row h, and right of column w above it.
+
+    Images of a mixed batch sit top-left in a zero-padded canvas; after a conv (bias, and
+    kernels reaching into the image) or an odd-sized pool the strips are no longer zero and
+    would leak into the image's border positions at the next layer. Writing the strips costs
+    a fraction of a mask multiply (which reads and writes the whole map).
+    """
+    height, width = x.shape[2], x.shape[3]
+    # Neighbours in a planned batch often share a size (same Q and aspect): one write per run
+    # of equal heights (row strips) and of equal sizes (column strips) keeps GPU launches few.
+    for lo, hi, h in _runs([h for h, _ in sizes]):
+        if h < height:
+            x[lo:hi, :, h:].zero_()
+    for lo, hi, (h, w) in _runs(sizes):
+        if w < width:
+            x[lo:hi, :, :h, w:].zero_()
+
+
+def _runs(values: list) -> list[tuple[int, int, object]]:
+    """[(start, stop, value)] of the runs of equal consecutive values."""
+    runs: list[tuple[int, int, object]] = []
+    for i, v in enumerate(values):
+        if runs and runs[-1][2] == v:
+            runs[-1] = (runs[-1][0], i + 1, v)
+        else:
+            runs.append((i, i + 1, v))
+    return runs
+
+
 def _first(v) -> int:
     return v[0] if isinstance(v, (tuple, list)) else v
 
@@ -193,7 +247,7 @@ class Plan:
         w, b = w.to(self.device).contiguous(memory_format=torch.channels_last), b.to(self.device)
         if self.packed:
             w = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, conv.groups, list(in_size))
-        return Conv(w, b, padding, stride, dilation, conv.groups, relu, self.packed)
+        return Conv(w, b, tuple(conv.kernel_size), padding, stride, dilation, conv.groups, relu, self.packed)
 
     def _lower_trunk(self, modules: list[nn.Module]) -> list:
         steps: list = []
@@ -212,7 +266,8 @@ class Plan:
                 continue
             if isinstance(m, nn.MaxPool2d):
                 k, s, p, d = (_first(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
-                steps.append(max_pool_2x2 if (k, s, p, d, m.ceil_mode) == (2, 2, 0, 1, False) else m)
+                vgg_pool = (k, s, p, d, m.ceil_mode) == (2, 2, 0, 1, False)
+                steps.append(Pool(k, s, p, d, m.ceil_mode, None if vgg_pool else m))
                 h, w = _out_size(h, k, s, p, d, m.ceil_mode), _out_size(w, k, s, p, d, m.ceil_mode)
             else:  # ReLU without a conv before it, Identity, ...: run the module itself
                 steps.append(m)
@@ -242,55 +297,83 @@ class Plan:
         return kernel, layers
 
     # -- running -------------------------------------------------------------------------
-    def pool5(self, x: torch.Tensor) -> torch.Tensor:
-        """The trunk on a channels-last batch in the plan's dtype."""
+    def pool5(self, x: torch.Tensor, sizes: list[tuple[int, int]] | None = None, rezero: bool = True
+              ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The trunk on a channels-last batch in the plan's dtype -> (pool5 maps, valid sizes).
+
+        `sizes` are the images' valid (h, w), each anchored top-left in a zero-padded canvas;
+        the padding is zeroed again after every step that can make it non-zero, so every
+        image's valid region equals its map computed alone. `rezero=False` (for tests) skips that.
+        """
+        full = (x.shape[2], x.shape[3])
+        sizes = list(sizes) if sizes is not None else [full] * x.shape[0]
         for step in self.trunk:
             x = step(x)
-        return x
+            out_size = getattr(step, "out_size", None)
+            if out_size is not None:  # convs and pools move the valid region; ReLU etc. keep 0 at 0
+                sizes = [out_size(h, w) for h, w in sizes]
+                full = out_size(*full)
+                if rezero and any(s != full for s in sizes):
+                    zero_outside(x, sizes)
+        return x, sizes
 
-    def position_sums(self, maps: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """pool5 maps [B, C, H, W] -> (sum over positions of the head's output [B, D] fp32, positions)."""
-        if not self.head:
-            return maps.float().sum(dim=(2, 3)), maps.shape[2] * maps.shape[3]
-        k = self.kernel
+    def position_sums(self, maps: torch.Tensor, sizes: list[tuple[int, int]] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """pool5 maps [B, C, H, W] -> (sum over valid positions of the head's output [B, D] fp32,
+        valid positions [B]); a position is valid when its kxk fc6 window lies in the image's
+        valid pool5 region (`sizes`, top-left; default: the whole map)."""
         b, c, h, w = maps.shape
-        if h < k or w < k:
-            raise BadInput(f"pool5 map {h}x{w} is smaller than fc6's {k}x{k} window; use larger scales")
+        sizes = list(sizes) if sizes is not None else [(h, w)] * b
+        if not self.head:
+            sums = torch.stack([maps[i, :, :hi, :wi].float().sum(dim=(1, 2)) for i, (hi, wi) in enumerate(sizes)])
+            return sums, torch.tensor([hi * wi for hi, wi in sizes], dtype=torch.float32, device=maps.device)
+        k = self.kernel
+        small = [(hi, wi) for hi, wi in sizes if hi < k or wi < k]
+        if small:
+            raise BadInput(f"pool5 map {small[0][0]}x{small[0][1]} is smaller than fc6's {k}x{k} window; use larger scales")
         # [B, H', W', k, k, C]: a view of the channels-last map; reshaping a slice copies its windows.
         windows = maps.permute(0, 2, 3, 1).unfold(1, k, 1).unfold(2, k, 1).permute(0, 1, 2, 4, 5, 3)
-        ho, wo = windows.shape[1], windows.shape[2]
+        outs = [(hi - k + 1, wi - k + 1) for hi, wi in sizes]  # valid fc6 positions per image
         out = torch.zeros(b, self.head[-1].out_features, device=maps.device, dtype=torch.float32)
-        lines = max(1, self.head_rows // wo)  # output rows of one image per piece
-        pieces = [(i, r, min(r + lines, ho)) for i in range(b) for r in range(0, ho, lines)]
+        # Pieces: a few output rows of one image (only its valid columns), <= head_rows rows.
+        pieces = [(i, r, min(r + max(1, self.head_rows // wo), ho), wo)
+                  for i, (ho, wo) in enumerate(outs) for r in range(0, ho, max(1, self.head_rows // wo))]
         # Greedy chunks of whole pieces, at most head_rows rows (a lone piece may be all one image's).
-        chunks: list[list[tuple[int, int, int]]] = []
+        chunks: list[list[tuple[int, int, int, int]]] = []
         rows = 0
-        for i, r0, r1 in pieces:
-            n = (r1 - r0) * wo
+        for piece in pieces:
+            n = (piece[2] - piece[1]) * piece[3]
             if not chunks or rows + n > self.head_rows:
                 chunks.append([])
                 rows = 0
-            chunks[-1].append((i, r0, r1))
+            chunks[-1].append(piece)
             rows += n
         for chunk in chunks:
-            y = torch.empty(sum((r1 - r0) * wo for _, r0, r1 in chunk), k * k * c, device=maps.device, dtype=maps.dtype)
+            y = torch.empty(sum((r1 - r0) * wo for _, r0, r1, wo in chunk), k * k * c, device=maps.device, dtype=maps.dtype)
             at = 0
-            for i, r0, r1 in chunk:  # gather the windows straight into the GEMM's rows
+            for i, r0, r1, wo in chunk:  # gather the windows straight into the GEMM's rows
                 n = (r1 - r0) * wo
-                y[at : at + n].view(r1 - r0, wo, k, k, c).copy_(windows[i, r0:r1])
+                y[at : at + n].view(r1 - r0, wo, k, k, c).copy_(windows[i, r0:r1, :wo])
                 at += n
             for layer in self.head:
                 y = layer(y)
             at = 0
-            for i, r0, r1 in chunk:
+            for i, r0, r1, wo in chunk:
                 n = (r1 - r0) * wo
                 out[i] += y[at : at + n].float().sum(dim=0)
                 at += n
-        return out, ho * wo
+        return out, torch.tensor([ho * wo for ho, wo in outs], dtype=torch.float32, device=maps.device)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Channels-last batch -> fp32 [B, D]: the head's map averaged over positions."""
+    def __call__(self, x: torch.Tensor, sizes: list[tuple[int, int]] | None = None, rezero: bool = True
+                 ) -> torch.Tensor:
+        """Channels-last batch -> fp32 [B, D]: the head's map averaged over valid positions.
+
+        `sizes`: each image's valid (h, w) at the top-left of the zero-padded batch (default:
+        all of it). Exact: every image gets the numbers it gets alone (arXiv 1409.1556, Sec. 3.2).
+        """
+        sizes = list(sizes) if sizes is not None else [(x.shape[2], x.shape[3])] * x.shape[0]
         per_pass = max(1, self.pass_pixels // (x.shape[2] * x.shape[3]))
-        maps = torch.cat([self.pool5(x[s : s + per_pass]) for s in range(0, x.shape[0], per_pass)])
-        sums, positions = self.position_sums(maps)
-        return sums / positions
+        passes = [self.pool5(x[s : s + per_pass], sizes[s : s + per_pass], rezero) for s in range(0, x.shape[0], per_pass)]
+        maps = passes[0][0] if len(passes) == 1 else torch.cat([m for m, _ in passes])
+        sums, positions = self.position_sums(maps, [v for _, vs in passes for v in vs])
+        return sums / positions[:, None]

@@ -1,0 +1,122 @@
+"""Which images share a forward pass: mixed sizes, ordered by aspect, capped, few shapes.
+
+Images of one scale Q but different sizes share a batch: each sits top-left in a zero-padded
+canvas and featx.net.accel.Plan keeps the padding out of every image's numbers, so a batch
+is exact whatever it holds (arXiv 1409.1556, Sec. 3.2: the net is applied densely to each
+whole image). Planning only decides speed: images are ordered by aspect ratio within the
+window (a row group, so memory stays flat), a batch closes at `max_images` images or
+`max_pixels` padded pixels, whichever comes first, or when mixing would waste more than
+MAX_MIXING_WASTE of it, and canvases are rounded up to a GRID so only a few distinct batch
+shapes exist (what lets oneDNN's primitive cache, cuDNN autotuning and CUDA graphs be reused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from featx.errors import BadInput
+
+# Canvas sides are multiples of GRID pixels. Measured on 320 Caltech-101 images (windows of
+# 64, Q=256..512): grid 16 gives 19-36 distinct canvases per Q at 4-5% padding; grid 32 fewer
+# shapes (15-24) but more padding (5-6%) and smaller batches; grid 8 more shapes for ~1% less.
+GRID = 16
+# A batch stays open to another image only while mixing sizes wastes at most this fraction
+# of its canvas (beyond each image's own grid rounding): portrait and landscape images stay
+# apart. 0.05: 5-7 images per batch at 4-5% padding on those images; 0.10: 7-12 at 7-10%.
+MAX_MIXING_WASTE = 0.05
+# Padded pixels per batch (before the flip doubles it) when --batch-pixels is 0 (auto).
+# CPU: the trunk runs in passes of its own size anyway (featx.net.accel.CPU_PASS_PIXELS);
+# a larger batch feeds the head GEMMs more rows. CUDA: ~22 images at 512x512 per batch, with
+# their flips one trunk pass (accel.CUDA_PASS_PIXELS): a few GB of activations in bf16.
+BATCH_PIXELS = {"cpu": 4_000_000, "cuda": 5_767_168}
+
+
+def default_batch_pixels(device_type: str) -> int:
+    """The --batch-pixels that 0 (auto) means on a device of this type."""
+    return BATCH_PIXELS.get(device_type, BATCH_PIXELS["cpu"])
+
+
+def round_up(n: int, grid: int) -> int:
+    return -(-n // grid) * grid
+
+
+def padded_size(sizes: list[tuple[int, int]], grid: int = GRID) -> tuple[int, int]:
+    """The canvas (H, W) a batch of images of these (h, w) is padded to."""
+    return round_up(max(h for h, _ in sizes), grid), round_up(max(w for _, w in sizes), grid)
+
+
+def plan_batches(
+    sizes: list[tuple[int, int]],
+    max_images: int,
+    max_pixels: int,
+    window: int | None = None,
+    grid: int = GRID,
+    max_waste: float = MAX_MIXING_WASTE,
+) -> list[list[int]]:
+    """Indices of `sizes` ((h, w) at one Q) grouped into batches, deterministically.
+
+    Within each window of `window` consecutive images (default: all), images are ordered by
+    aspect ratio; a batch closes when one more image would exceed `max_images`, `max_pixels`
+    padded pixels, or `max_waste` of its canvas lost to mixing. An image larger than
+    `max_pixels` on its own gets a batch of its own. Batches never span two windows.
+    """
+    if max_images < 1 or max_pixels < 1:
+        raise BadInput(f"--batch-size {max_images} and --batch-pixels {max_pixels} must be positive")
+    window = window or max(1, len(sizes))
+    batches: list[list[int]] = []
+    for start in range(0, len(sizes), window):
+        order = sorted(range(start, min(start + window, len(sizes))),
+                       key=lambda i: (sizes[i][1] / sizes[i][0], sizes[i], i))
+        batch: list[int] = []
+        for i in order:
+            if batch and not _fits(batch + [i], sizes, max_images, max_pixels, grid, max_waste):
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            batches.append(batch)
+    return batches
+
+
+def _fits(batch: list[int], sizes, max_images: int, max_pixels: int, grid: int, max_waste: float) -> bool:
+    if len(batch) > max_images:
+        return False
+    h, w = padded_size([sizes[i] for i in batch], grid)
+    canvas = len(batch) * h * w
+    own = sum(round_up(sizes[i][0], grid) * round_up(sizes[i][1], grid) for i in batch)
+    return canvas <= max_pixels and canvas - own <= max_waste * canvas
+
+
+@dataclass
+class BatchStats:
+    """How batches were formed: images per batch and the fraction of pixels that were padding."""
+
+    batches: int = 0
+    images: int = 0
+    pixels: int = 0  # the images' own pixels
+    padded_pixels: int = 0  # the canvases' pixels
+
+    def add(self, sizes: list[tuple[int, int]], canvas: tuple[int, int]) -> None:
+        self.batches += 1
+        self.images += len(sizes)
+        self.pixels += sum(h * w for h, w in sizes)
+        self.padded_pixels += len(sizes) * canvas[0] * canvas[1]
+
+    def merge(self, other: BatchStats) -> None:
+        self.batches += other.batches
+        self.images += other.images
+        self.pixels += other.pixels
+        self.padded_pixels += other.padded_pixels
+
+    @property
+    def images_per_batch(self) -> float:
+        return self.images / self.batches if self.batches else 0.0
+
+    @property
+    def padding(self) -> float:
+        """Fraction of the computed canvas that was padding."""
+        return 1 - self.pixels / self.padded_pixels if self.padded_pixels else 0.0
+
+    def summary(self) -> str:
+        """E.g. '14.2 images per batch, 3% padding' (an image at each Q counts once)."""
+        return f"{self.images_per_batch:.1f} images per batch, {100 * self.padding:.0f}% padding"

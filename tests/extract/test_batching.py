@@ -1,0 +1,156 @@
+"""Mixed-size batches are exact, and planning respects its caps: tiny nets, random weights, no timing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from featx.cli import app
+from featx.extract.batching import GRID, BatchStats, padded_size, plan_batches
+from featx.extract.descriptor import combine, pooled_per_scale
+from tests.conftest import write_images
+from tests.net.test_speed_paths import describer, images, tiny_net
+
+# Odd and even sides, portrait and landscape; the tiny net has stride 4, so pool5 is
+# floor(floor(h/2)/2) and fc6 (7x7) needs h, w >= 28.
+SIZES = [(40, 52), (37, 45), (45, 31), (29, 41), (33, 33), (31, 60)]
+
+
+def mixed_images(seed: int = 0) -> list[torch.Tensor]:
+    return [images(1, h, w, seed=seed + i)[0] for i, (h, w) in enumerate(SIZES)]
+
+
+def l2(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=1)
+
+
+@pytest.mark.parametrize("layer", ["fc7", "fc6", "pool5"])
+@pytest.mark.parametrize("flip", [True, False], ids=["flip", "no-flip"])
+@pytest.mark.parametrize("prepack", [True, False], ids=["prepacked", "plain-kernels"])
+def test_mixed_batch_equals_one_by_one(layer, flip, prepack):
+    d = describer(tiny_net(layer), "fp32", prepack=prepack)
+    d.flip = flip
+    imgs = mixed_images()
+    alone = torch.cat([d([x]) for x in imgs])
+    for canvas in (None, (64, 96)):  # the tightest canvas, and one with wide margins
+        mixed = d(imgs, canvas)
+        assert (l2(mixed) - l2(alone)).abs().max() <= 1e-5, canvas
+    # ... and the same images in another order and split give the same rows.
+    order = [3, 0, 5, 1, 4, 2]
+    split = torch.cat([d([imgs[i] for i in order[:2]]), d([imgs[i] for i in order[2:]])])
+    assert (l2(split) - l2(alone[order])).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("layer", ["fc7", "pool5"])
+def test_plain_unmasked_padding_would_fail(layer):
+    """Without re-zeroing the padding after each layer, border positions see the pad's
+    conv outputs: the check above would catch it."""
+    d = describer(tiny_net(layer), "fp32", prepack=False)
+    imgs = mixed_images()
+    alone = torch.cat([d([x]) for x in imgs])
+    leaky = d.run(d.stage(imgs, (64, 96)), rezero=False)
+    errors = (l2(leaky) - l2(alone)).abs().amax(dim=1)
+    assert errors.max() > 1e-3
+    # The largest-canvas image (no padding) is the same either way.
+    masked = d.run(d.stage(imgs, (64, 96)))
+    assert (l2(masked) - l2(alone)).abs().max() <= 1e-5
+
+
+def test_mixed_batch_in_bf16_is_within_rounding():
+    d = describer(tiny_net(), "bf16")
+    imgs = mixed_images(seed=7)
+    alone, mixed = torch.cat([d([x]) for x in imgs]), d(imgs)
+    cos = F.cosine_similarity(mixed, alone, dim=1)
+    assert cos.min() > 0.999, cos
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "stack"])
+def test_pooled_per_scale_mixed_equals_one_at_a_time(aggregate):
+    d = describer(tiny_net(), "fp32", prepack=False)
+    rng = np.random.default_rng(0)
+    scaled = []
+    for i in range(7):
+        h, w = int(rng.integers(28, 60)), int(rng.integers(28, 60))
+        scaled.append({32: images(1, h, w, seed=i)[0], 40: images(1, h + 9, w + 7, seed=i)[0]})
+    stats = BatchStats()
+    mixed = combine(pooled_per_scale(d, scaled, (32, 40), batch_size=8, stats=stats), aggregate)
+    alone = combine(pooled_per_scale(d, scaled, (32, 40), batch_size=1), aggregate)
+    assert (mixed - alone).abs().max() <= 1e-5
+    assert stats.images == 14 and stats.batches < 14 and 0 < stats.padding < 1
+
+
+def test_a_failing_image_costs_only_its_own_row():
+    d = describer(tiny_net(), "fp32", prepack=False)
+    scaled = [{32: x} for x in mixed_images()]
+    scaled[2] = {32: images(1, 20, 40)[0]}  # too small for fc6's 7x7 window
+    failed: dict = {}
+    out = pooled_per_scale(d, scaled, (32,), batch_size=8, failed=failed)[0]
+    assert list(failed) == [2]
+    alone = torch.cat([d([s[32]]) for i, s in enumerate(scaled) if i != 2])
+    keep = [i for i in range(len(scaled)) if i != 2]
+    assert (out[keep] - alone).abs().max() <= 1e-5 and not out[2].any()
+
+
+# -- planning -------------------------------------------------------------------------------
+def caltech_like_sizes(n: int, q: int = 256, seed: int = 0) -> list[tuple[int, int]]:
+    """Smaller side Q, aspect 0.6-1.7 (portrait and landscape), as Caltech-101 at Q=256."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    for _ in range(n):
+        a = float(rng.uniform(0.6, 1.7))
+        sizes.append((q, round(q * a)) if a >= 1 else (round(q / a), q))
+    return sizes
+
+
+def test_planning_respects_the_caps_and_covers_every_image_once():
+    sizes = caltech_like_sizes(200)
+    batches = plan_batches(sizes, max_images=16, max_pixels=1_000_000)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        h, w = padded_size([sizes[i] for i in b])
+        assert len(b) <= 16 and (len(b) * h * w <= 1_000_000 or len(b) == 1)
+        assert h % GRID == 0 and w % GRID == 0
+    # The pixel cap, not the image cap, closed the batches here (~100 k pixels an image).
+    assert max(map(len, batches)) < 16
+    # An image above the pixel cap still gets a batch of its own.
+    assert plan_batches([(512, 2000), (256, 300)], max_images=8, max_pixels=100_000) == [[1], [0]]
+
+
+def test_planning_never_crosses_the_window():
+    sizes = caltech_like_sizes(100, seed=1)
+    for b in plan_batches(sizes, max_images=32, max_pixels=10**9, window=25):
+        assert len({i // 25 for i in b}) == 1
+
+
+def test_planning_keeps_padding_small_and_shapes_few():
+    sizes = caltech_like_sizes(320, seed=2)
+    stats = BatchStats()
+    batches = plan_batches(sizes, max_images=32, max_pixels=32 * 256 * 448, window=64)
+    for b in batches:
+        stats.add([sizes[i] for i in b], padded_size([sizes[i] for i in b]))
+    assert stats.images_per_batch > 5 and stats.padding < 0.07, stats
+    assert len({padded_size([sizes[i] for i in b]) for b in batches}) < len(set(sizes)) / 4
+    # Random order in batches of 32 (no aspect sorting) wastes far more: the plan is what helps.
+    rng = np.random.default_rng(0)
+    order = rng.permutation(320)
+    naive = BatchStats()
+    for s in range(0, 320, 32):
+        chunk = [sizes[i] for i in order[s : s + 32]]
+        naive.add(chunk, padded_size(chunk))
+    assert naive.padding > 3 * stats.padding
+    assert stats.summary().endswith("% padding") and " images per batch, " in stats.summary()
+
+
+def test_extract_says_images_per_batch_and_padding(tmp_path):
+    # Five 4:3-ish landscapes, 32 x 42-43 at Q=32: one canvas size, so batches of 4 + 1.
+    write_images(tmp_path / "in", [(64, 48), (60, 45), (66, 50), (70, 52), (64, 48)])
+    out = tmp_path / "f.parquet"
+    result = CliRunner().invoke(app, ["extract", str(tmp_path / "in"), "-o", str(out), "--model", "vgg11",
+                                      "--weights", "random", "--layer", "pool5", "--scales", "32",
+                                      "--batch-size", "4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "; 2.5 images per batch, " in line and line.endswith("% padding"), line
