@@ -98,14 +98,14 @@ def test_one_images_model_failure_spares_the_rest_of_its_batch(tmp_path, monkeyp
     featx.extract_features(tmp_path / "in", ref, batch_size=1, **SETTINGS)
     poison = featx.read_features(ref)["path"].iloc[2]
     poison_pixels = featx.extract.decode.decode(tmp_path / "in" / poison, (224,), 10**9).scaled[224]
-    real_call = DenseDescriber.__call__
+    real_run = DenseDescriber.run
 
-    def flaky(self, images):
-        if any(torch.equal(img, poison_pixels) for img in images):
+    def flaky(self, staged, *args, **kwargs):  # every batch, and every image retried alone, runs here
+        if any(torch.equal(staged.pixels[i, :, :h, :w], poison_pixels) for i, (h, w) in enumerate(staged.sizes)):
             raise RuntimeError("simulated device failure")
-        return real_call(self, images)
+        return real_run(self, staged, *args, **kwargs)
 
-    monkeypatch.setattr(DenseDescriber, "__call__", flaky)
+    monkeypatch.setattr(DenseDescriber, "run", flaky)
     out = tmp_path / "f.parquet"
     result = featx.extract_features(tmp_path / "in", out, batch_size=4, **SETTINGS)
     assert (result.rows, result.failures) == (3, 1)
