@@ -234,6 +234,35 @@ def info(
         typer.echo(f"  {name:<10} {value}")
 
 
+@app.command()
+def model(
+    name: Annotated[Model, typer.Argument(help="torchvision VGG: vgg11 (A) ... vgg19 (E), _bn with batch norm.")],
+    size: Annotated[str, typer.Option(help="Input height x width, e.g. 224x224 or 256x341.")] = "224x224",
+    layer: Annotated[Layer, typer.Option(help="The layer the dense net ends at.")] = Layer.fc7,
+) -> None:
+    """The dense net's layer table at one input size: output shapes, parameters, FLOPs (no weights loaded)."""
+    try:
+        height, width = (int(v) for v in size.lower().split("x"))
+        if height < 1 or width < 1:
+            raise ValueError
+    except ValueError:
+        fail(f"--size {size!r} is not HxW; give e.g. --size 224x224")
+    from featx.net.model import model_summary
+
+    s = call(model_summary, name.value, height, width, layer.value)
+    typer.echo(f"{s['model']} made dense (arXiv 1409.1556, Sec. 3.2), input 3x{height}x{width}, up to {s['layer']}")
+    typer.echo(f"{'layer':<9}{'kind':<24}{'output':>16}{'parameters':>14}{'GFLOPs':>9}")
+    for r in s["rows"]:
+        shape = "x".join(map(str, r.shape))
+        typer.echo(f"{r.name:<9}{r.kind:<24}{shape:>16}{r.params:>14,}{r.flops / 1e9:>9.2f}")
+    c, h, w = s["rows"][-1].shape
+    typer.echo(f"{'mean':<9}{'over ' + str(h * w) + ' positions':<24}{c:>16}{0:>14,}{0:>9.2f}")
+    typer.echo(f"total: {s['params']:,} parameters, {s['flops'] / 1e9:.2f} GFLOPs per image")
+    typer.echo(f"torchvision counts {s['torchvision_params']:,} parameters: these plus the classifier's "
+               f"fc8 ({s['classifier_params']:,}), which the descriptor does not use"
+               + ("" if s["layer"] == "fc7" else f", and the fc layers after {s['layer']}"))
+
+
 def _last_run(run: dict | None) -> str:
     if not run:
         return "not recorded"

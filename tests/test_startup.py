@@ -45,7 +45,7 @@ def feature_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["extract", "--help"], ["evaluate", "--help"], ["info", "--help"],
-    ["probe", "--help"], ["index", "--help"], ["neighbours", "--help"],
+    ["probe", "--help"], ["index", "--help"], ["neighbours", "--help"], ["model", "--help"],
 ])
 def test_help_imports_no_heavy_library(args):
     assert imported_by(*args) == []
