@@ -8,6 +8,7 @@ averaged with the same for the horizontally flipped image, combined over scales 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,7 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from featx.errors import BadInput
-from featx.extract.batching import BatchStats, default_batch_pixels, padded_size, plan_batches
+from featx.extract.batching import (
+    GRID,
+    MAX_MIXING_WASTE,
+    BatchStats,
+    default_batch_pixels,
+    padded_size,
+    plan_batches,
+)
 from featx.net.accel import Plan, release_freed_memory
 from featx.net.device import DTYPES, resolve_precision
 from featx.net.model import DenseVGG
@@ -98,9 +106,28 @@ class DenseDescriber:
             ready.record(self.copies)
         return Staged(pixels, sizes, ready)
 
-    @torch.inference_mode()
     def run(self, staged: Staged, rezero: bool = True) -> torch.Tensor:
         """The batch's [n, C] fp32 descriptors, left on the device (asynchronous on CUDA)."""
+        with torch.inference_mode(), self._cuda_flags():
+            return self._run(staged, rezero)
+
+    @contextmanager
+    def _cuda_flags(self):
+        """On CUDA: cuDNN autotuning (the planner keeps batch shapes few) and, in fp32, no TF32
+        (its 10-bit mantissa would make fp32 inexact). Restored afterwards; nothing on a CPU."""
+        if not self.cuda:
+            yield
+            return
+        fp32 = self.dtype == torch.float32
+        matmul = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = matmul and not fp32
+            with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=not fp32):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+
+    def _run(self, staged: Staged, rezero: bool) -> torch.Tensor:
         if staged.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(staged.ready)
             staged.pixels.record_stream(torch.cuda.current_stream(self.device))
@@ -140,6 +167,8 @@ def pooled_per_scale(
     on_batch: Callable[[int, float], None] | None = None,
     failed: dict[int, Exception] | None = None,
     stats: BatchStats | None = None,
+    grid: int = GRID,
+    max_waste: float = MAX_MIXING_WASTE,
 ) -> list[torch.Tensor]:
     """[n, C] per scale for images rescaled to every Q; mixed sizes share exact batches.
 
@@ -148,6 +177,7 @@ def pooled_per_scale(
     batch n's result is collected. `on_batch(images, seconds)` is called after each batch.
     With a `failed` dict, a failing batch is retried image by image and each failing image's
     exception recorded there (its rows stay zero); without one, the exception propagates.
+    `grid=1, max_waste=0` batches only images of identical shape (for comparison).
     """
     n = len(images)
     out = {q: torch.zeros(n, describer.channels) for q in scales}
@@ -155,8 +185,8 @@ def pooled_per_scale(
     work: list[tuple[int, list[int], tuple[int, int]]] = []
     for q in scales:
         sizes = [tuple(images[i][q].shape[1:]) for i in range(n)]
-        for batch in plan_batches(sizes, batch_size, max_pixels):
-            work.append((q, batch, padded_size([sizes[i] for i in batch])))
+        for batch in plan_batches(sizes, batch_size, max_pixels, grid=grid, max_waste=max_waste):
+            work.append((q, batch, padded_size([sizes[i] for i in batch], grid)))
 
     def stage(k: int) -> Staged | None:
         if k >= len(work):
