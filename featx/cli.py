@@ -107,6 +107,7 @@ def extract(
     aggregate: Annotated[Aggregate, typer.Option(help="Combine scales by mean (VOC) or stack (Caltech).")] = Aggregate.mean,
     precision: Annotated[Precision, typer.Option(help="Model precision; auto = bf16 where the CPU/GPU has it natively, else fp32 (bf16 changes numbers slightly; the resolved value is recorded).")] = Precision.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N].")] = "auto",
+    devices: Annotated[str, typer.Option(help="Several GPUs, each with its own stream of batches into one output: cuda:0,cuda:1 or all.")] = "",
     batch_size: Annotated[int, typer.Option(help="At most this many images per batch (mixed sizes share a batch exactly).")] = 32,
     batch_pixels: Annotated[int, typer.Option(help="At most this many padded pixels per batch; 0 = per device (4 M on CPU, 5.8 M on CUDA).")] = 0,
     workers: Annotated[int, typer.Option(help="Decode threads running ahead of the model.")] = 2,
@@ -134,7 +135,7 @@ def extract(
         ExtractConfig,
         model=model.value, weights=weights, layer=layer.value, scales=parse_scales(scales), flip=flip,
         aggregate=aggregate.value, precision=precision.value, device=device, batch_size=batch_size,
-        batch_pixels=batch_pixels, workers=workers, max_pixels=max_pixels, seed=seed, rows_per_group=rows_per_group, bucket=bucket,
+        batch_pixels=batch_pixels, devices=devices, workers=workers, max_pixels=max_pixels, seed=seed, rows_per_group=rows_per_group, bucket=bucket,
     )
     if engine is Engine.ray:
         from featx.extract.ray_engine import extract_ray

@@ -61,6 +61,9 @@ class ExtractConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Speed-only settings: not part of the descriptor hash.
     device: str = "auto"
+    # Several devices of one type ("cuda:0,cuda:1" or "all"), each with its own stream of
+    # batches into one output; "" = just `device`.
+    devices: str = ""
     # A batch closes at batch_size images or batch_pixels padded pixels (0 = per device),
     # whichever comes first; images of mixed sizes share it exactly (featx.extract.batching).
     batch_size: int = 32

@@ -7,9 +7,11 @@ averaged with the same for the horizontally flipped image, combined over scales 
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +160,7 @@ class DenseDescriber:
 
 
 def pooled_per_scale(
-    describer: DenseDescriber,
+    describer: DenseDescriber | Sequence[DenseDescriber],
     images: list[dict[int, torch.Tensor]],
     scales: tuple[int, ...],
     batch_size: int,
@@ -174,19 +176,35 @@ def pooled_per_scale(
 
     Batches are planned per Q (featx.extract.batching: by aspect, at most `batch_size` images
     and `batch_pixels` padded pixels, 0 = the device's default); batch n+1 is staged before
-    batch n's result is collected. `on_batch(images, seconds)` is called after each batch.
-    With a `failed` dict, a failing batch is retried image by image and each failing image's
-    exception recorded there (its rows stay zero); without one, the exception propagates.
-    `grid=1, max_waste=0` batches only images of identical shape (for comparison).
+    batch n's result is collected. Several describers (one per device) each take every k-th
+    batch in a thread of their own, into one output. `on_batch(images, seconds)` is called
+    after each batch. With a `failed` dict, a failing batch is retried image by image and each
+    failing image's exception recorded there (its rows stay zero); without one, the exception
+    propagates. `grid=1, max_waste=0` batches only images of identical shape (for comparison).
     """
+    describers = [describer] if isinstance(describer, DenseDescriber) else list(describer)
     n = len(images)
-    out = {q: torch.zeros(n, describer.channels) for q in scales}
-    max_pixels = batch_pixels or default_batch_pixels(describer.device.type)
+    out = {q: torch.zeros(n, describers[0].channels) for q in scales}
+    max_pixels = batch_pixels or default_batch_pixels(describers[0].device.type)
     work: list[tuple[int, list[int], tuple[int, int]]] = []
     for q in scales:
         sizes = [tuple(images[i][q].shape[1:]) for i in range(n)]
         for batch in plan_batches(sizes, batch_size, max_pixels, grid=grid, max_waste=max_waste):
             work.append((q, batch, padded_size([sizes[i] for i in batch], grid)))
+    lock = threading.Lock()  # guards out, failed, stats and on_batch across device threads
+    if len(describers) == 1:
+        _drive(describers[0], images, work, out, failed, stats, on_batch, lock)
+    else:
+        with ThreadPoolExecutor(len(describers), thread_name_prefix="featx-device") as pool:
+            shares = [pool.submit(_drive, d, images, work[k :: len(describers)], out, failed, stats, on_batch, lock)
+                      for k, d in enumerate(describers)]
+            for share in shares:
+                share.result()
+    return [out[q] for q in scales]
+
+
+def _drive(describer: DenseDescriber, images, work, out, failed, stats, on_batch, lock) -> None:
+    """Run `work`'s batches on one describer in order, staging each next batch early."""
 
     def stage(k: int) -> Staged | None:
         if k >= len(work):
@@ -198,41 +216,48 @@ def pooled_per_scale(
     for k, (q, batch, canvas) in enumerate(work):
         t = time.perf_counter()
         current, staged = staged, None
-        alive = [i for i in batch if failed is None or i not in failed]
+        with lock:
+            alive = [i for i in batch if failed is None or i not in failed]
         try:
             if len(alive) < len(batch):  # an image failed at an earlier Q: not again
                 current = describer.stage([images[i][q] for i in alive], canvas) if alive else None
             result = describer.run(current) if current is not None else None
             staged = stage(k + 1)  # host padding and copy overlap this batch's compute
             if result is not None:
-                out[q][alive] = result.cpu()
+                result = result.cpu()
+                with lock:
+                    out[q][alive] = result
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:
             if failed is None:
                 raise
             staged = staged or stage(k + 1)
-            _one_by_one(describer, images, q, alive, out[q], failed, e)
+            _one_by_one(describer, images, q, alive, out[q], failed, e, lock)
         if describer.device.type == "cpu":
             release_freed_memory()
-        if stats is not None and alive:
-            stats.add([tuple(images[i][q].shape[1:]) for i in alive], canvas)
-        if on_batch is not None:
-            on_batch(len(alive), time.perf_counter() - t)
-    return [out[q] for q in scales]
+        with lock:
+            if stats is not None and alive:
+                stats.add([tuple(images[i][q].shape[1:]) for i in alive], canvas)
+            if on_batch is not None:
+                on_batch(len(alive), time.perf_counter() - t)
 
 
-def _one_by_one(describer, images, q, batch, out, failed, error) -> None:
+def _one_by_one(describer, images, q, batch, out, failed, error, lock) -> None:
     if len(batch) == 1:
-        failed[batch[0]] = error
+        with lock:
+            failed[batch[0]] = error
         return
     for i in batch:  # one image's failure must not cost the others their rows
         try:
-            out[[i]] = describer([images[i][q]])
+            row = describer([images[i][q]])
+            with lock:
+                out[[i]] = row
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:
-            failed[i] = e
+            with lock:
+                failed[i] = e
 
 
 def combine(per_scale: list[torch.Tensor], aggregate: str) -> torch.Tensor:

@@ -38,7 +38,7 @@ from featx.extract.stages import (
     error_record,
     group_rows,
 )
-from featx.net.device import resolve_device
+from featx.net.device import resolve_device, resolve_devices
 
 
 @dataclass
@@ -147,7 +147,7 @@ class Run:
         self._advance(images / len(self.config.scales))
 
     def flush(self, schema: pa.Schema, group: list[tuple[Item, Decoded]], errors: list[dict],
-              describer: DenseDescriber) -> int:
+              describer: DenseDescriber | list[DenseDescriber]) -> int:
         """Describe one row group and persist it (rows and errors) as a piece; rows written."""
         rows = None
         if group:
@@ -162,7 +162,8 @@ class Run:
         self.stage_seconds["write"] += time.perf_counter() - t
         return 0 if rows is None else rows.num_rows
 
-    def describe_all(self, todo: list[Item], describer: DenseDescriber, schema: pa.Schema) -> _Tally:
+    def describe_all(self, todo: list[Item], describer: DenseDescriber | list[DenseDescriber],
+                     schema: pa.Schema) -> _Tally:
         tally = _Tally()
         cfg = self.config
 
@@ -210,15 +211,19 @@ class Run:
     def _run(self) -> ExtractResult:
         cfg = self.config
         t0 = time.perf_counter()
-        device = resolve_device(cfg.device)
-        prov = provenance(cfg, device, regions=self.regions)
+        devices = resolve_devices(cfg.devices) if cfg.devices else [resolve_device(cfg.device)]
+        device = devices[0]
+        if cfg.devices and device.type != resolve_device(cfg.device).type:
+            raise BadInput(f"--devices {cfg.devices} are not of --device {cfg.device}'s type; "
+                           f"pass --device {device.type} too")
+        prov = provenance(cfg, ",".join(map(str, devices)), regions=self.regions)
         todo = self.plan(prov)
         if self.output.up_to_date:
             return ExtractResult(self.out, self.output.rows(), 0, 0, time.perf_counter() - t0, prov["settings_hash"])
         schema = store.feature_schema(cfg.dim, prov, regions=self.regions is not None)
         tally = _Tally()
         if todo or self.region_errors:
-            describer = make_describer(cfg, device)
+            describer = make_describer(cfg, device) if len(devices) == 1 else [make_describer(cfg, d) for d in devices]
             tally = self.describe_all(todo, describer, schema)
         if tally.interrupted:
             return ExtractResult(self.out, 0, tally.new_rows, tally.failures, time.perf_counter() - t0,

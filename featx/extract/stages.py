@@ -53,7 +53,7 @@ def error_record(item: Item, e: ImageError) -> dict:
 
 
 def describe_group(
-    describer: DenseDescriber,
+    describer: DenseDescriber | list[DenseDescriber],
     decoded: list[Decoded],
     config: ExtractConfig,
     on_batch: Callable[[int, float], None] | None = None,
@@ -64,7 +64,8 @@ def describe_group(
     The group is the batch planner's window: its images, mixed sizes, share exact batches
     (featx.extract.batching). A failing batch is retried image by image, so one image's
     failure never costs its batch-mates their rows. `on_batch(images, seconds)` is called
-    after every batch; `stats` gathers images per batch and padding.
+    after every batch; `stats` gathers images per batch and padding. Several describers (one
+    per device) share the group's batches.
     """
     errors: dict[int, Exception] = {}
     per_scale = pooled_per_scale(

@@ -33,6 +33,23 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def resolve_devices(spec: str) -> list[torch.device]:
+    """`--devices`: "all" (every visible GPU) or a comma list such as cuda:0,cuda:1, one type."""
+    if spec.strip() == "all":
+        if not torch.cuda.is_available():
+            raise BadInput("--devices all: no CUDA GPU is visible here; use --device cpu")
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    devices = [resolve_device(d.strip()) for d in spec.split(",") if d.strip()]
+    if not devices:
+        raise BadInput(f"--devices {spec!r} names no device; give e.g. cuda:0,cuda:1 or all")
+    if len({d.type for d in devices}) > 1:
+        raise BadInput(f"--devices {spec}: mixes device types; give devices of one type (e.g. cuda:0,cuda:1)")
+    cuda = [d for d in devices if d.type == "cuda"]
+    if len({d.index or 0 for d in cuda}) < len(cuda):
+        raise BadInput(f"--devices {spec} names a GPU twice; name each once")
+    return devices
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """fp32/bf16/fp16 as given; "auto" per device (featx.net.accel.auto_precision)."""
     if precision == "auto":

@@ -154,3 +154,40 @@ def test_extract_says_images_per_batch_and_padding(tmp_path):
     assert result.exit_code == 0, result.output
     line = result.output.strip().splitlines()[-1]
     assert "; 2.5 images per batch, " in line and line.endswith("% padding"), line
+
+
+# -- several devices: each its own stream of batches, one output ---------------------------
+def test_two_devices_share_the_batches_into_one_output():
+    net = tiny_net()
+    one, two = describer(net, "fp32"), [describer(net, "fp32"), describer(net, "fp32", prepack=False)]
+    scaled = [{32: x, 40: images(1, x.shape[1] + 8, x.shape[2] + 8, seed=i)[0]} for i, x in enumerate(mixed_images())]
+    stats = BatchStats()
+    ref = pooled_per_scale(one, scaled, (32, 40), batch_size=2)
+    got = pooled_per_scale(two, scaled, (32, 40), batch_size=2, stats=stats)
+    for a, b in zip(ref, got):
+        assert (a - b).abs().max() <= 1e-5 and a.abs().max() > 0
+    assert stats.images == 12
+
+
+def test_extract_on_two_devices_equals_one(tmp_path):
+    import featx
+
+    write_images(tmp_path / "in", [(64, 48), (50, 70), (66, 50), (80, 52)])
+    settings = dict(model="vgg11", weights="random", layer="pool5", scales=(32, 48), precision="fp32", device="cpu")
+    featx.extract_features(tmp_path / "in", tmp_path / "a.parquet", **settings)
+    result = featx.extract_features(tmp_path / "in", tmp_path / "b.parquet", devices="cpu,cpu", batch_size=2, **settings)
+    a, b = featx.read_features(tmp_path / "a.parquet"), featx.read_features(tmp_path / "b.parquet")
+    assert a["path"].tolist() == b["path"].tolist() and result.rows == 4
+    assert np.abs(np.stack(a["feature"]) - np.stack(b["feature"])).max() <= 1e-5
+    assert featx.read_provenance(tmp_path / "b.parquet")["device"] == "cpu,cpu"
+
+
+def test_devices_are_checked():
+    from featx.net.device import resolve_devices
+
+    assert [d.type for d in resolve_devices("cpu, cpu")] == ["cpu", "cpu"]
+    with pytest.raises(ValueError, match="names no device"):
+        resolve_devices(" , ")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_devices("all")
