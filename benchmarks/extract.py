@@ -71,6 +71,7 @@ def child_featx(job: dict) -> dict:
     half = [r for s, r in samples if s <= seconds / 2], [r for s, r in samples if s > seconds / 2]
     return {"seconds": seconds, "rows": result.rows, "failures": result.failures,
             "stage_seconds": result.stage_seconds, "peak_rss_mb": _rss_mb(),
+            "images_per_batch": result.batches.images_per_batch, "padding": result.batches.padding,
             "rss_max_first_half_mb": max(half[0], default=None), "rss_max_second_half_mb": max(half[1], default=None),
             "rss_timeline": samples[:: max(1, len(samples) // 60)]}
 
@@ -241,9 +242,9 @@ def main(argv=None) -> int:
     p.add_argument("--aggregate", default="mean")
     p.add_argument("--precision", default="auto", help="featx's precision (default: featx's default)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32, help="featx's --batch-size (its default: 32)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--bucket", type=int, default=32, help="grid step of the opt-in bucketing run (0 = skip)")
+    p.add_argument("--bucket", type=int, default=0, help="grid step of an INEXACT bucketing run for comparison (0 = skip)")
     p.add_argument("--rounds", type=int, default=2, help="naive and featx on the small set, alternately; best counts")
     p.add_argument("--json", default="bench-extract.json", help="where to write every figure")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -420,6 +421,8 @@ def print_report(r: dict) -> None:
     print(f"peak ({r['peak']['runs'][0]['dtype']} 3x3 conv): {pk:.0f} GFLOP/s; featx end to end {fl['gflops']:.0f} "
           f"GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of peak (model stage {fl['model_gflops']:.0f} = "
           f"{100 * fl['model_gflops'] / pk:.0f}%" + (f"; once running {100 * st['gflops'] / pk:.0f}%)" if st else ")"))
+    print(f"batches (large set): {fl.get('images_per_batch', 0):.1f} images per batch, "
+          f"{100 * fl.get('padding', 0):.0f}% padding (exact mixed-size batches)")
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in fl["stage_seconds"].items())
     print(f"stages (large set, {fl['seconds']:.1f} s wall; decode runs in threads beside the model): {parts}")
     mf = r["memory_flat"]
