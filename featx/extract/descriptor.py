@@ -124,7 +124,8 @@ class DenseDescriber:
         matmul = torch.backends.cuda.matmul.allow_tf32
         try:
             torch.backends.cuda.matmul.allow_tf32 = matmul and not fp32
-            with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=not fp32):
+            with torch.backends.cudnn.flags(enabled=True, benchmark=True,
+                                           deterministic=torch.backends.cudnn.deterministic, allow_tf32=not fp32):
                 yield
         finally:
             torch.backends.cuda.matmul.allow_tf32 = matmul
@@ -136,8 +137,8 @@ class DenseDescriber:
         u8, sizes = staged.pixels, staged.sizes
         n, (height, width) = len(sizes), u8.shape[2:]
         x = (u8.to(self.device, torch.float32) - self.mean) / self.std
-        batch = torch.zeros(n * (2 if self.flip else 1), 3, height, width, device=self.device,
-                            dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+        batch = torch.empty(n * (2 if self.flip else 1), 3, height, width, device=self.device,
+                            dtype=self.dtype, memory_format=torch.channels_last).zero_()
         # Padding after normalising (raw zeros would be -mean/std); each flip flips the image
         # itself, so it is anchored top-left like the image.
         for i, (h, w) in enumerate(sizes):
