@@ -137,6 +137,8 @@ def extract(
         aggregate=aggregate.value, precision=precision.value, device=device, batch_size=batch_size,
         batch_pixels=batch_pixels, devices=devices, workers=workers, max_pixels=max_pixels, seed=seed, rows_per_group=rows_per_group, bucket=bucket,
     )
+    if engine is Engine.ray and devices:
+        fail("--devices is for the local engine; with --engine ray, Ray places one model actor per GPU (--ray-actors)")
     if engine is Engine.ray:
         from featx.extract.ray_engine import extract_ray
 
