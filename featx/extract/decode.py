@@ -6,18 +6,15 @@ is torchvision's (bilinear, antialiased) on the uint8 tensor, as `transforms.v2.
 
 from __future__ import annotations
 
+import io
+import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageFile, ImageOps
-
-# featx checks the pixel count itself (max_pixels) from the header, before decoding; Pillow's
-# own bomb check would otherwise warn or refuse images the user allowed with --max-pixels.
-Image.MAX_IMAGE_PIXELS = None
-# A truncated JPEG is an error to record, never a half-grey image.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+from PIL import Image, ImageOps
 
 # Beyond this aspect ratio the longer side is centre-cropped before rescaling: a 100:1 banner
 # at Q=768 would otherwise need tens of GiB of activations for a single image.
@@ -75,31 +72,84 @@ def upright_rgb(img: Image.Image) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(img))
 
 
-def open_upright(file, max_pixels: int) -> Image.Image:
-    """Open, refuse oversized images from the header alone, decode the first frame upright."""
+class _WatchedFile(io.BufferedReader):
+    """A file that notes when a read finds nothing left: Pillow asking for more than the file holds."""
+
+    ran_out = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if not data and size != 0:
+            self.ran_out = True
+        return data
+
+
+def _identify(fp: _WatchedFile) -> Image.Image:
+    """Image.open's format search without its process-wide bomb check (featx checks per call).
+
+    Pillow refuses or warns about large images by its global `Image.MAX_IMAGE_PIXELS`; featx
+    must neither change that global nor let it override `--max-pixels`, so it asks Pillow's
+    registered openers (`Image.OPEN`, the table `Image.register_open` fills) directly.
+    """
+    prefix = fp.read(16)
+    tried: set[str] = set()
+    for load_plugins in (Image.preinit, Image.init):
+        load_plugins()
+        for fmt in [f for f in Image.ID if f not in tried]:
+            tried.add(fmt)
+            factory, accept = Image.OPEN[fmt]
+            if accept is not None and accept(prefix) is not True:
+                continue
+            fp.seek(0)
+            try:
+                return factory(fp, "")
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue
+    raise Image.UnidentifiedImageError("cannot identify image file")
+
+
+def open_upright(file: str | os.PathLike, max_pixels: int) -> Image.Image:
+    """Open, refuse oversized images from the header alone, decode the first frame upright.
+
+    Both limits belong to the call, not to Pillow's globals: `max_pixels` is checked from the
+    header, and a truncated file is refused (never decoded half-grey) whatever the host
+    application set `PIL.ImageFile.LOAD_TRUNCATED_IMAGES` to.
+    """
     try:
-        img = Image.open(file)
+        fp = _WatchedFile(io.FileIO(file, "rb"))
     except FileNotFoundError:
         raise ImageError("read", "FileNotFoundError", "the file vanished before it was read") from None
     except PermissionError as e:
         raise ImageError("read", "PermissionError", f"cannot read the file: {e.strerror}") from None
-    except Exception as e:
-        raise ImageError("decode", type(e).__name__, f"not an image Pillow can open: {e}") from None
-    with img:
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageError(
-                "decode",
-                "TooManyPixels",
-                f"{w}x{h} = {w * h} pixels is over --max-pixels {max_pixels}; "
-                f"raise --max-pixels to include it",
-            )
+    except IsADirectoryError:
+        raise ImageError("read", "IsADirectoryError", "a folder, not an image file") from None
+    with fp:
         try:
-            img.seek(0)  # animated GIF / WebP: the first frame
-            img.load()
-            return upright_rgb(img)
+            img = _identify(fp)
         except Exception as e:
-            raise ImageError("decode", type(e).__name__, f"cannot decode: {e}") from None
+            raise ImageError("decode", type(e).__name__, f"not an image Pillow can open: {e}") from None
+        with img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    "decode",
+                    "TooManyPixels",
+                    f"{w}x{h} = {w * h} pixels is over --max-pixels {max_pixels}; "
+                    f"raise --max-pixels to include it",
+                )
+            try:
+                img.seek(0)  # animated GIF / WebP: the first frame
+                fp.ran_out = False
+                img.load()
+            except Exception as e:
+                raise ImageError("decode", type(e).__name__, f"cannot decode: {e}") from None
+            if fp.ran_out:
+                # Pillow fills the missing part with grey when the host allows truncated images.
+                raise ImageError("decode", "Truncated", "image file is truncated; the file is incomplete")
+            try:
+                return upright_rgb(img)
+            except Exception as e:
+                raise ImageError("decode", type(e).__name__, f"cannot decode: {e}") from None
 
 
 def scaled_size(width: int, height: int, q: int, bucket: int = 0) -> tuple[int, int]:

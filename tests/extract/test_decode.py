@@ -106,3 +106,50 @@ def test_extreme_aspect_is_centre_cropped_to_ten_to_one():
     assert cropped.shape == (3, 40, 400)
     assert torch.equal(cropped[0, 0, 0], img[0, 0, 300])
     assert crop_aspect(img[..., :400]).shape == (3, 40, 400)
+
+
+def test_importing_and_decoding_leave_pillows_global_settings_alone(tmp_path):
+    """featx is a library: its host's Pillow limits stay as the host set them (issue 13.5)."""
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(tmp_path / "a.jpg")
+    code = (
+        "import json, sys; from PIL import Image, ImageFile;"
+        "before = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES);"
+        "import featx, featx.extract.decode as d, featx.extract.run;"
+        "after_import = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES);"
+        f"d.decode({str(tmp_path / 'a.jpg')!r}, (224,), 10**9);"
+        "after_decode = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES);"
+        "print(json.dumps([before, after_import, after_decode]))"
+    )
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    before, after_import, after_decode = json.loads(proc.stdout)
+    assert before == [89_478_485, False]
+    assert after_import == before and after_decode == before
+
+
+def test_limits_are_per_call_whatever_the_host_set(tmp_path, monkeypatch):
+    """A host's looser or stricter Pillow globals change neither --max-pixels nor truncation."""
+    from PIL import ImageFile
+
+    bad_files(tmp_path)
+    path = truncated_jpeg(tmp_path)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with pytest.raises(ImageError, match="truncated") as e:
+        decode(path, (224,), MAX)
+    assert e.value.stage == "decode"
+    with pytest.raises(ImageError, match="over --max-pixels 89478485"):
+        open_upright(tmp_path / "bomb.png", MAX)
+    # A host stricter than the call: --max-pixels decides, and Pillow does not warn.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", (160, 120)).save(tmp_path / "ok.png")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert open_upright(tmp_path / "ok.png", MAX).size == (160, 120)
+    with pytest.raises(ImageError, match="over --max-pixels 1000"):
+        open_upright(tmp_path / "ok.png", 1000)
