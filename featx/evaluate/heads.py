@@ -29,10 +29,14 @@ DEFAULT_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
 SCORINGS = ("mean_class_recall", "voc07_ap", "voc_ap", "accuracy")
 
 
-def make_head(name: str = "svm", C: float = 1.0, random_state: int = 0) -> BaseEstimator:
-    """An unfitted linear classifier: `svm` (LinearSVC, the paper's) or `logreg`."""
+def make_head(name: str = "svm", C: float = 1.0, random_state: int = 0, dual: bool | str = "auto") -> BaseEstimator:
+    """An unfitted linear classifier: `svm` (LinearSVC, the paper's) or `logreg`.
+
+    `dual` is LinearSVC's solver choice ("auto": liblinear's dual when rows < columns);
+    HeldOutC fixes it once per fit so that every C and the refit share one solver.
+    """
     if name == "svm":
-        return LinearSVC(C=C, max_iter=10_000, random_state=random_state)
+        return LinearSVC(C=C, dual=dual, max_iter=10_000, random_state=random_state)
     if name == "logreg":
         return LogisticRegression(C=C, max_iter=2_000, random_state=random_state)
     raise BadInput(f"unknown --head {name!r}; choose one of {', '.join(HEADS)}")
@@ -45,10 +49,11 @@ class OneVsRest(ClassifierMixin, BaseEstimator):
     them in the metric, and featx ignores them in training as well (Appendix B, VOC).
     """
 
-    def __init__(self, head: str = "svm", C: float = 1.0, random_state: int = 0):
+    def __init__(self, head: str = "svm", C: float = 1.0, random_state: int = 0, dual: bool | str = "auto"):
         self.head = head
         self.C = C
         self.random_state = random_state
+        self.dual = dual
 
     def fit(self, X, Y):
         X, Y = validate_data(self, X, Y, multi_output=True, dtype=np.float32)
@@ -64,7 +69,10 @@ class OneVsRest(ClassifierMixin, BaseEstimator):
                 # ranks nothing, which is what such a class can honestly do.
                 self.estimators_.append(float(1.0 if y.all() else -1.0))
                 continue
-            self.estimators_.append(make_head(self.head, self.C, self.random_state).fit(X[rows], y))
+            est = make_head(self.head, self.C, self.random_state)
+            if self.dual != "auto" and "dual" in est.get_params():
+                est.set_params(dual=self.dual)
+            self.estimators_.append(est.fit(X[rows], y))
         self.n_outputs_ = Y.shape[1]
         return self
 
@@ -120,7 +128,7 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         Cs = sorted(float(c) for c in np.atleast_1d(self.Cs))
         if not Cs or min(Cs) <= 0:
             raise BadInput(f"C grid {self.Cs} must hold positive values, e.g. [0.1, 1, 10]")
-        base = make_head() if self.estimator is None else self.estimator
+        base = fixed_solver(make_head() if self.estimator is None else self.estimator, X.shape)
         y_arr = np.asarray(y)
         if y_arr.ndim == 2 and y_arr.shape[1] == 1 and not get_tags(base).target_tags.multi_output:
             y_arr = column_or_1d(y_arr, warn=True)
@@ -145,6 +153,7 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         else:
             self.C_ = Cs[0]
         self.n_fit_, self.n_holdout_ = len(fit), len(val)
+        self.solver_ = {k: v for k, v in base.get_params(deep=False).items() if k == "dual"}
         self.estimator_, n_warned = _fit(clone(base).set_params(C=self.C_), X, y_arr)
         self.convergence_warnings_ += n_warned
         return self
@@ -165,6 +174,25 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         tags.target_tags.multi_output = inner.multi_output
         tags.target_tags.single_output = inner.single_output
         return tags
+
+
+def fixed_solver(estimator, shape: tuple[int, int]) -> BaseEstimator:
+    """`estimator` with dual="auto" resolved once, for data of `shape` (rows, columns).
+
+    LinearSVC resolves "auto" at each fit from that fit's own rows (dual when rows < columns),
+    so the held-out fits, on fewer rows, could run another solver than the refit on all of
+    them. Resolved once, every C is compared under the solver the refit then uses.
+    """
+    params = estimator.get_params(deep=False)
+    if params.get("dual") != "auto" or params.get("head", "svm") != "svm":
+        return estimator
+    if params.get("loss") == "hinge":
+        dual = True  # liblinear solves the hinge loss in the dual only
+    elif params.get("penalty") == "l1":
+        dual = False  # and the l1 penalty in the primal only
+    else:
+        dual = bool(shape[0] < shape[1])
+    return clone(estimator).set_params(dual=dual)
 
 
 def _fit(est, X, y):

@@ -19,7 +19,7 @@ import scipy.linalg
 from featx import __version__, store
 from featx.errors import BadInput
 from featx.evaluate.datasets import DatasetIndex, get_spec, load_dataset
-from featx.evaluate.heads import HeldOutC, OneVsRest, make_head
+from featx.evaluate.heads import HeldOutC, OneVsRest, fixed_solver, make_head
 from featx.evaluate.metrics import (
     mean_ap,
     mean_class_recall,
@@ -340,6 +340,10 @@ def _run_split(
     else:
         base = OneVsRest(h.name, random_state=split.seed)
         scoring = p.metric
+    # One solver for every fit of the split, chosen from the descriptors' own shape (fewer
+    # training images than dimensions: liblinear's dual), so the span coordinates below, which
+    # have as many columns as rows, change the speed and nothing else.
+    base = fixed_solver(base, (len(split.train), X.shape[1]))
     est = HeldOutC(base, Cs=h.C, holdout=p.holdout, scoring=scoring, random_state=split.seed, n_jobs=jobs)
     y = index.labels
     X_train, X_test = span_coordinates(X[split.train], X[split.test])
@@ -353,6 +357,7 @@ def _run_split(
         "n_holdout": est.n_holdout_,
         "holdout_scores": {_c(C): round(100 * s, 4) for C, s in est.scores_.items()},
         "convergence_warnings": est.convergence_warnings_,
+        "solver": est.solver_,
     }
     if pipeline.kind == "caltech":
         y_test = y[split.test]

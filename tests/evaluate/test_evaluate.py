@@ -247,3 +247,29 @@ def test_span_coordinates_survive_duplicate_training_rows():
     Z_train, Z_test = ev.span_coordinates(train, test)
     np.testing.assert_allclose(Z_train @ Z_train.T, train @ train.T, atol=1e-4)
     np.testing.assert_allclose(Z_test @ Z_train.T, test @ train.T, atol=1e-4)
+
+
+class SolverSpySVC(LinearSVC):
+    """A LinearSVC that records the liblinear solver each fit runs (documented rule of "auto")."""
+
+    solvers: list = []
+
+    def fit(self, X, y):
+        dual = self.dual if isinstance(self.dual, bool) else X.shape[0] < X.shape[1]
+        SolverSpySVC.solvers.append(dual)
+        return super().fit(X, y)
+
+
+def test_refit_runs_the_solver_the_held_out_selection_ran(monkeypatch):
+    """Fewer training images than dimensions: the span coordinates are square, the held-out
+    fits have fewer rows than columns; every fit of a split must still run one solver."""
+    index, X = _synthetic(per_class=12, dim=60)
+    pipeline = builtin_pipeline("caltech101").override(models=["vgg11"])
+    (split,) = caltech_splits(index.labels, n_train=8, n_test=4, splits=1, seed=0)
+    SolverSpySVC.solvers = []
+    monkeypatch.setattr(ev, "make_head", lambda name, random_state=0: SolverSpySVC(random_state=random_state))
+    record, _ = ev._run_split(pipeline, index, X, split)
+    assert len(SolverSpySVC.solvers) == len(pipeline.head.C) + 1
+    # 32 training images < 60 dimensions: liblinear's dual, as without the span coordinates.
+    assert set(SolverSpySVC.solvers) == {True}
+    assert record["solver"] == {"dual": True}
