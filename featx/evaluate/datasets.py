@@ -23,6 +23,7 @@ from featx.evaluate.download import (
     mark_unpacked,
     unpack,
 )
+from featx.extract.discover import subfolders
 
 # Files Caltech ships as images; everything else in a class folder (stray notes, hidden
 # files, sub-folders) is skipped.
@@ -281,7 +282,7 @@ def _missing(spec: DatasetSpec, root: Path) -> MissingData:
 def _shortfall(spec: DatasetSpec, images: Path) -> list[str]:
     """What a copy at `images` lacks against a full copy (cheap: counts only)."""
     if spec.kind == "caltech":
-        folders = [d for d in images.iterdir() if d.is_dir()]
+        folders = subfolders(images)
         n = sum(len(_class_images(d)) for d in folders)
         out = []
         if len(folders) < spec.n_classes:
@@ -316,7 +317,7 @@ def _load_caltech(spec: DatasetSpec, root: Path, *, background: bool) -> Dataset
         raise _missing(spec, root)
     problems = []
     classes, paths, labels = [], [], []
-    for folder in sorted(d for d in images.iterdir() if d.is_dir() and not d.name.startswith(".")):
+    for folder in subfolders(images):
         if not background and folder.name == spec.background:
             continue
         files = _class_images(folder)

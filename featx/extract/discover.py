@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +83,44 @@ def discover(paths: list[str | Path]) -> list[Item]:
     return items
 
 
+def walk(root: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """(folder, sub-folder names, file names) for every folder under `root`, sorted.
+
+    The one rule for listing images (discovery and the dataset loaders): a symlinked folder
+    counts like a real one, hidden folders are skipped, and a link back to a folder above it
+    (a loop) is skipped, so a loop neither hangs the walk nor lists an image twice.
+    """
+    # Identities (device, inode) of each pending folder's ancestors, the folder itself last.
+    above: dict[str, tuple[tuple[int, int], ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = os.stat(dirpath)
+        chain = (*above.pop(dirpath, ()), (here.st_dev, here.st_ino))
+        kept = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            try:
+                st = os.stat(os.path.join(dirpath, d))
+            except OSError:  # a broken link
+                continue
+            if (st.st_dev, st.st_ino) not in chain:
+                kept.append(d)
+                above[os.path.join(dirpath, d)] = chain
+        dirnames[:] = kept
+        yield Path(dirpath), list(kept), sorted(filenames)
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """The visible sub-folders of `folder`, sorted, symlinked ones included (`walk`'s rule)."""
+    _, names, _ = next(walk(folder))
+    return [folder / name for name in names]
+
+
 def _walk(root: Path, extensions: frozenset[str]) -> list[Item]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for folder, _, filenames in walk(root):
         for name in filenames:
-            file = Path(dirpath) / name
+            file = folder / name
             rel = file.relative_to(root)
             if _is_hidden(rel) or not file.is_file():
                 continue
