@@ -128,9 +128,11 @@ def extract(
 ) -> None:
     """Describe every image with the paper's dense multi-scale VGG descriptor; write Parquet."""
     from featx.extract.config import ExtractConfig
-    from featx.extract.run import extract_features as run_extract
+    from featx.extract.shard import parse_shard
+    from featx.store.paths import check_output
 
     warnings.showwarning = _warn_one_line
+    # Everything the arguments alone can refute is refuted before torch loads (seconds).
     config = call(
         ExtractConfig,
         model=model.value, weights=weights, layer=layer.value, scales=parse_scales(scales), flip=flip,
@@ -139,13 +141,21 @@ def extract(
     )
     if engine is Engine.ray and devices:
         fail("--devices is for the local engine; with --engine ray, Ray places one model actor per GPU (--ray-actors)")
+    call(check_output, output, "-o", folder=engine is Engine.ray)
+    if shard is not None:
+        call(parse_shard, shard)
+    if (ray_address or ray_actors) and engine is not Engine.ray:
+        fail("--ray-address and --ray-actors need --engine ray")
+    for path in paths:
+        if not path.expanduser().exists():
+            fail(f"{path}: no such file or folder; check the PATH")
+    from featx.extract.run import extract_features as run_extract
+
     if engine is Engine.ray:
         from featx.extract.ray_engine import extract_ray
 
         result = call(extract_ray, paths, output, config, address=ray_address, actors=ray_actors,
                       shard=shard, overwrite=overwrite, progress=not quiet, wait=wait, regions=regions)
-    elif ray_address or ray_actors:
-        fail("--ray-address and --ray-actors need --engine ray")
     else:
         result = call(run_extract, paths, output, config, overwrite=overwrite, progress=not quiet, shard=shard,
                       wait=wait, regions=regions)
@@ -317,8 +327,9 @@ def evaluate(
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first split (split i uses seed + i).")] = None,
     no_background: Annotated[bool, typer.Option("--no-background", help="Caltech: drop the background/clutter class (the paper keeps it).")] = False,
     features: Annotated[Optional[list[Path]], typer.Option(help="Evaluate already extracted feature file(s), one per net, instead of extracting.")] = None,
-    cache_dir: Annotated[Path, typer.Option(help="Where extracted features are cached, keyed by dataset and settings hash.")] = Path(".featx-cache"),
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where extracted features are cached, keyed by settings and the dataset's files (default: $XDG_CACHE_HOME/featx, else ~/.cache/featx; see featx cache ls).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here, with PNG plots beside it.")] = None,
+    precision: Annotated[Precision, typer.Option(help="Model precision, as for featx extract: auto = bf16 where the CPU/GPU has it natively, else fp32 (part of the cache key; recorded in the report).")] = Precision.auto,
     device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N].")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
@@ -329,14 +340,19 @@ def evaluate(
 ) -> None:
     """Run the paper's transfer experiment (Appendix B, Tables 11, 12) and print featx beside the paper."""
     from featx.evaluate.pipeline import pipeline_for
-    from featx.evaluate.report import check_report_path, print_table, write_report
-    from featx.evaluate.run import evaluate as run_evaluate
+    from featx.store.paths import check_output
 
     warnings.showwarning = _warn_one_line
+    # Everything the arguments alone can refute is refuted before torch loads (seconds).
     if test_server and results is None:
         fail("--test-server writes the test set's result files: give --results DIR")
     if report is not None:
-        call(check_report_path, report)
+        call(check_output, report, "--report", suffix=".json")
+    if cache_dir is not None:
+        call(check_output, cache_dir, "--cache-dir", folder=True)
+    for file in features or ():
+        if not file.expanduser().exists():
+            fail(f"--features {file}: no such file; give a file made by featx extract")
     chosen = call(pipeline_for, dataset.value if dataset else None, pipeline)
     chosen = call(
         chosen.override,
@@ -345,11 +361,14 @@ def evaluate(
         flip=flip, head=head.value if head else None, splits=splits, seed=seed,
         background=False if no_background else None,
     )
+    from featx.evaluate.report import print_table, write_report
+    from featx.evaluate.run import evaluate as run_evaluate  # torch loads when features are extracted
+
     log = logging.getLogger("featx").info if not quiet else None
     result = call(
         run_evaluate, chosen, root=root, download=download, cache_dir=cache_dir, features=features or (),
-        device=device, batch_size=batch_size, workers=workers, jobs=jobs, progress=not quiet, log=log,
-        results_dir=results, test_server=test_server,
+        device=device, precision=precision.value, batch_size=batch_size, workers=workers, jobs=jobs,
+        progress=not quiet, log=log, results_dir=results, test_server=test_server,
     )
     print_table(result.report)
     if report is not None:
@@ -489,3 +508,51 @@ def neighbours(
     else:
         table.to_parquet(output, index=False)
         typer.echo(f"wrote {output} ({len(table)} rows)", err=True)
+
+
+# -- featx cache (the features `featx evaluate` keeps) ----------------------------------
+
+cache_app = typer.Typer(
+    help="List or remove the features featx evaluate cached (default: $XDG_CACHE_HOME/featx, else ~/.cache/featx).",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+CacheDir = Annotated[Optional[Path], typer.Option(help="The cache folder (default: $XDG_CACHE_HOME/featx, else ~/.cache/featx).")]
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: CacheDir = None) -> None:
+    """One line per entry: dataset, net, descriptor settings, images, size, date."""
+    import time
+
+    from featx.evaluate.cache import entries, resolve_cache_dir
+
+    found = call(entries, cache_dir)
+    root = resolve_cache_dir(cache_dir)
+    if not found:
+        typer.echo(f"{root}: no cached features", err=True)
+        return
+    for e in found:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.modified))
+        images = f"{e.images} images" if e.images is not None else ("unfinished" if not e.finished else "? images")
+        typer.echo(f"{e.name}\n  {e.dataset}, {e.model}, {e.settings}; {images}, {_size(e.bytes)}, {when}")
+    total = sum(e.bytes for e in found)
+    typer.echo(f"{root}: {len(found)} {'entry' if len(found) == 1 else 'entries'}, {_size(total)}", err=True)
+
+
+@cache_app.command("rm")
+def cache_rm(
+    entry: Annotated[Optional[list[str]], typer.Argument(help="Entries to remove, as featx cache ls names them.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Remove cached features (they are extracted again when next needed)."""
+    from featx.evaluate.cache import remove
+
+    if entry and all_:
+        fail("give entries or --all, not both")
+    removed = call(remove, entry or (), all=all_, cache_dir=cache_dir)
+    for e in removed:
+        typer.echo(f"removed {e.name} ({_size(e.bytes)})", err=True)
+    typer.echo(f"freed {_size(sum(e.bytes for e in removed))}", err=True)

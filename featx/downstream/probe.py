@@ -273,22 +273,14 @@ def cached_features(
 
     Returns the feature file, the paths the folder holds now, and its failed images.
     """
-    from featx.evaluate.run import DEFAULT_CACHE, cache_file
-    from featx.extract.describer import descriptor_hash
+    from featx.evaluate.cache import cached_features as evaluate_cache
     from featx.extract.discover import discover
-    from featx.extract.run import extract_features
 
     folder = folder.resolve()
     key = hashlib.blake2b(str(folder).encode(), digest_size=4).hexdigest()
     name = f"probe-{re.sub(r'[^A-Za-z0-9_.-]+', '-', folder.name) or 'root'}-{key}"
-    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE).expanduser()
-    out = cache_file(cache, name, descriptor_hash(config))
-    cache.mkdir(parents=True, exist_ok=True)
-    if log:
-        log(f"features in {out}" + (" (reused)" if out.exists() else ""))
-    result = extract_features([folder], out, config, progress=progress)
-    if result.interrupted:
-        raise KeyboardInterrupt
+    # Keyed by settings and the folder's files (paths, sizes, mtimes), in the per-user cache.
+    out = evaluate_cache([folder], config, name=name, cache_dir=cache_dir, progress=progress, log=log).file
     now = {item.path for item in discover([folder])}
     errors = []
     if store.errors_path(out).exists():

@@ -24,6 +24,7 @@ import numpy as np
 
 from featx import __version__, store
 from featx.errors import BadInput, MissingData
+from featx.evaluate.cache import resolve_cache_dir
 from featx.evaluate.datasets import DatasetSpec, ensure_dataset, find_images, get_spec, where_to_put
 from featx.evaluate.heads import HeldOutC, OneVsRest
 from featx.evaluate.metrics import precision_recall, voc07_ap, voc_ap
@@ -241,8 +242,9 @@ def evaluate_action(
     *,
     root: str | Path,
     download: bool = False,
-    cache_dir: str | Path = ".featx-cache",
+    cache_dir: str | Path | None = None,
     device: str = "auto",
+    precision: str = "auto",
     batch_size: int = 8,
     workers: int = 2,
     jobs: int | None = None,
@@ -286,13 +288,13 @@ def evaluate_action(
     regions = region_table(sets, pipeline.protocol.box_margin)
     region_key = hashlib.sha256(json.dumps(regions.to_pydict(), separators=(",", ":")).encode()).hexdigest()[:12]
 
-    cache = Path(cache_dir).expanduser()
+    cache = resolve_cache_dir(cache_dir)  # default: the per-user cache (featx.evaluate.cache)
     cache.mkdir(parents=True, exist_ok=True)
     inputs = [jpegs / f"{i}.jpg" for i in image_ids]
     blocks: dict[str, dict[str, list[np.ndarray]]] = {}
     nets = []
     for model in pipeline.features.models:
-        config = pipeline.features.config(model, device=device, batch_size=batch_size, workers=workers)
+        config = pipeline.features.config(model, device=device, precision=precision, batch_size=batch_size, workers=workers)
         h = descriptor_hash(config)
         image_file = cache / f"{spec.name}-image-{h}.parquet"
         box_file = cache / f"{spec.name}-box-{h}-{region_key}.parquet"

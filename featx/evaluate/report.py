@@ -14,9 +14,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from featx.errors import BadInput, MissingData
 from featx.evaluate.datasets import get_spec
 from featx.evaluate.run import Evaluation
+from featx.store.paths import check_output, make_parent
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -70,6 +70,10 @@ def table(report: dict) -> Table:
     captions = [f"weights: {weights}"]
     if weights.startswith("random"):
         captions[0] += " — far below the paper by design: a smoke test, not a result"
+    computed = sorted({f"{f['precision']} on {f['device']}" for f in cfg.get("features", []) if f.get("precision")})
+    if computed:
+        asked = cfg.get("precision")
+        captions.append(f"precision: {', '.join(computed)}" + (f" (--precision {asked})" if asked else " (as in the feature files)"))
     captions += cfg.get("notes", [])
     if report["paper"].get("note"):
         captions.append(report["paper"]["note"])
@@ -86,17 +90,12 @@ def print_table(report: dict, console: Console | None = None) -> None:
 
 def check_report_path(path: str | Path) -> Path:
     """Refuse a --report path that cannot be written, before any work is done."""
-    path = Path(path).expanduser()
-    if path.suffix.lower() != ".json":
-        raise BadInput(f"--report {path} must end in .json; e.g. --report results/{path.stem or 'report'}.json")
-    if not path.parent.is_dir():
-        raise MissingData(f"--report {path}: folder {path.parent} does not exist; create it first")
-    return path
+    return check_output(path, "--report", suffix=".json")
 
 
 def write_report(evaluation: Evaluation, path: str | Path) -> list[Path]:
     """Write the JSON report to `path` and its PNG plots beside it; return all files written."""
-    path = check_report_path(path)
+    path = make_parent(check_report_path(path), "--report")
     report = evaluation.report
     path.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
     written = [path]

@@ -18,6 +18,7 @@ import scipy.linalg
 
 from featx import __version__, store
 from featx.errors import BadInput
+from featx.evaluate.cache import cached_features
 from featx.evaluate.datasets import DatasetIndex, get_spec, load_dataset
 from featx.evaluate.heads import HeldOutC, OneVsRest, fixed_solver, make_head
 from featx.evaluate.metrics import (
@@ -29,10 +30,6 @@ from featx.evaluate.metrics import (
 )
 from featx.evaluate.pipeline import Pipeline
 from featx.evaluate.splits import Split, caltech_splits, fixed_splits
-from featx.extract.describer import descriptor_hash
-from featx.extract.run import extract_features
-
-DEFAULT_CACHE = ".featx-cache"
 
 
 @dataclass
@@ -61,9 +58,10 @@ def evaluate(
     *,
     root: str | Path | None = None,
     download: bool = False,
-    cache_dir: str | Path = DEFAULT_CACHE,
+    cache_dir: str | Path | None = None,
     features: Sequence[str | Path] = (),
     device: str = "auto",
+    precision: str = "auto",
     batch_size: int = 8,
     workers: int = 2,
     jobs: int | None = None,
@@ -74,6 +72,8 @@ def evaluate(
 ) -> Evaluation:
     """Run one experiment of the paper end to end and return its report (Appendix B).
 
+    Features are extracted once per net and dataset copy into `cache_dir` (default: the
+    per-user cache, featx.evaluate.cache) and reused while settings and files are unchanged.
     `results_dir` and `test_server` apply to VOC2012 action (featx.evaluate.action).
     """
     log = log or (lambda message: None)
@@ -87,7 +87,8 @@ def evaluate(
         if root is None:
             raise BadInput(f"--root is missing: give the folder that holds (or should receive, with --download) {spec.images}")
         return evaluate_action(
-            pipeline, root=root, download=download, cache_dir=cache_dir, device=device, batch_size=batch_size,
+            pipeline, root=root, download=download, cache_dir=cache_dir, device=device, precision=precision,
+            batch_size=batch_size,
             workers=workers, jobs=jobs, progress=progress, log=log, results_dir=results_dir, test_server=test_server,
         )
     if results_dir is not None or test_server:
@@ -114,7 +115,8 @@ def evaluate(
         notes += _setting_mismatches(pipeline, nets)
     else:
         nets = [
-            _cached_net(pipeline, model, index, Path(cache_dir), device, batch_size, workers, progress, log)
+            _cached_net(pipeline, model, index, cache_dir, log, progress=progress, device=device,
+                        precision=precision, batch_size=batch_size, workers=workers)
             for model in pipeline.features.models
         ]
     index, nets, dropped = _common_rows(index, nets)
@@ -165,6 +167,8 @@ def evaluate(
         "config": {
             "pipeline": pipeline.to_dict(),
             "weights": weights_text(nets[0].provenance),
+            # Asked for (--precision) and, per net above, what the features were computed in.
+            "precision": precision if not features else None,
             "features": [
                 {
                     "model": n.model,
@@ -172,6 +176,8 @@ def evaluate(
                     "settings_hash": n.provenance.get("settings_hash"),
                     "weights": n.provenance.get("weights"),
                     "descriptor": n.provenance.get("descriptor"),
+                    "precision": n.provenance.get("precision"),
+                    "device": n.provenance.get("device"),
                     "dim": int(n.X.shape[1]),
                     "extract_seconds": round(n.extract_seconds, 3),
                     "new_rows": n.new_rows,
@@ -195,28 +201,17 @@ def evaluate(
 # -- features ----------------------------------------------------------------------------
 
 
-def cache_file(cache_dir: str | Path, dataset: str, settings_hash: str) -> Path:
-    """Where the features of one dataset under one descriptor setting are cached."""
-    return Path(cache_dir).expanduser() / f"{dataset}-{settings_hash}.parquet"
-
-
-def _cached_net(pipeline, model, index, cache_dir, device, batch_size, workers, progress, log) -> _Net:
-    config = pipeline.features.config(model, device=device, batch_size=batch_size, workers=workers)
-    out = cache_file(cache_dir, pipeline.dataset, descriptor_hash(config))
-    cache_dir.mkdir(parents=True, exist_ok=True)
+def _cached_net(pipeline, model, index, cache_dir, log, *, progress, **run) -> _Net:
+    config = pipeline.features.config(model, **run)
     if index.subsets:
         # VOC: only the images of the two image sets (VOC2012's folder holds 5,600 others).
         inputs = [index.image_dir / p for p in index.paths]
     else:
-        # Caltech: the whole class-folder tree, so that --no-background reuses the same file.
+        # Caltech: the whole class-folder tree, so that --no-background reuses the same entry.
         inputs = [index.image_dir]
-    log(f"{model}: features in {out}" + (" (reused)" if out.exists() else ""))
-    # wait: a second evaluation of the same entry queues behind the first, then reuses it.
-    result = extract_features(inputs, out, config, progress=progress, wait=True)
-    if result.interrupted:
-        raise KeyboardInterrupt
-    net = _load_net(out, index)
-    net.extract_seconds, net.new_rows = result.seconds, result.new_rows
+    cached = cached_features(inputs, config, name=pipeline.dataset, cache_dir=cache_dir, progress=progress, log=log)
+    net = _load_net(cached.file, index)
+    net.extract_seconds, net.new_rows = cached.seconds, cached.new_rows
     return net
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from featx import store
-from featx.errors import BadInput, MissingData, Unreachable
+from featx.errors import BadInput, Unreachable
 from featx.extract.config import ExtractConfig
 from featx.extract.decode import ImageError
 from featx.extract.describer import make_describer, provenance
@@ -41,6 +41,7 @@ from featx.extract.stages import (
 )
 from featx.net.device import resolve_precision
 from featx.net.weights import Weights, resolve
+from featx.store.paths import make_parent
 
 # A CPU actor runs at most this many torch threads; a larger cluster gets more actors instead.
 MAX_THREADS_PER_CPU_ACTOR = 8
@@ -243,8 +244,7 @@ def _output_folder(output, wait: bool) -> store.DatasetFolder:
         raise BadInput(
             f"-o {root} is a file; --engine ray writes a folder of Parquet parts, give e.g. {root.with_suffix('')}"
         )
-    if not root.parent.is_dir():
-        raise MissingData(f"-o {root}: folder {root.parent} does not exist; create it first")
+    make_parent(root, "-o")  # a new output folder is made, not refused
     return store.DatasetFolder(root, wait=wait)
 
 

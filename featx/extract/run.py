@@ -39,6 +39,7 @@ from featx.extract.stages import (
     group_rows,
 )
 from featx.net.device import resolve_device, resolve_devices
+from featx.store.paths import make_parent
 
 
 @dataclass
@@ -78,8 +79,6 @@ class Run:
         self.out = Path(output).expanduser()
         if self.out.is_dir():
             raise BadInput(f"-o {self.out} is a folder; give a file name such as {self.out / 'features.parquet'}")
-        if not self.out.parent.is_dir():
-            raise MissingData(f"-o {self.out}: folder {self.out.parent} does not exist; create it first")
         self.items = discover(paths)
         if not self.items:
             raise BadInput(f"no images found under {', '.join(map(str, paths))}; check the PATH")
@@ -205,6 +204,7 @@ class Run:
 
     # -- the job -------------------------------------------------------------------------
     def run(self) -> ExtractResult:
+        make_parent(self.out, "-o")  # a new output folder is made, not refused
         with self.output:  # one writer per OUT: store.Locked names the holder
             return self._run()
 

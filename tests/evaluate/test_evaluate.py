@@ -49,10 +49,10 @@ def caltech(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("caltech")
     make_caltech(tmp / "data" / "caltech101" / "101_ObjectCategories")
     (tmp / "tiny.toml").write_text(TINY_CALTECH)
-    (tmp / "out").mkdir()
+    # out/ does not exist: featx makes it (issue 13.10). fp32 is asked for explicitly (13.9).
     result = run(
         "--pipeline", tmp / "tiny.toml", "--root", tmp / "data", "--cache-dir", tmp / "cache",
-        "--report", tmp / "out" / "report.json", "--quiet",
+        "--report", tmp / "out" / "report.json", "--precision", "fp32", "--quiet",
     )
     assert result.exit_code == 0, result.output
     return tmp, result
@@ -66,6 +66,7 @@ def test_caltech_end_to_end_prints_the_table_with_the_weights(caltech):
     assert "weights: random (seed 0)" in out and "far below the paper" in out
     assert "Net-A" in out and "99.0 ± 0.1" in out
     assert "incomplete" in out  # a 4-class copy is not the paper's dataset
+    assert "precision: fp32 on cpu (--precision fp32)" in out
 
 
 def test_caltech_report_has_the_issues_shape(caltech):
@@ -85,6 +86,8 @@ def test_caltech_report_has_the_issues_shape(caltech):
     assert row["mean"] == pytest.approx(np.mean([s["value"] for s in row["splits"]]))
     assert report["paper"]["results"][0]["mean"] == 99.0
     assert report["config"]["weights"] == "random (seed 0)"
+    assert report["config"]["precision"] == "fp32"
+    assert [(f["precision"], f["device"]) for f in report["config"]["features"]] == [("fp32", "cpu")]
     assert report["config"]["pipeline"]["protocol"]["n_train"] == 3
     assert (tmp / "out" / "report-net-a-recall.png").stat().st_size > 5000
 
@@ -93,7 +96,7 @@ def test_cached_features_are_reused_and_other_settings_are_not(caltech):
     tmp, _ = caltech
     (cached,) = (tmp / "cache").glob("caltech101-*.parquet")
     again = run("--pipeline", tmp / "tiny.toml", "--root", tmp / "data", "--cache-dir", tmp / "cache",
-                "--no-background", "--report", tmp / "out" / "nobg.json", "--quiet")
+                "--no-background", "--precision", "fp32", "--report", tmp / "out" / "nobg.json", "--quiet")
     assert again.exit_code == 0, again.output
     report = json.loads((tmp / "out" / "nobg.json").read_text())
     assert report["config"]["features"][0]["new_rows"] == 0
@@ -122,8 +125,9 @@ def test_user_errors_are_one_line_and_exit_2(caltech, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "--download" in result.stderr
     # A report path that cannot be written is refused before any work is done.
-    result = run("--pipeline", tmp / "tiny.toml", "--root", tmp / "data", "--report", tmp_path / "no" / "r.json")
-    assert result.exit_code == 2 and "does not exist" in result.stderr
+    (tmp_path / "file").write_text("")
+    result = run("--pipeline", tmp / "tiny.toml", "--root", tmp / "data", "--report", tmp_path / "file" / "r.json")
+    assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
     # The shipped protocol needs 31 images per class; the fake tree has 6.
     result = run("--dataset", "caltech101", "--root", tmp / "data", "--weights", "random", "--model",
                  "vgg11", "--scales", "224", "--no-flip", "--cache-dir", tmp / "cache", "--quiet")
