@@ -114,6 +114,8 @@ def evaluate(
         pipeline = pipeline.override(models=[n.model for n in nets])
         notes += _setting_mismatches(pipeline, nets)
     else:
+        # The protocol must fit this copy (e.g. enough images per class) before hours of extraction.
+        _splits(pipeline, index)
         nets = [
             _cached_net(pipeline, model, index, cache_dir, log, progress=progress, device=device,
                         precision=precision, batch_size=batch_size, workers=workers)
