@@ -121,7 +121,8 @@ def cached_features(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "featx_version": __version__,
     }
-    _write_json(_info_file(out), info)
+    if result.new_rows or not _info_file(out).exists():  # reuse leaves the entry's date alone
+        _write_json(_info_file(out), info)
     return Cached(out, reused and result.new_rows == 0, result.new_rows, result.seconds, files_hash)
 
 
