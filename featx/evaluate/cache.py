@@ -122,7 +122,7 @@ def cached_features(
         "featx_version": __version__,
     }
     if result.new_rows or not _info_file(out).exists():  # reuse leaves the entry's date alone
-        _write_json(_info_file(out), info)
+        store.write_json(info, _info_file(out))
     return Cached(out, reused and result.new_rows == 0, result.new_rows, result.seconds, files_hash)
 
 
