@@ -149,3 +149,15 @@ def test_cache_ls_loads_no_heavy_library(made):
     proc = subprocess.run([sys.executable, "-c", code, str(cache)], capture_output=True, text=True, timeout=120)
     assert "caltech101-vgg11-" in proc.stdout
     assert json.loads(proc.stderr.strip().splitlines()[-1]) == []
+
+
+def test_cache_rm_refuses_an_entry_being_extracted(made, tmp_path):
+    _, made_cache, A, _ = made
+    cache = tmp_path / "cache"
+    shutil.copytree(made_cache, cache)
+    with store.OutputLock(cache / A.file.name):  # as an evaluation extracting into it holds it
+        refused = _cache("rm", A.file.stem, "--cache-dir", cache)
+    assert refused.exit_code == 2 and "being written by" in refused.stderr
+    assert (cache / A.file.name).is_file()
+    assert _cache("rm", A.file.stem, "--cache-dir", cache).exit_code == 0
+    assert not (cache / A.file.name).exists()
