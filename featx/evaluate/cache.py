@@ -49,7 +49,7 @@ def fingerprint(items: Iterable[Item]) -> str:
 
 
 def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_") or "images"
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "images"
 
 
 def entry_file(cache_dir: str | Path, name: str, model: str, settings_hash: str, files_hash: str) -> Path:
