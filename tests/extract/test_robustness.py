@@ -140,11 +140,18 @@ def kill_input(tmp_path_factory):
     return root / "in", clean
 
 
+def _sigint_as_on_a_terminal() -> None:
+    # A runner started in the background (a CI job, `cmd &`) may hand its children SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt: the child runs as a user's
+    # foreground command would, where Ctrl-C is delivered.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(inp: Path, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "featx", "extract", str(inp), "-o", str(out), "--rows-per-group", "2",
            "--batch-size", "1", *CLI]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+                            env=os.environ | {"OMP_NUM_THREADS": "1"}, preexec_fn=_sigint_as_on_a_terminal)
 
 
 def wait_for(predicate, proc, timeout=120.0):
