@@ -7,6 +7,7 @@ fp16 on older GPUs, fp32 elsewhere. The resolved precision is part of the descri
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 
@@ -66,7 +67,20 @@ def cpu_has_native_bf16() -> bool:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available()
+    return (
+        bool(flags & {"avx512_bf16", "amx_bf16"})
+        and torch.backends.mkldnn.is_available()
+        and not _onednn_capped_below_bf16()
+    )
+
+
+# ONEDNN_MAX_CPU_ISA values under which oneDNN runs no bf16 dot products (it emulates them).
+_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def _onednn_capped_below_bf16() -> bool:
+    """True when ONEDNN_MAX_CPU_ISA keeps oneDNN off its bf16 kernels (e.g. AVX2 emulation)."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISAS_WITHOUT_BF16
 
 
 def auto_precision(device: torch.device | str) -> str:

@@ -191,3 +191,16 @@ def test_metadata_records_resolved_precision_and_bucket(tmp_path):
     meta = featx.read_provenance(out)
     assert meta["precision"] == meta["settings"]["precision"] == auto_precision("cpu")
     assert meta["bucket"] == meta["settings"]["bucket"] == 16
+
+
+def test_auto_precision_is_fp32_when_onednn_is_capped_below_bf16():
+    """ONEDNN_MAX_CPU_ISA=AVX2 emulates an AVX2-only CPU: "auto" must then mean fp32 there too."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from featx.net.device import auto_precision; print(auto_precision('cpu'))"
+    for isa, expected in [("AVX2", "fp32"), ("AVX512_CORE", "fp32")]:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env=os.environ | {"ONEDNN_MAX_CPU_ISA": isa})
+        assert out.stdout.strip() == expected, out.stderr
