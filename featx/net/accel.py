@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from functools import cache
 
 import torch
@@ -25,9 +26,13 @@ from torch import nn
 
 from featx.errors import BadInput
 
-# A nominal trunk input (image and its flip at Q=384, 4:3) for packing conv weights once:
-# oneDNN's blocked weight layout for these convs does not depend on the spatial size.
+# A nominal trunk input (image and its flip at Q=384, 4:3) for packing conv weights once. In
+# bf16 oneDNN's blocked layout for these convs does not depend on the spatial size; in fp32 it
+# does (AVX2 kernels: conv5 of VGG16 at 16x21 runs at 48 GFLOP/s with weights packed for 24x32,
+# at 234 packed for its own shape, benchmarks/layers.py), so fp32 convs are packed per input
+# shape, the last PACKED_SHAPES shapes kept (a repack costs ~1-2% of a forward pass).
 NOMINAL_INPUT = (2, 3, 384, 512)
+PACKED_SHAPES = 3
 # Pixels per trunk pass. On a CPU a larger batch gains nothing (a conv's GEMM already has
 # h*w rows) but costs memory (conv1 at 64 channels); on a GPU batches fill the device.
 CPU_PASS_PIXELS = 2 * 512 * 704
@@ -103,16 +108,35 @@ class Conv:
     groups: int
     relu: bool
     packed: bool
+    # fp32 only: the plain channels-last weight, packed again for each input shape (see
+    # NOMINAL_INPUT), and the packings of the last PACKED_SHAPES shapes.
+    plain: torch.Tensor | None = None
+    by_shape: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         return (_out_size(h, self.kernel[0], self.stride[0], self.padding[0], self.dilation[0]),
                 _out_size(w, self.kernel[1], self.stride[1], self.padding[1], self.dilation[1]))
 
+    def packed_for(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The weight in the layout oneDNN's kernel for this input shape wants."""
+        if self.plain is None:
+            return self.weight
+        w = self.by_shape.get(shape)
+        if w is None:
+            w = torch.ops.mkldnn._reorder_convolution_weight(
+                self.plain, self.padding, self.stride, self.dilation, self.groups, list(shape))
+            self.by_shape[shape] = w
+            while len(self.by_shape) > PACKED_SHAPES:
+                self.by_shape.popitem(last=False)
+        else:
+            self.by_shape.move_to_end(shape)
+        return w
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-                "relu" if self.relu else "none", [], "",
+                x, self.packed_for(tuple(x.shape)), self.bias, self.padding, self.stride, self.dilation,
+                self.groups, "relu" if self.relu else "none", [], "",
             )
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.relu_(x) if self.relu else x
@@ -245,9 +269,10 @@ class Plan:
         padding, stride, dilation = _conv_params(conv)
         w, b = _folded(conv, bn, self.dtype)
         w, b = w.to(self.device).contiguous(memory_format=torch.channels_last), b.to(self.device)
+        plain = w if self.packed and self.dtype == torch.float32 else None
         if self.packed:
             w = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, conv.groups, list(in_size))
-        return Conv(w, b, tuple(conv.kernel_size), padding, stride, dilation, conv.groups, relu, self.packed)
+        return Conv(w, b, tuple(conv.kernel_size), padding, stride, dilation, conv.groups, relu, self.packed, plain)
 
     def _lower_trunk(self, modules: list[nn.Module]) -> list:
         steps: list = []

@@ -1,0 +1,82 @@
+"""Where the dense VGG's time goes, per layer and per input shape, on this machine.
+
+    python benchmarks/layers.py [--model vgg16] [--sizes 256x341,384x512,512x683] [--precision auto]
+
+Runs featx's own plan (featx.net.accel.Plan, the path `featx extract` takes) on one image and
+its flip (batch 2) at each size, times every trunk step and the fc6/fc7 head (best of
+--repeats), and prints each layer's milliseconds, GFLOP/s, and share of the forward pass.
+`ONEDNN_MAX_CPU_ISA=AVX2` in front emulates an AVX2-only CPU (precision auto is then fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    import os
+
+    import torch
+
+    from featx.extract.config import ExtractConfig
+    from featx.extract.describer import make_describer
+    from featx.net.model import layer_table
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vgg16")
+    p.add_argument("--sizes", default="256x341,384x512,512x683", help="HxW of the rescaled image")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    config = ExtractConfig(model=args.model, weights="random", precision=args.precision, device="cpu")
+    describer = make_describer(config)
+    plan = describer.plan
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
+    print(f"{args.model}, {describer.precision}, {cpu_name()}, oneDNN ISA cap: {isa}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; batch = image + flip")
+    for size in args.sizes.split(","):
+        h, w = (int(v) for v in size.split("x"))
+        x = torch.randn(2, 3, h, w).to(describer.dtype).contiguous(memory_format=torch.channels_last)
+        rows = []
+        with torch.inference_mode():
+            plan.pool5(x)  # warm-up: primitive creation for this shape
+            for _ in range(args.repeats):
+                y, t_all = x, []
+                for step in plan.trunk:
+                    t = time.perf_counter()
+                    y = step(y)
+                    t_all.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                plan.position_sums(y)
+                t_all.append(time.perf_counter() - t)
+                rows = t_all if not rows else [min(a, b) for a, b in zip(rows, t_all)]
+        # FLOPs from featx's one counter (featx.net.model.layer_table), x2 for the flip.
+        table = layer_table(describer.net, h, w)
+        trunk = [r for r in table if r.name.startswith(("conv", "pool"))]
+        head = [r for r in table if r.name.startswith("fc")]
+        names = [r.name for r in trunk] + ["+".join(r.name for r in head)]
+        flops = [2 * r.flops for r in trunk] + [2 * sum(r.flops for r in head)]
+        assert len(names) == len(rows), (names, len(rows))  # one plan step per trunk layer
+        total = sum(rows)
+        print(f"\n{h}x{w}: {total * 1e3:.0f} ms, {sum(flops) / total / 1e9:.0f} GFLOP/s overall")
+        for name, t, f in zip(names, rows, flops):
+            rate = f"{f / t / 1e9:6.0f}" if f else "     -"
+            print(f"  {name:<24} {t * 1e3:8.1f} ms {rate} GFLOP/s {100 * t / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
