@@ -205,15 +205,9 @@ def link_folder(root: Path, items) -> Path:
 
 def machine() -> dict:
     import torch
+    from machine import cpu_name
 
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     flags = ""
     try:
         flags = Path("/proc/cpuinfo").read_text()

@@ -11,19 +11,9 @@ its flip (batch 2) at each size, times every trunk step and the fc6/fc7 head (be
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from pathlib import Path
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from machine import cpu_name
 
 
 def main() -> None:
