@@ -43,3 +43,20 @@ def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0, labe
         smooth_image(rng, w, h).save(f, quality=92)
         files.append(f)
     return files
+
+
+def features_by_path(path) -> dict[str, np.ndarray]:
+    """path -> feature of a feature file or folder; paths must be unique (one row per image)."""
+    import featx
+
+    df = featx.read_features(path)
+    assert df["path"].is_unique
+    return dict(zip(df["path"], df["feature"]))
+
+
+def assert_same_rows(a_path, b_path, atol: float = 2e-6) -> None:
+    """Two feature files hold the same paths with the same features (to `atol`)."""
+    a, b = features_by_path(a_path), features_by_path(b_path)
+    assert sorted(a) == sorted(b)
+    for p in a:
+        np.testing.assert_allclose(b[p], a[p], atol=atol, err_msg=p)

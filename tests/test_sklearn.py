@@ -23,7 +23,6 @@ from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import check_estimator, parametrize_with_checks
 
 import featx
-import featx.sklearn as fsk
 from featx.extract import describer as factory
 from featx.sklearn import VGGFeatures
 from tests.conftest import smooth_image, write_images

@@ -15,8 +15,15 @@ from typer.testing import CliRunner
 
 from featx import store
 from featx.cli import app
+from featx.downstream.probe import (
+    Protocol,
+    load_labelled,
+    make_splits,
+    probe,
+    write_predictions,
+    write_report,
+)
 from featx.errors import BadInput
-from featx.downstream.probe import Protocol, load_labelled, make_splits, probe, write_predictions, write_report
 
 runner = CliRunner()
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 import featx
 from featx.cli import app
-from featx.errors import BadInput, MissingData, SettingsMismatch
 from featx.downstream.search import Index, faiss_module
+from featx.errors import BadInput, MissingData, SettingsMismatch
 
 runner = CliRunner()
 

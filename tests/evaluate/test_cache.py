@@ -15,7 +15,12 @@ from typer.testing import CliRunner
 
 from featx import store
 from featx.cli import app
-from featx.evaluate.cache import cached_features, default_cache_dir, entries, fingerprint
+from featx.evaluate.cache import (
+    cached_features,
+    default_cache_dir,
+    entries,
+    fingerprint,
+)
 from featx.extract.config import ExtractConfig
 from featx.extract.discover import discover
 from tests.fake_datasets import jpeg

@@ -12,14 +12,9 @@ import pytest
 
 import featx
 from featx.store import METADATA_KEY
-from tests.conftest import write_images
+from tests.conftest import features_by_path, write_images
 
 SETTINGS = dict(model="vgg11", weights="random", seed=0, scales=(224,), rows_per_group=4)
-
-
-def features_by_path(path) -> dict[str, np.ndarray]:
-    df = featx.read_features(path)
-    return dict(zip(df["path"], df["feature"]))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -17,7 +16,7 @@ import featx
 from featx import store
 from featx.cli import app
 from featx.extract.run import Run
-from tests.conftest import write_images
+from tests.conftest import assert_same_rows, write_images
 
 SETTINGS = dict(model="vgg11", weights="random", seed=0, layer="pool5", scales=(32,), precision="fp32")
 CLI = ["--model", "vgg11", "--weights", "random", "--layer", "pool5", "--scales", "32", "--precision", "fp32",
@@ -31,19 +30,6 @@ def images(tmp_path) -> Path:
     write_images(root, [(40, 30)] * 4, seed=1, label="cats")
     write_images(root, [(30, 40)] * 3, seed=2, label="dogs")
     return root
-
-
-def features(path) -> dict[str, np.ndarray]:
-    df = featx.read_features(path)
-    assert df["path"].is_unique
-    return dict(zip(df["path"], df["feature"]))
-
-
-def assert_same(a, b):
-    fa, fb = features(a), features(b)
-    assert sorted(fa) == sorted(fb)
-    for p in fa:
-        np.testing.assert_allclose(fb[p], fa[p], atol=1e-6, err_msg=p)
 
 
 def extract(images, out, *more):
@@ -79,7 +65,7 @@ def test_resume_equals_a_fresh_run_and_info_says_what_changed(images, tmp_path):
     assert "6 images (2 new, 1 replaced, 2 dropped)" in rerun.output
     fresh = tmp_path / "fresh.parquet"
     assert extract(images, fresh).exit_code == 0
-    assert_same(fresh, out)
+    assert_same_rows(fresh, out, atol=1e-6)
     assert featx.read_features(out).set_index("path").loc["birds/img_002.jpg", "label"] == "birds"
     info = runner.invoke(app, ["info", str(out)])
     assert "the last one added 1, replaced 1 (changed since), dropped 2 (gone since)" in info.output
@@ -100,7 +86,7 @@ def test_interrupted_overwrite_resumes_with_the_same_command(images, tmp_path, m
     assert "7 images (3 new" in resumed.output  # 4 kept from the interrupted run
     fresh = tmp_path / "fresh.parquet"
     assert extract(images, fresh).exit_code == 0
-    assert_same(fresh, out)
+    assert_same_rows(fresh, out, atol=1e-6)
     assert featx.read_provenance(out)["flip"] is True
 
 

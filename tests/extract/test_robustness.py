@@ -26,24 +26,11 @@ from featx.extract.config import ExtractConfig
 from featx.extract.descriptor import DenseDescriber
 from featx.extract.run import Run
 from tests.awkward import bad_files, good_files, truncated_jpeg
-from tests.conftest import write_images
+from tests.conftest import assert_same_rows, features_by_path, write_images
 
 SETTINGS = dict(model="vgg11", weights="random", seed=0, scales=(224,))
 CLI = ["--model", "vgg11", "--weights", "random", "--scales", "224", "--quiet"]
 runner = CliRunner()
-
-
-def features_by_path(path) -> dict[str, np.ndarray]:
-    df = featx.read_features(path)
-    assert df["path"].is_unique
-    return dict(zip(df["path"], df["feature"]))
-
-
-def assert_same_rows(a_path, b_path):
-    a, b = features_by_path(a_path), features_by_path(b_path)
-    assert sorted(a) == sorted(b)
-    for p in a:
-        np.testing.assert_allclose(b[p], a[p], atol=2e-6, err_msg=p)
 
 
 @pytest.fixture(scope="module")
