@@ -4,7 +4,9 @@
 
 Runs featx's own plan (featx.net.accel.Plan, the path `featx extract` takes) on one image and
 its flip (batch 2) at each size, times every trunk step and the fc6/fc7 head (best of
---repeats), and prints each layer's milliseconds, GFLOP/s, and share of the forward pass.
+--repeats), and prints each layer's milliseconds, GFLOP/s, and share of the forward pass, beside
+the same plan with oneDNN's direct kernel for every conv (no Winograd). GFLOP/s count a direct
+convolution's FLOPs (featx.net.model.layer_table) for both, so Winograd's show as "effective".
 `ONEDNN_MAX_CPU_ISA=AVX2` in front emulates an AVX2-only CPU (precision auto is then fp32).
 """
 
@@ -23,6 +25,7 @@ def main() -> None:
 
     from featx.extract.config import ExtractConfig
     from featx.extract.describer import make_describer
+    from featx.net.accel import Plan
     from featx.net.model import layer_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,26 +37,32 @@ def main() -> None:
 
     config = ExtractConfig(model=args.model, weights="random", precision=args.precision, device="cpu")
     describer = make_describer(config)
-    plan = describer.plan
+    plans = {"featx": describer.plan,
+             "direct": Plan(describer.net, describer.device, describer.dtype, fast_conv=False)}
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
     print(f"{args.model}, {describer.precision}, {cpu_name()}, oneDNN ISA cap: {isa}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; batch = image + flip")
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.split("x"))
         x = torch.randn(2, 3, h, w).to(describer.dtype).contiguous(memory_format=torch.channels_last)
-        rows = []
+        times = {}
         with torch.inference_mode():
-            plan.pool5(x)  # warm-up: primitive creation for this shape
-            for _ in range(args.repeats):
-                y, t_all = x, []
-                for step in plan.trunk:
+            for kind, plan in plans.items():
+                plan.pool5(x)  # warm-up: primitive creation for this shape
+                rows: list[float] = []
+                for _ in range(args.repeats):
+                    y, t_all = x, []
+                    for step in plan.trunk:
+                        t = time.perf_counter()
+                        y = step(y)
+                        t_all.append(time.perf_counter() - t)
                     t = time.perf_counter()
-                    y = step(y)
+                    plan.position_sums(y)
                     t_all.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                plan.position_sums(y)
-                t_all.append(time.perf_counter() - t)
-                rows = t_all if not rows else [min(a, b) for a, b in zip(rows, t_all)]
+                    rows = t_all if not rows else [min(a, b) for a, b in zip(rows, t_all)]
+                times[kind] = rows
+        rows, direct = times["featx"], times["direct"]
+        kinds = [type(step).__name__.replace("Conv", " conv").strip() for step in plans["featx"].trunk] + ["head"]
         # FLOPs from featx's one counter (featx.net.model.layer_table), x2 for the flip.
         table = layer_table(describer.net, h, w)
         trunk = [r for r in table if r.name.startswith(("conv", "pool"))]
@@ -62,10 +71,12 @@ def main() -> None:
         flops = [2 * r.flops for r in trunk] + [2 * sum(r.flops for r in head)]
         assert len(names) == len(rows), (names, len(rows))  # one plan step per trunk layer
         total = sum(rows)
-        print(f"\n{h}x{w}: {total * 1e3:.0f} ms, {sum(flops) / total / 1e9:.0f} GFLOP/s overall")
-        for name, t, f in zip(names, rows, flops):
-            rate = f"{f / t / 1e9:6.0f}" if f else "     -"
-            print(f"  {name:<24} {t * 1e3:8.1f} ms {rate} GFLOP/s {100 * t / total:5.1f}%")
+        print(f"\n{h}x{w}: {total * 1e3:.0f} ms, {sum(flops) / total / 1e9:.0f} GFLOP/s (effective) overall; "
+              f"direct kernels only: {sum(direct) * 1e3:.0f} ms ({sum(direct) / total:.2f}x featx's time)")
+        print(f"  {'layer':<24} {'featx':>11} {'GFLOP/s':>7} {'share':>6}  {'kernel':<14} {'direct':>9} {'GFLOP/s':>7}")
+        for name, kind, t, td, f in zip(names, kinds, rows, direct, flops):
+            rate, rate_d = (f"{f / t / 1e9:7.0f}", f"{f / td / 1e9:7.0f}") if f else ("      -", "      -")
+            print(f"  {name:<24} {t * 1e3:8.1f} ms {rate} {100 * t / total:5.1f}%  {kind:<14} {td * 1e3:6.1f} ms {rate_d}")
 
 
 if __name__ == "__main__":

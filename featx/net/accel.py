@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featx.errors import BadInput
+from featx.net import winograd
 
 # A nominal trunk input (image and its flip at Q=384, 4:3) for packing conv weights once. In
 # bf16 oneDNN's blocked layout for these convs does not depend on the spatial size; in fp32 it
@@ -37,6 +38,11 @@ PACKED_SHAPES = 3
 # h*w rows) but costs memory (conv1 at 64 channels); on a GPU batches fill the device.
 CPU_PASS_PIXELS = 2 * 512 * 704
 CUDA_PASS_PIXELS = 32 * 512 * 704
+# Winograd F(2x2, 3x3) for a 3x3 conv on the CPU when it has at least this many input and
+# output channels (VGG's conv3_1 onward). Measured here (benchmarks/layers.py, bf16 and fp32):
+# 1.15-1.65x faster than oneDNN's direct kernel from 128->256 channels up; slower below
+# (conv1, conv2: the transforms' memory traffic outweighs the saved products).
+WINOGRAD_MIN_IN, WINOGRAD_MIN_OUT = 128, 256
 # Rows (window positions) per head GEMM: ~1k rows keep fc6 compute-bound on a CPU (weight
 # read once per chunk) while the window matrix stays ~50 MB in bf16.
 CPU_HEAD_ROWS = 1024
@@ -143,6 +149,23 @@ class Conv:
 
 
 @dataclass
+class WinogradConv:
+    """A 3x3 conv (stride 1, padding 1) [+ folded BN] [+ ReLU] by Winograd's F(2x2, 3x3)."""
+
+    u: torch.Tensor  # transformed kernel [16, C, K]
+    bias: torch.Tensor
+    relu: bool
+    workspace: winograd.Workspace = field(repr=False)
+    packed: list[torch.Tensor] | None = field(default=None, repr=False)  # u for oneDNN's GEMMs
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        return h, w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return winograd.conv3x3(x, self.u, self.bias, self.relu, self.workspace, self.packed)
+
+
+@dataclass
 class Linear:
     """A position-wise layer of the head as a GEMM over rows [+ ReLU]."""
 
@@ -157,6 +180,13 @@ class Linear:
             return torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "relu" if self.relu else "none", [], "")
         y = F.linear(rows, self.weight, self.bias)
         return F.relu_(y) if self.relu else y
+
+
+def winograd_suits(conv: nn.Conv2d) -> bool:
+    """A 3x3, stride 1, padding 1 conv wide enough for Winograd to beat the direct kernel."""
+    return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1) and conv.padding == (1, 1)
+            and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+            and conv.in_channels >= WINOGRAD_MIN_IN and conv.out_channels >= WINOGRAD_MIN_OUT)
 
 
 def _conv_params(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
@@ -254,9 +284,14 @@ class Plan:
         prepack: bool = True,
         pass_pixels: int | None = None,
         head_rows: int | None = None,
+        fast_conv: bool = True,
     ):
+        """`fast_conv`: on the packed CPU path, run the wide 3x3 convs by Winograd F(2x2, 3x3)
+        (featx.net.winograd); False keeps oneDNN's direct kernels for every conv."""
         self.device, self.dtype = device, dtype
         self.packed = bool(prepack) and device.type == "cpu" and onednn_prepack_works(dtype)
+        self.winograd = self.packed and fast_conv
+        self.workspace = winograd.Workspace()
         cuda = device.type == "cuda"
         self.pass_pixels = pass_pixels or (CUDA_PASS_PIXELS if cuda else CPU_PASS_PIXELS)
         self.head_rows = head_rows or (CUDA_HEAD_ROWS if cuda else CPU_HEAD_ROWS)
@@ -265,8 +300,12 @@ class Plan:
             self.kernel, self.head = self._lower_head(list(net.head))
 
     # -- lowering ------------------------------------------------------------------------
-    def _conv(self, conv: nn.Conv2d, bn, relu: bool, in_size: tuple[int, int, int, int]) -> Conv:
+    def _conv(self, conv: nn.Conv2d, bn, relu: bool, in_size: tuple[int, int, int, int]) -> Conv | WinogradConv:
         padding, stride, dilation = _conv_params(conv)
+        if self.winograd and winograd_suits(conv):
+            w, b = _folded(conv, bn, torch.float32)  # transform in fp32 (fp64 inside), then round once
+            u = winograd.transform_weight(w.to(self.device)).to(self.dtype)
+            return WinogradConv(u, b.to(self.device, self.dtype), relu, self.workspace, winograd.pack(u))
         w, b = _folded(conv, bn, self.dtype)
         w, b = w.to(self.device).contiguous(memory_format=torch.channels_last), b.to(self.device)
         plain = w if self.packed and self.dtype == torch.float32 else None
