@@ -22,7 +22,8 @@ from featx.errors import BadInput, MissingData, SettingsMismatch
 from featx.extract.config import ExtractConfig, descriptor_settings, settings_hash
 from featx.extract.decode import RESIZE
 from featx.extract.descriptor import DenseDescriber
-from featx.net.device import resolve_device, resolve_precision
+from featx.net.accel import conv_kernels
+from featx.net.device import DTYPES, resolve_device, resolve_precision
 from featx.net.model import DenseVGG, build
 from featx.net.weights import Weights, identify, normalization, resolve
 
@@ -142,6 +143,7 @@ def provenance(
             + f", {config.aggregate} over Q={list(config.scales)}, L2-normalised"
         ),
         "device": str(device),
+        "conv_kernels": conv_kernels(torch.device(str(device).split(",")[0]), DTYPES[settings["precision"]]),
         "batch_size": config.batch_size,
         "batch_pixels": config.batch_pixels,
         "torch": torch.__version__,

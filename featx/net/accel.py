@@ -40,8 +40,8 @@ CPU_PASS_PIXELS = 2 * 512 * 704
 CUDA_PASS_PIXELS = 32 * 512 * 704
 # Winograd F(2x2, 3x3) for a 3x3 conv on the CPU when it has at least this many input and
 # output channels (VGG's conv3_1 onward). Measured here (benchmarks/layers.py, bf16 and fp32):
-# 1.15-1.65x faster than oneDNN's direct kernel from 128->256 channels up; slower below
-# (conv1, conv2: the transforms' memory traffic outweighs the saved products).
+# 1.15-1.7x faster than oneDNN's direct kernel from 128->256 channels up; slower or even
+# below (conv1, conv2: the transforms' memory traffic outweighs the saved products).
 WINOGRAD_MIN_IN, WINOGRAD_MIN_OUT = 128, 256
 # Rows (window positions) per head GEMM: ~1k rows keep fc6 compute-bound on a CPU (weight
 # read once per chunk) while the window matrix stays ~50 MB in bf16.
@@ -182,6 +182,14 @@ class Linear:
         return F.relu_(y) if self.relu else y
 
 
+def conv_kernels(device: torch.device, dtype: torch.dtype) -> str:
+    """In words, which kernels a default Plan runs the convolutions with (for provenance)."""
+    if device.type == "cpu" and onednn_prepack_works(dtype):
+        return (f"oneDNN, weights pre-packed; 3x3 convs of >= {WINOGRAD_MIN_IN} -> {WINOGRAD_MIN_OUT} "
+                "channels by Winograd F(2x2, 3x3)")
+    return "cuDNN (its own algorithm choice)" if device.type == "cuda" else "torch's default kernels"
+
+
 def winograd_suits(conv: nn.Conv2d) -> bool:
     """A 3x3, stride 1, padding 1 conv wide enough for Winograd to beat the direct kernel."""
     return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1) and conv.padding == (1, 1)
@@ -303,7 +311,7 @@ class Plan:
     def _conv(self, conv: nn.Conv2d, bn, relu: bool, in_size: tuple[int, int, int, int]) -> Conv | WinogradConv:
         padding, stride, dilation = _conv_params(conv)
         if self.winograd and winograd_suits(conv):
-            w, b = _folded(conv, bn, torch.float32)  # transform in fp32 (fp64 inside), then round once
+            w, b = _folded(conv, bn, torch.float32)  # transform in fp32, then round once
             u = winograd.transform_weight(w.to(self.device)).to(self.dtype)
             return WinogradConv(u, b.to(self.device, self.dtype), relu, self.workspace, winograd.pack(u))
         w, b = _folded(conv, bn, self.dtype)

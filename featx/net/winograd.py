@@ -11,9 +11,11 @@ Lavin & Gray benchmarked it on VGG: on a CPU the GEMMs dominate where channels a
 (conv3-conv5 of VGG: 256-512 channels); with few channels (conv1, conv2) the transforms'
 memory traffic costs more than the saved products, so the plan keeps direct convolution there.
 
-Tiles are processed in bands of tile rows sized to stay in cache: the band's transformed
-input and GEMM output are written and read back while hot, and the workspace is small and
-reused (no page faults from fresh multi-MB buffers per call).
+Tiles are processed in bands of tile rows holding at most BAND_BYTES of transformed input
+and GEMM output, in a workspace reused across layers and calls: memory stays bounded (about
+100 MB in fp32) and the scratch is not page-faulted in afresh on every call (fresh buffers
+of this size cost 7-8% of a forward pass here). Cache-sized bands (8 MB) were slower: the
+GEMMs want many rows.
 """
 
 from __future__ import annotations
@@ -22,17 +24,17 @@ import torch
 
 # G of F(2x2, 3x3): U = G g G' per (out, in) kernel.
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-# Bytes of transformed input + GEMM output per band (both ~16x a band's tiles x channels):
-# a few MB stay in a core's share of L2/L3 while the GEMM reads them.
-BAND_BYTES = 256 << 20
+# Bytes of transformed input + GEMM output per band (16 x tiles x channels each): 64 MB ran
+# as fast as whole layers at once (benchmarks/layers.py), 8 MB 10-20% slower.
+BAND_BYTES = 64 << 20
 # Fewest tiles per band: below this a GEMM's rows are too few to run at speed.
 MIN_BAND_TILES = 256
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[K, C, 3, 3] kernel -> U [16, C, K] (computed in fp64, returned in the weight's dtype)."""
-    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ai,kcij,bj->abck", g, weight.double(), g)
+    """[K, C, 3, 3] kernel -> U [16, C, K] (computed in fp32, returned in the weight's dtype)."""
+    g = torch.tensor(_G, dtype=torch.float32, device=weight.device)
+    u = torch.einsum("ai,kcij,bj->abck", g, weight.float(), g)
     return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
