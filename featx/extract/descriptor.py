@@ -26,7 +26,7 @@ from featx.extract.batching import (
     padded_size,
     plan_batches,
 )
-from featx.net.accel import Plan, release_freed_memory
+from featx.net.accel import Plan
 from featx.net.device import DTYPES, resolve_precision
 from featx.net.model import DenseVGG
 
@@ -156,7 +156,7 @@ class DenseDescriber:
         position-averaged map, flip-averaged, each image exactly as if it ran alone."""
         pooled = self.run(self.stage(images, canvas)).cpu()
         if not self.cuda:
-            release_freed_memory()
+            self.plan.release_freed_memory()
         return pooled
 
 
@@ -236,7 +236,7 @@ def _drive(describer: DenseDescriber, images, work, out, failed, stats, on_batch
             staged = staged or stage(k + 1)
             _one_by_one(describer, images, q, alive, out[q], failed, e, lock)
         if describer.device.type == "cpu":
-            release_freed_memory()
+            describer.plan.release_freed_memory()
         with lock:
             if stats is not None and alive:
                 stats.add([tuple(images[i][q].shape[1:]) for i in alive], canvas)
