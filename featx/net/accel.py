@@ -39,11 +39,12 @@ PACKED_SHAPES = 3
 # h*w rows) but costs memory (conv1 at 64 channels); on a GPU batches fill the device.
 CPU_PASS_PIXELS = 2 * 512 * 704
 CUDA_PASS_PIXELS = 32 * 512 * 704
-# Winograd F(2x2, 3x3) for a 3x3 conv on the CPU when it has at least this many input and
-# output channels (VGG's conv3_1 onward). Measured here (benchmarks/layers.py, bf16 and fp32):
-# 1.15-1.7x faster than oneDNN's direct kernel from 128->256 channels up; slower or even
-# below (conv1, conv2: the transforms' memory traffic outweighs the saved products).
-WINOGRAD_MIN_IN, WINOGRAD_MIN_OUT = 128, 256
+# Winograd for a 3x3 conv on the CPU when it has at least this many input and output channels
+# (VGG's conv2_2 onward): F(4x4, 3x3) in fp32, F(2x2, 3x3) in bf16/fp16 (F(4x4)'s larger
+# transform coefficients cost bf16 ~10% error per layer). Measured here against oneDNN's direct
+# kernel (benchmarks/layers.py): fp32 F(4x4) 1.25x at 128->128, 1.6-3x from 128->256 up;
+# bf16 F(2x2) 1.2x at 128->128, 1.2-1.7x above; with 64 input channels neither gains.
+WINOGRAD_MIN_IN, WINOGRAD_MIN_OUT = 128, 128
 # Rows (window positions) per head GEMM: ~1k rows keep fc6 compute-bound on a CPU (weight
 # read once per chunk) while the window matrix stays ~50 MB in bf16.
 CPU_HEAD_ROWS = 1024
@@ -182,12 +183,13 @@ class WinogradConv:
     relu: bool
     workspace: winograd.Workspace = field(repr=False)
     packed: list[torch.Tensor] | None = field(default=None, repr=False)  # u for oneDNN's GEMMs
+    algorithm: winograd.Algorithm = winograd.F2
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         return h, w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return winograd.conv3x3(x, self.u, self.bias, self.relu, self.workspace, self.packed)
+        return winograd.conv3x3(x, self.u, self.bias, self.relu, self.workspace, self.packed, self.algorithm)
 
 
 @dataclass
@@ -210,8 +212,9 @@ class Linear:
 def conv_kernels(device: torch.device, dtype: torch.dtype) -> str:
     """In words, which kernels a default Plan runs the convolutions with (for provenance)."""
     if device.type == "cpu" and onednn_prepack_works(dtype):
+        algorithm = winograd.F4 if dtype == torch.float32 else winograd.F2
         return (f"oneDNN, weights pre-packed; 3x3 convs of >= {WINOGRAD_MIN_IN} -> {WINOGRAD_MIN_OUT} "
-                "channels by Winograd F(2x2, 3x3)")
+                f"channels by Winograd {algorithm.name}")
     return "cuDNN (its own algorithm choice)" if device.type == "cuda" else "torch's default kernels"
 
 
@@ -337,9 +340,10 @@ class Plan:
     def _conv(self, conv: nn.Conv2d, bn, relu: bool, in_size: tuple[int, int, int, int]) -> Conv | WinogradConv:
         padding, stride, dilation = _conv_params(conv)
         if self.winograd and winograd_suits(conv):
-            w, b = _folded(conv, bn, torch.float32)  # transform in fp32, then round once
-            u = winograd.transform_weight(w.to(self.device)).to(self.dtype)
-            return WinogradConv(u, b.to(self.device, self.dtype), relu, self.workspace, winograd.pack(u))
+            algorithm = winograd.F4 if self.dtype == torch.float32 else winograd.F2
+            w, b = _folded(conv, bn, torch.float32)  # transform in fp64, then round once
+            u = winograd.transform_weight(w.to(self.device), algorithm).to(self.dtype)
+            return WinogradConv(u, b.to(self.device, self.dtype), relu, self.workspace, winograd.pack(u), algorithm)
         w, b = _folded(conv, bn, self.dtype)
         w, b = w.to(self.device).contiguous(memory_format=torch.channels_last), b.to(self.device)
         plain = w if self.packed and self.dtype == torch.float32 else None

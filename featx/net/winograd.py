@@ -1,4 +1,4 @@
-"""3x3 convolutions by Winograd's minimal filtering, F(2x2, 3x3) (Lavin & Gray, CVPR 2016).
+"""3x3 convolutions by Winograd's minimal filtering, F(2x2, 3x3) and F(4x4, 3x3) (Lavin & Gray 2016).
 
 A 3x3 conv (stride 1, padding 1) computes each 2x2 block of outputs from a 4x4 tile of its
 input. Winograd's F(2x2, 3x3) does that with 16 products per (input, output) channel pair
@@ -20,30 +20,86 @@ GEMMs want many rows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-# G of F(2x2, 3x3): U = G g G' per (out, in) kernel.
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-# Bytes of transformed input + GEMM output per band (16 x tiles x channels each): 64 MB ran
+@dataclass(frozen=True)
+class Algorithm:
+    """Winograd F(m x m, 3 x 3): tiles of t = m + 2 inputs give m x m outputs (Lavin & Gray's
+    matrices: B' [t, t] transforms input tiles, G [t, 3] kernels, A' [m, t] the products back)."""
+
+    name: str
+    bt: tuple[tuple[float, ...], ...]
+    g: tuple[tuple[float, ...], ...]
+    at: tuple[tuple[float, ...], ...]
+
+    @property
+    def m(self) -> int:
+        return len(self.at)
+
+    @property
+    def t(self) -> int:
+        return len(self.bt)
+
+    @property
+    def bias_at(self) -> int:
+        """A column a of A' that is all ones: a bias added to M[a, a] reaches every output."""
+        return next(a for a in range(self.t) if all(row[a] == 1 for row in self.at))
+
+
+F2 = Algorithm(
+    "F(2x2, 3x3)",
+    bt=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    g=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+    at=((1, 1, 1, 0), (0, 1, -1, -1)),
+)
+F4 = Algorithm(
+    "F(4x4, 3x3)",
+    bt=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+    g=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+    at=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+)
+# Bytes of transformed input + GEMM output per band (t^2 x tiles x channels each): 64 MB ran
 # as fast as whole layers at once (benchmarks/layers.py), 8 MB 10-20% slower.
 BAND_BYTES = 64 << 20
 # Fewest tiles per band: below this a GEMM's rows are too few to run at speed.
 MIN_BAND_TILES = 256
 
 
-def transform_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[K, C, 3, 3] kernel -> U [16, C, K] (computed in fp32, returned in the weight's dtype)."""
-    g = torch.tensor(_G, dtype=torch.float32, device=weight.device)
-    u = torch.einsum("ai,kcij,bj->abck", g, weight.float(), g)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+def transform_weight(weight: torch.Tensor, algorithm: Algorithm = F2) -> torch.Tensor:
+    """[K, C, 3, 3] kernel -> U [t*t, C, K] (computed in fp64, returned in the weight's dtype)."""
+    g = torch.tensor(algorithm.g, dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ai,kcij,bj->abck", g, weight.double(), g)
+    return u.reshape(algorithm.t**2, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
-def _rows(d0, d1, d2, d3, out: torch.Tensor) -> None:
-    """B' applied along one axis: out[0..3] = d0-d2, d1+d2, d2-d1, d1-d3."""
-    torch.sub(d0, d2, out=out[0])
-    torch.add(d1, d2, out=out[1])
-    torch.sub(d2, d1, out=out[2])
-    torch.sub(d1, d3, out=out[3])
+def _combine(row: tuple[float, ...], terms: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """out = sum_s row[s] * terms[s] in (nonzeros - 1) ops, starting from a +-1 coefficient."""
+    nz = [(c, x) for c, x in zip(row, terms) if c != 0]
+    base = next((i for i, (c, _) in enumerate(nz) if c == 1), None)
+    if base is None:
+        base = next((i for i, (c, _) in enumerate(nz) if c == -1), None)
+    if base is None:  # no +-1 coefficient: scale the first term
+        torch.mul(nz[0][1], nz[0][0], out=out)
+        rest = nz[1:]
+    else:
+        c0, x0 = nz.pop(base)
+        if not nz:
+            return out.copy_(x0) if c0 == 1 else torch.neg(x0, out=out)
+        c1, x1 = nz.pop(0)
+        if c0 == 1:
+            torch.add(x0, x1, alpha=c1, out=out)
+        elif c1 == 1:  # -x0 + x1
+            torch.sub(x1, x0, out=out)
+        else:  # -x0 + c1 x1
+            torch.mul(x1, c1, out=out).sub_(x0)
+        rest = nz
+    for c, x in rest:
+        out.add_(x, alpha=c)
+    return out
 
 
 class Workspace:
@@ -64,68 +120,72 @@ class Workspace:
 
 
 def pack(u: torch.Tensor) -> list[torch.Tensor]:
-    """U [16, C, K] as 16 oneDNN-packed linear weights (5-20% faster GEMMs than torch.mm here)."""
-    return [torch.ops.mkldnn._reorder_linear_weight(u[a].t().contiguous(), None) for a in range(16)]
+    """U [t*t, C, K] as oneDNN-packed linear weights (5-20% faster GEMMs than torch.mm here)."""
+    return [torch.ops.mkldnn._reorder_linear_weight(u[a].t().contiguous(), None) for a in range(u.shape[0])]
 
 
 def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, workspace: Workspace,
-            packed: list[torch.Tensor] | None = None) -> torch.Tensor:
+            packed: list[torch.Tensor] | None = None, algorithm: Algorithm = F2) -> torch.Tensor:
     """3x3 conv, stride 1, padding 1, of a channels-last batch `x` [N, C, H, W] with U from
-    transform_weight ([16, C, K]): -> channels-last [N, K, H, W] (+ bias, ReLU if asked).
+    transform_weight(weight, algorithm): -> channels-last [N, K, H, W] (+ bias, ReLU if asked).
     `packed`: U as pack() gives it, for oneDNN's GEMMs (CPU); else torch.mm (any device)."""
     n, c, h, w = x.shape
     k = u.shape[2]
-    th, tw = (h + 1) // 2, (w + 1) // 2  # tiles down and across (the last may hang over)
+    m, t, bt, at = algorithm.m, algorithm.t, algorithm.bt, algorithm.at
+    th, tw = -(-h // m), -(-w // m)  # tiles down and across (the last may hang over)
     xn = x.permute(0, 2, 3, 1)  # NHWC view of channels-last memory
     y = x.new_empty(n, h, w, k)
-    itemsize = x.element_size()
-    band = max(1, min(th, BAND_BYTES // max(1, 16 * n * tw * (c + k) * itemsize)))
+    band = max(1, min(th, BAND_BYTES // max(1, t * t * n * tw * (c + k) * x.element_size())))
     band = max(band, min(th, -(-MIN_BAND_TILES // (n * tw))))
     for t0 in range(0, th, band):
         t1 = min(th, t0 + band)
         rows = t1 - t0
         p = n * rows * tw
-        # Zero-padded input slab: input rows 2*t0-1 .. 2*t1, columns -1 .. 2*tw.
-        slab = workspace.get("slab", (n, 2 * rows + 2, 2 * tw + 2, c), x)
-        top, bottom = 2 * t0 - 1, 2 * t1 + 1  # input rows the slab spans, [top, bottom)
-        r0, r1 = max(0, top), min(h, bottom)
+        # Zero-padded input slab: input rows m*t0 - 1 .. m*t1, columns -1 .. m*tw.
+        slab = workspace.get("slab", (n, m * rows + 2, m * tw + 2, c), x)
+        top = m * t0 - 1
+        r0, r1 = max(0, top), min(h, top + m * rows + 2)
         slab[:, : r0 - top].zero_()
         slab[:, r1 - top :].zero_()
         slab[:, :, 0].zero_()
         slab[:, :, w + 1 :].zero_()
         slab[:, r0 - top : r1 - top, 1 : w + 1].copy_(xn[:, r0:r1])
-        # V = B' d B: along rows, then along columns, into [4, 4, n, rows, tw, c].
-        half = workspace.get("half", (4, n, rows, 2 * tw + 2, c), x)
-        _rows(*(slab[:, i : i + 2 * rows : 2] for i in range(4)), half)
-        v = workspace.get("v", (4, 4, n, rows, tw, c), x)
-        for a in range(4):
-            _rows(*(half[a][:, :, j : j + 2 * tw : 2] for j in range(4)), v[a])
-        # 16 GEMMs over channels.
-        vv = v.view(16, p, c)
+        # V = B' d B: along rows, then along columns, into [t, t, n, rows, tw, c].
+        half = workspace.get("half", (t, n, rows, m * tw + 2, c), x)
+        row_views = [slab[:, i : i + m * rows : m] for i in range(t)]
+        for a in range(t):
+            _combine(bt[a], row_views, half[a])
+        v = workspace.get("v", (t, t, n, rows, tw, c), x)
+        for a in range(t):
+            col_views = [half[a][:, :, j : j + m * tw : m] for j in range(t)]
+            for b in range(t):
+                _combine(bt[b], col_views, v[a, b])
+        # t*t GEMMs over channels; the bias rides on the one product every output sums once.
+        vv = v.view(t * t, p, c)
+        at_bias = algorithm.bias_at * (t + 1)
         if packed is not None:
-            m = [torch.ops.mkldnn._linear_pointwise(vv[a], packed[a], None, "none", [], "") for a in range(16)]
+            mats = [torch.ops.mkldnn._linear_pointwise(vv[a], packed[a], bias if a == at_bias else None, "none", [], "")
+                    for a in range(t * t)]
         else:
-            mm = workspace.get("m", (16, p, k), x)
-            for a in range(16):
+            mm = workspace.get("m", (t * t, p, k), x)
+            for a in range(t * t):
                 torch.mm(vv[a], u[a], out=mm[a])
-            m = list(mm)
-        # y = A' M A, A' = [[1, 1, 1, 0], [0, 1, -1, -1]]: along rows (M[a] = m[4a:4a+4]), then columns.
-        o = workspace.get("o", (2, 4, p, k), x)
-        for b in range(4):
-            torch.add(m[b], m[4 + b], out=o[0, b]).add_(m[8 + b])
-            torch.sub(m[4 + b], m[8 + b], out=o[1, b]).sub_(m[12 + b])
-        part = workspace.get("part", (n, rows, tw, k), x)
-        for i in range(2):
-            q = o[i].view(4, n, rows, tw, k)
-            nr = min(t1, (h - i + 1) // 2) - t0  # output rows 2t+i of this band inside the image
-            for j in range(2):
-                nc = (w - j + 1) // 2
-                if j == 0:
-                    torch.add(q[0], q[1], out=part).add_(q[2])
-                else:
-                    torch.sub(q[1], q[2], out=part).sub_(q[3])
-                part.add_(bias)
+            mm[at_bias] += bias
+            mats = list(mm)
+        # y = A' M A: along rows (o[i, b] = sum_a A'[i, a] M[a, b]), then columns into y.
+        o = workspace.get("o", (m, t, p, k), x)
+        for i in range(m):
+            for b in range(t):
+                _combine(at[i], [mats[a * t + b] for a in range(t)], o[i, b])
+        for i in range(m):
+            nr = min(t1, (h - i + m - 1) // m) - t0  # output rows m*r + i of this band inside the image
+            if nr <= 0:
+                continue
+            q = [o[i, b].view(n, rows, tw, k)[:, :nr] for b in range(t)]
+            for j in range(m):
+                nc = (w - j + m - 1) // m
+                dest = y[:, m * t0 + i : m * (t0 + nr - 1) + i + 1 : m, j : m * (nc - 1) + j + 1 : m]
+                _combine(at[j], [qb[:, :, :nc] for qb in q], dest)
                 if relu:
-                    part.relu_()
-                y[:, 2 * t0 + i : 2 * (t0 + nr) + i - 1 : 2, j : 2 * nc + j - 1 : 2].copy_(part[:, :nr, :nc])
+                    dest.relu_()
     return y.permute(0, 3, 1, 2)

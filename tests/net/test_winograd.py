@@ -1,6 +1,6 @@
-"""Winograd F(2x2, 3x3) gives the direct convolution's numbers: any size (odd, tiny, one row),
-with and without ReLU, with oneDNN's packed GEMMs and torch.mm, in bands, with a reused
-workspace, inside a zero-padded mixed batch, and inside the plan."""
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) give the direct convolution's numbers: any size (odd,
+tiny, one row), with and without ReLU, with oneDNN's packed GEMMs and torch.mm, in bands, with
+a reused workspace, inside a zero-padded mixed batch, and inside the plan."""
 
 from __future__ import annotations
 
@@ -28,10 +28,13 @@ def direct(x, weight, bias, relu):
     return F.relu(y) if relu else y
 
 
-def winograd_conv(x, weight, bias, relu, packed: bool, workspace=None):
-    u = winograd.transform_weight(weight).to(x.dtype)
+def winograd_conv(x, weight, bias, relu, packed: bool, workspace=None, algorithm=winograd.F2):
+    u = winograd.transform_weight(weight, algorithm).to(x.dtype)
     return winograd.conv3x3(x, u, bias.to(x.dtype), relu, workspace or winograd.Workspace(),
-                            winograd.pack(u) if packed else None)
+                            winograd.pack(u) if packed else None, algorithm)
+
+
+ALGORITHMS = [pytest.param(winograd.F2, id="F2x2"), pytest.param(winograd.F4, id="F4x4")]
 
 
 def rel_err(got, expected) -> float:
@@ -43,39 +46,44 @@ GEMMS = [pytest.param(False, id="torch.mm"),
          pytest.param(True, id="onednn-packed", marks=pytest.mark.skipif(not PACKED, reason="no oneDNN"))]
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("packed", GEMMS)
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 6), (2, 2), (3, 3), (5, 7), (8, 8), (13, 6)])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
-def test_equals_direct_convolution(h, w, relu, packed):
+def test_equals_direct_convolution(h, w, relu, packed, algorithm):
     x, weight, bias = case(2, 24, 40, h, w)
     with torch.inference_mode():
-        y = winograd_conv(x, weight, bias, relu, packed)
+        y = winograd_conv(x, weight, bias, relu, packed, algorithm=algorithm)
     assert y.shape == (2, 40, h, w) and y.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(y, direct(x, weight, bias, relu)) < 1e-5
 
 
-def test_a_wrong_transform_is_caught():
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_wrong_transform_is_caught(algorithm):
     # The check above can fail: a kernel flipped left-right gives another convolution.
     x, weight, bias = case(1, 8, 8, 6, 6)
     with torch.inference_mode():
-        y = winograd_conv(x, weight.flip(-1), bias, False, False)
+        y = winograd_conv(x, weight.flip(-1), bias, False, False, algorithm=algorithm)
     assert rel_err(y, direct(x, weight, bias, False)) > 0.1
 
 
-def test_bands_and_a_reused_workspace_change_nothing(monkeypatch):
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_bands_and_a_reused_workspace_change_nothing(monkeypatch, algorithm):
     ws = winograd.Workspace()
     shapes = [(2, 16, 24, 11, 9), (1, 16, 24, 4, 3), (3, 16, 24, 12, 10), (1, 16, 24, 4, 3)]
+    run = lambda x, weight, bias: winograd_conv(x, weight, bias, True, False, ws, algorithm)  # noqa: E731
     with torch.inference_mode():
         for n, c, k, h, w in shapes:  # large, small, larger, small: stale scratch would show
             x, weight, bias = case(n, c, k, h, w, seed=h)
-            assert rel_err(winograd_conv(x, weight, bias, True, False, ws), direct(x, weight, bias, True)) < 1e-5
+            assert rel_err(run(x, weight, bias), direct(x, weight, bias, True)) < 1e-5
         monkeypatch.setattr(winograd, "BAND_BYTES", 1)  # one tile row per band...
         monkeypatch.setattr(winograd, "MIN_BAND_TILES", 1)  # ...however few tiles that is
         x, weight, bias = case(2, 16, 24, 11, 9, seed=5)
-        assert rel_err(winograd_conv(x, weight, bias, True, False, ws), direct(x, weight, bias, True)) < 1e-5
+        assert rel_err(run(x, weight, bias), direct(x, weight, bias, True)) < 1e-5
 
 
-def test_an_image_in_a_zero_padded_batch_gets_its_own_numbers():
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_an_image_in_a_zero_padded_batch_gets_its_own_numbers(algorithm):
     # Tiles are anchored top-left, so the padding below and right of an image only ever
     # meets the zeros its own border padding would have: the valid region matches exactly.
     x, weight, bias = case(1, 16, 24, 5, 7)
@@ -83,9 +91,18 @@ def test_an_image_in_a_zero_padded_batch_gets_its_own_numbers():
     canvas[0, :, :5, :7] = x[0]
     canvas[1] = torch.randn(16, 10, 12)
     with torch.inference_mode():
-        alone = winograd_conv(x, weight, bias, True, False)
-        batched = winograd_conv(canvas, weight, bias, True, False)
+        alone = winograd_conv(x, weight, bias, True, False, algorithm=algorithm)
+        batched = winograd_conv(canvas, weight, bias, True, False, algorithm=algorithm)
     assert rel_err(batched[:1, :, :5, :7], alone) < 1e-6
+
+
+def test_f4_is_what_fp32_runs_and_f2_what_bf16_runs():
+    # F(4x4)'s transform coefficients (up to 8) cost bf16 ~10% per layer: the plan keeps it for fp32.
+    net = wide_net()
+    kinds = {dtype: [s.algorithm for s in Plan(net, torch.device("cpu"), dtype).trunk if isinstance(s, WinogradConv)]
+             for dtype in (torch.float32, torch.bfloat16) if onednn_prepack_works(dtype)}
+    assert kinds.get(torch.float32, [winograd.F4]) == [winograd.F4]
+    assert kinds.get(torch.bfloat16, [winograd.F2]) == [winograd.F2]
 
 
 def test_bf16_stays_close_to_fp32():
