@@ -423,7 +423,7 @@ def print_report(r: dict) -> None:
     print(f"peak ({r['peak']['runs'][0]['dtype']} direct 3x3 conv): {pk:.0f} GFLOP/s; featx end to end {fl['gflops']:.0f} "
           f"GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of peak (model stage {fl['model_gflops']:.0f} = "
           f"{100 * fl['model_gflops'] / pk:.0f}%" + (f"; once running {100 * st['gflops'] / pk:.0f}%)" if st else ")"))
-    print("  (featx's GFLOP/s count a direct convolution's FLOPs; its Winograd layers do 2.25x fewer "
+    print("  (featx's GFLOP/s count a direct convolution's FLOPs; its Winograd layers do 2.25x (bf16) or 4x (fp32) fewer "
           "multiplications, so the model stage can pass the direct kernel's peak)")
     print(f"batches (large set): {fl.get('images_per_batch', 0):.1f} images per batch, "
           f"{100 * fl.get('padding', 0):.0f}% padding (exact mixed-size batches)")

@@ -1,15 +1,18 @@
 """3x3 convolutions by Winograd's minimal filtering, F(2x2, 3x3) and F(4x4, 3x3) (Lavin & Gray 2016).
 
-A 3x3 conv (stride 1, padding 1) computes each 2x2 block of outputs from a 4x4 tile of its
-input. Winograd's F(2x2, 3x3) does that with 16 products per (input, output) channel pair
-instead of 36: transform the tile (V = B' d B), transform the kernel once (U = G g G'), take
-16 GEMMs over channels (M[a] = V[a] U[a]: tiles x C times C x K), and transform back
-(y = A' M A). 2.25x fewer multiplications; the transforms are additions only (B and A hold
-0 and +-1, G halves), so in fp32 it agrees with direct convolution to a few 1e-6 relative.
+A 3x3 conv (stride 1, padding 1) computes each m x m block of outputs from a t x t tile of its
+input (t = m + 2). Winograd's F(m x m, 3 x 3) does that with t^2 products per (input, output)
+channel pair instead of 9 m^2: transform the tile (V = B' d B), the kernel once (U = G g G'),
+take t^2 GEMMs over channels (M[a] = V[a] U[a]: tiles x C times C x K), transform back
+(y = A' M A). F(2x2): 16 products for 4 outputs, 2.25x fewer multiplications, transforms of
+0/+-1 (fp32: a few 1e-6 relative to direct convolution; bf16: ~3x direct's rounding error).
+F(4x4): 36 for 16, 4x fewer, but coefficients up to 8 (fp32: 1-2e-5 relative per layer;
+bf16: ~10%, so the plan runs it in fp32 only).
 
 Lavin & Gray benchmarked it on VGG: on a CPU the GEMMs dominate where channels are many
-(conv3-conv5 of VGG: 256-512 channels); with few channels (conv1, conv2) the transforms'
-memory traffic costs more than the saved products, so the plan keeps direct convolution there.
+(VGG's conv2_2 on: 128-512 channels); with 3 or 64 input channels (conv1, conv2_1) the
+transforms' memory traffic costs more than the saved products, so the plan keeps direct
+convolution there.
 
 Tiles are processed in bands of tile rows holding at most BAND_BYTES of transformed input
 and GEMM output, in a workspace reused across layers and calls: memory stays bounded (about
