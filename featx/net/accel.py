@@ -341,7 +341,7 @@ class Plan:
         padding, stride, dilation = _conv_params(conv)
         if self.winograd and winograd_suits(conv):
             algorithm = winograd.F4 if self.dtype == torch.float32 else winograd.F2
-            w, b = _folded(conv, bn, torch.float32)  # transform in fp64, then round once
+            w, b = _folded(conv, bn, torch.float32)  # transform in fp32, then round once
             u = winograd.transform_weight(w.to(self.device), algorithm).to(self.dtype)
             return WinogradConv(u, b.to(self.device, self.dtype), relu, self.workspace, winograd.pack(u), algorithm)
         w, b = _folded(conv, bn, self.dtype)
