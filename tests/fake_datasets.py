@@ -104,7 +104,7 @@ def make_voc_action(root: Path, sets: dict[str, int] | None = None) -> Path:
     inclusive, the jumping files list fewer persons (the last image is left out), and one val
     person is 0 (ignored) for walking. Returns the year folder.
     """
-    from featx.evaluate.action import ACTIONS
+    from featx.evaluate.datasets import ACTIONS
 
     sets = sets or {"train": 8, "val": 8}
     base = root / "VOCdevkit" / "VOC2012"

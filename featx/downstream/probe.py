@@ -378,7 +378,7 @@ def make_splits(data: Labelled, protocol: Protocol) -> list[Split]:
 
 def run_protocol(data: Labelled, protocol: Protocol, *, jobs: int | None = None) -> ProbeResult:
     """Fit and score every split; the report holds means ± std over splits and per-class values."""
-    from featx.evaluate.run import span_coordinates
+    from featx.evaluate.heads import span_coordinates
 
     data = check_classes(data, protocol)
     splits = make_splits(data, protocol)

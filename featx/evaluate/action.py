@@ -25,17 +25,19 @@ import numpy as np
 from featx import __version__, store
 from featx.errors import BadInput, MissingData
 from featx.evaluate.cache import resolve_cache_dir
-from featx.evaluate.datasets import DatasetSpec, ensure_dataset, find_images, get_spec, where_to_put
-from featx.evaluate.heads import HeldOutC, OneVsRest
+from featx.evaluate.datasets import (
+    ACTIONS,
+    action_shortfall,
+    ensure_dataset,
+    find_images,
+    get_spec,
+    where_to_put,
+)
+from featx.evaluate.heads import HeldOutC, OneVsRest, span_coordinates
 from featx.evaluate.metrics import precision_recall, voc07_ap, voc_ap
 from featx.evaluate.pipeline import Pipeline
-from featx.extract.describer import descriptor_hash
-from featx.extract.run import extract_features
+from featx.evaluate.report import Evaluation, weights_text
 
-ACTIONS = (
-    "jumping", "phoning", "playinginstrument", "reading", "ridingbike", "ridinghorse",
-    "running", "takingphoto", "usingcomputer", "walking",
-)  # fmt: skip
 SETTINGS = {"image": "image", "image_box": "image and box"}
 # The devkit's competition number for action classification with any training data.
 COMP = "comp10"
@@ -173,17 +175,6 @@ def _instances(year: Path, name: str, keys: list[tuple[str, int]], labels: np.nd
     )
 
 
-def action_shortfall(spec: DatasetSpec, year: Path) -> list[str]:
-    """What a copy lacks against the full action sets (persons listed, cheap line counts)."""
-    out = []
-    for name, full in spec.n_images.items():
-        files = [year / "ImageSets" / "Action" / f"{a}_{name}.txt" for a in ACTIONS]
-        n = max((sum(1 for line in f.read_text().splitlines() if line.strip()) for f in files if f.is_file()), default=0)
-        if n < full:
-            out.append(f"{n} of {full} {name} persons")
-    return out
-
-
 # -- features ----------------------------------------------------------------------------
 
 
@@ -206,6 +197,9 @@ def region_table(sets: Sequence[ActionSet], margin: float = 0.0, sizes: dict[str
 
 
 def _extract(config, inputs, out: Path, regions=None, progress=False) -> tuple[dict, float, int]:
+    # torch loads when features are extracted
+    from featx.extract.run import extract_features
+
     result = extract_features(inputs, out, config, progress=progress, regions=regions)
     if result.interrupted:
         raise KeyboardInterrupt
@@ -254,8 +248,6 @@ def evaluate_action(
     test_server: bool = False,
 ):
     """VOC2012 action classification (Table 12): both settings, every net and their fusion."""
-    from featx.evaluate.run import Evaluation, span_coordinates, weights_text
-
     log = log or (lambda message: None)
     spec = get_spec(pipeline.dataset)
     t0 = time.perf_counter()
@@ -290,6 +282,9 @@ def evaluate_action(
 
     cache = resolve_cache_dir(cache_dir)  # default: the per-user cache (featx.evaluate.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    # torch loads once the data checks passed
+    from featx.extract.describer import descriptor_hash
+
     inputs = [jpegs / f"{i}.jpg" for i in image_ids]
     blocks: dict[str, dict[str, list[np.ndarray]]] = {}
     nets = []

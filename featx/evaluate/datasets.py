@@ -35,6 +35,12 @@ VOC_CLASSES = (
     "train", "tvmonitor",
 )  # fmt: skip
 
+# VOC2012 action classification: the ten actions of a person instance.
+ACTIONS = (
+    "jumping", "phoning", "playinginstrument", "reading", "ridingbike", "ridinghorse",
+    "running", "takingphoto", "usingcomputer", "walking",
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Archive:
@@ -291,8 +297,6 @@ def _shortfall(spec: DatasetSpec, images: Path) -> list[str]:
             out.append(f"{n} of {spec.n_images['all']} images")
         return out
     if spec.kind == "voc_action":
-        from featx.evaluate.action import action_shortfall
-
         return action_shortfall(spec, images)
     out = []
     for name, full in spec.n_images.items():
@@ -430,3 +434,14 @@ def _load_voc(spec: DatasetSpec, root: Path) -> DatasetIndex:
         },
         problems=tuple(problems),
     )
+
+
+def action_shortfall(spec: DatasetSpec, year: Path) -> list[str]:
+    """What a copy lacks against the full action sets (persons listed, cheap line counts)."""
+    out = []
+    for name, full in spec.n_images.items():
+        files = [year / "ImageSets" / "Action" / f"{a}_{name}.txt" for a in ACTIONS]
+        n = max((sum(1 for line in f.read_text().splitlines() if line.strip()) for f in files if f.is_file()), default=0)
+        if n < full:
+            out.append(f"{n} of {full} {name} persons")
+    return out

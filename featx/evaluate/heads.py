@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import scipy.linalg
 from joblib import Parallel, delayed
 from sklearn.base import BaseEstimator, ClassifierMixin, MetaEstimatorMixin, clone
 from sklearn.exceptions import ConvergenceWarning
@@ -225,3 +226,31 @@ def _score(est, X, y, scoring: str) -> float:
 def _fit_and_score(base, C, X_fit, y_fit, X_val, y_val, scoring) -> tuple[float, int]:
     est, n_warned = _fit(clone(base).set_params(C=C), X_fit, y_fit)
     return _score(est, X_val, y_val, scoring), n_warned
+
+
+def span_coordinates(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows as coordinates in the span of the training rows, when that is smaller than D.
+
+    A linear head's weights lie in the span of its training rows (representer theorem), so
+    its decisions depend on the data only through inner products with those rows. With the
+    Gram matrix G = L L^T of the training rows, the rows of L have exactly these inner
+    products, and a test row becomes the solution of L z = (its products with the training
+    rows). Caltech-101's 3,060 x 12,288 problem (D&E: x 24,576) becomes 3,060 x 3,060, several
+    times faster to fit. The basis comes from training rows only: nothing is learnt from test.
+    """
+    n, d = train.shape
+    if n >= d:
+        return train, test
+    a = train.astype(np.float64)
+    gram = a @ a.T
+    cross = test.astype(np.float64) @ a.T
+    try:
+        factor = scipy.linalg.cholesky(gram, lower=True, check_finite=False)
+        z_test = scipy.linalg.solve_triangular(factor, cross.T, lower=True, check_finite=False).T
+    except np.linalg.LinAlgError:
+        # Duplicate training rows make G singular: keep the directions that carry data.
+        values, vectors = np.linalg.eigh(gram)
+        keep = values > values.max() * n * np.finfo(np.float64).eps
+        factor = vectors[:, keep] * np.sqrt(values[keep])
+        z_test = cross @ (vectors[:, keep] / np.sqrt(values[keep]))
+    return factor.astype(np.float32), z_test.astype(np.float32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,27 @@ from rich.console import Console
 from rich.table import Table
 
 from featx.evaluate.datasets import get_spec
-from featx.evaluate.run import Evaluation
 from featx.store.paths import check_output, make_parent
+
+
+@dataclass
+class Evaluation:
+    """The report (JSON-ready dict, percent) and the curves the plots draw."""
+
+    report: dict
+    # Per result row label: test labels and scores of the first split (VOC PR curves).
+    curves: dict = field(default_factory=dict)
+
+
+def weights_text(prov: dict) -> str:
+    """The weights a feature file was made with, in words for the report."""
+    w = prov.get("weights", {})
+    kind = w.get("kind")
+    if kind == "random":
+        return f"random (seed {w.get('seed')})"
+    if kind == "file":
+        return f"file {w.get('file')} (sha256 {str(w.get('sha256'))[:12]})"
+    return str(w.get("name", "unknown"))
 
 
 def _pm(mean: float | None, std: float | None) -> str:

@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 
 from featx import __version__, store
 from featx.errors import BadInput
+from featx.evaluate.action import evaluate_action
 from featx.evaluate.cache import cached_features
 from featx.evaluate.datasets import DatasetIndex, get_spec, load_dataset
-from featx.evaluate.heads import HeldOutC, OneVsRest, fixed_solver, make_head
+from featx.evaluate.heads import (
+    HeldOutC,
+    OneVsRest,
+    fixed_solver,
+    make_head,
+    span_coordinates,
+)
 from featx.evaluate.metrics import (
     mean_ap,
     mean_class_recall,
@@ -29,16 +35,8 @@ from featx.evaluate.metrics import (
     voc_ap,
 )
 from featx.evaluate.pipeline import Pipeline
+from featx.evaluate.report import Evaluation, weights_text
 from featx.evaluate.splits import Split, caltech_splits, fixed_splits
-
-
-@dataclass
-class Evaluation:
-    """The report (JSON-ready dict, percent) and the curves the plots draw."""
-
-    report: dict
-    # Per result row label: test labels and scores of the first split (VOC PR curves).
-    curves: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -80,7 +78,6 @@ def evaluate(
     spec = get_spec(pipeline.dataset)
     t0 = time.perf_counter()
     if spec.kind == "voc_action":
-        from featx.evaluate.action import evaluate_action
 
         if features:
             raise BadInput("--features does not apply to voc2012-action (it needs image and box features); leave it out")
@@ -381,34 +378,6 @@ def _run_split(
     return record, curve
 
 
-def span_coordinates(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows as coordinates in the span of the training rows, when that is smaller than D.
-
-    A linear head's weights lie in the span of its training rows (representer theorem), so
-    its decisions depend on the data only through inner products with those rows. With the
-    Gram matrix G = L L^T of the training rows, the rows of L have exactly these inner
-    products, and a test row becomes the solution of L z = (its products with the training
-    rows). Caltech-101's 3,060 x 12,288 problem (D&E: x 24,576) becomes 3,060 x 3,060, several
-    times faster to fit. The basis comes from training rows only: nothing is learnt from test.
-    """
-    n, d = train.shape
-    if n >= d:
-        return train, test
-    a = train.astype(np.float64)
-    gram = a @ a.T
-    cross = test.astype(np.float64) @ a.T
-    try:
-        factor = scipy.linalg.cholesky(gram, lower=True, check_finite=False)
-        z_test = scipy.linalg.solve_triangular(factor, cross.T, lower=True, check_finite=False).T
-    except np.linalg.LinAlgError:
-        # Duplicate training rows make G singular: keep the directions that carry data.
-        values, vectors = np.linalg.eigh(gram)
-        keep = values > values.max() * n * np.finfo(np.float64).eps
-        factor = vectors[:, keep] * np.sqrt(values[keep])
-        z_test = cross @ (vectors[:, keep] / np.sqrt(values[keep]))
-    return factor.astype(np.float32), z_test.astype(np.float32)
-
-
 def _c(C: float) -> str:
     return f"{C:g}"
 
@@ -420,14 +389,3 @@ def _pct(x: float) -> float | None:
 def _row_label(pipeline: Pipeline, models: tuple[str, ...]) -> str:
     paper = pipeline.paper_result(models)
     return paper.label if paper is not None else " & ".join(models)
-
-
-def weights_text(prov: dict) -> str:
-    """The weights a feature file was made with, in words for the report."""
-    w = prov.get("weights", {})
-    kind = w.get("kind")
-    if kind == "random":
-        return f"random (seed {w.get('seed')})"
-    if kind == "file":
-        return f"file {w.get('file')} (sha256 {str(w.get('sha256'))[:12]})"
-    return str(w.get("name", "unknown"))

@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from featx.cli import app
-from featx.evaluate.action import ACTIONS, load_action_set, read_objects, voc_box
+from featx.evaluate.action import load_action_set, read_objects, voc_box
+from featx.evaluate.datasets import ACTIONS
 from featx.evaluate.metrics import voc_ap
 from featx.evaluate.pipeline import builtin_pipeline
 from featx.extract.decode import open_upright

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from featx.cli import app
 from featx.evaluate import run as ev
 from featx.evaluate.datasets import DatasetIndex
+from featx.evaluate.heads import span_coordinates
 from featx.evaluate.pipeline import builtin_pipeline
 from featx.evaluate.splits import caltech_splits
 from tests.fake_datasets import make_caltech, make_voc
@@ -224,7 +225,7 @@ def test_span_coordinates_change_nothing_but_speed():
     X = np.abs(rng.normal(size=(45, 200)) + 3 * np.eye(200)[np.r_[labels, labels[:15]]]).astype(np.float32)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     train, test = X[:30], X[30:]
-    Z_train, Z_test = ev.span_coordinates(train, test)
+    Z_train, Z_test = span_coordinates(train, test)
     assert Z_train.shape == (30, 30) and Z_test.shape == (15, 30)
     np.testing.assert_allclose(Z_train @ Z_train.T, train @ train.T, atol=1e-5)
     # Inner products with training rows, all a linear head sees, are kept.
@@ -248,7 +249,7 @@ def test_span_coordinates_survive_duplicate_training_rows():
     train = rng.normal(size=(12, 50)).astype(np.float32)
     train[5] = train[2]  # a duplicate image: the Gram matrix is singular
     test = rng.normal(size=(4, 50)).astype(np.float32)
-    Z_train, Z_test = ev.span_coordinates(train, test)
+    Z_train, Z_test = span_coordinates(train, test)
     np.testing.assert_allclose(Z_train @ Z_train.T, train @ train.T, atol=1e-4)
     np.testing.assert_allclose(Z_test @ Z_train.T, test @ train.T, atol=1e-4)
 
