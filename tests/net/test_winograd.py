@@ -113,22 +113,27 @@ def test_bf16_stays_close_to_fp32():
     assert rel_err(y, direct(x.to(torch.bfloat16), weight, bias, True)) < 3e-2
 
 
-def wide_net() -> nn.Module:
-    """conv 3->16, pool, conv 16->128 (direct), conv 128->256 (Winograd), pool: pool5-like output."""
+def wide_net(bn: bool = False) -> nn.Module:
+    """conv 3->16, pool, conv 16->128 (direct), conv 128->256 [+ BN] (Winograd), pool: pool5-like output."""
     from featx.net.model import DenseVGG
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
+        norm = [nn.BatchNorm2d(256)] if bn else []
         trunk = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
                               nn.Conv2d(16, 128, 3, padding=1), nn.ReLU(),
-                              nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2))
+                              nn.Conv2d(128, 256, 3, padding=1), *norm, nn.ReLU(), nn.MaxPool2d(2, 2))
         head = nn.Sequential(nn.Conv2d(256, 32, 7), nn.ReLU(), nn.Conv2d(32, 24, 1), nn.ReLU())
+        if bn:  # statistics far from identity, so folding them into the transformed kernel is tested
+            norm[0].running_mean.uniform_(-0.5, 0.5), norm[0].running_var.uniform_(0.5, 2.0)
+            norm[0].weight.data.uniform_(0.5, 1.5), norm[0].bias.data.uniform_(-0.2, 0.2)
     return DenseVGG(trunk, head).eval()
 
 
 @pytest.mark.skipif(not PACKED, reason="Winograd runs on the packed CPU path")
-def test_the_plan_runs_wide_convs_by_winograd_and_agrees_with_direct_kernels():
-    net = wide_net()
+@pytest.mark.parametrize("bn", [False, True], ids=["conv", "conv-bn"])
+def test_the_plan_runs_wide_convs_by_winograd_and_agrees_with_direct_kernels(bn):
+    net = wide_net(bn)
     fast = Plan(net, torch.device("cpu"), torch.float32)
     plain = Plan(net, torch.device("cpu"), torch.float32, fast_conv=False)
     assert [type(s).__name__ for s in fast.trunk].count("WinogradConv") == 1
