@@ -176,20 +176,19 @@ class Conv:
 
 @dataclass
 class WinogradConv:
-    """A 3x3 conv (stride 1, padding 1) [+ folded BN] [+ ReLU] by Winograd's F(2x2, 3x3)."""
+    """A 3x3 conv (stride 1, padding 1) [+ folded BN] [+ ReLU] by Winograd (featx.net.winograd)."""
 
-    u: torch.Tensor  # transformed kernel [16, C, K]
+    weights: list[torch.Tensor] = field(repr=False)  # the transformed kernel, packed for oneDNN's GEMMs
     bias: torch.Tensor
     relu: bool
     workspace: winograd.Workspace = field(repr=False)
-    packed: list[torch.Tensor] | None = field(default=None, repr=False)  # u for oneDNN's GEMMs
     algorithm: winograd.Algorithm = winograd.F2
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         return h, w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return winograd.conv3x3(x, self.u, self.bias, self.relu, self.workspace, self.packed, self.algorithm)
+        return winograd.conv3x3(x, self.weights, self.bias, self.relu, self.workspace, self.algorithm)
 
 
 @dataclass
@@ -209,12 +208,16 @@ class Linear:
         return F.relu_(y) if self.relu else y
 
 
+def winograd_algorithm(dtype: torch.dtype) -> winograd.Algorithm:
+    """F(4x4, 3x3) in fp32; F(2x2, 3x3) in bf16/fp16, where F(4x4)'s coefficients cost ~10% per layer."""
+    return winograd.F4 if dtype == torch.float32 else winograd.F2
+
+
 def conv_kernels(device: torch.device, dtype: torch.dtype) -> str:
     """In words, which kernels a default Plan runs the convolutions with (for provenance)."""
     if device.type == "cpu" and onednn_prepack_works(dtype):
-        algorithm = winograd.F4 if dtype == torch.float32 else winograd.F2
         return (f"oneDNN, weights pre-packed; 3x3 convs of >= {WINOGRAD_MIN_IN} -> {WINOGRAD_MIN_OUT} "
-                f"channels by Winograd {algorithm.name}")
+                f"channels by Winograd {winograd_algorithm(dtype).name}")
     return "cuDNN (its own algorithm choice)" if device.type == "cuda" else "torch's default kernels"
 
 
@@ -322,8 +325,8 @@ class Plan:
         head_rows: int | None = None,
         fast_conv: bool = True,
     ):
-        """`fast_conv`: on the packed CPU path, run the wide 3x3 convs by Winograd F(2x2, 3x3)
-        (featx.net.winograd); False keeps oneDNN's direct kernels for every conv."""
+        """`fast_conv`: on the packed CPU path, run the wide 3x3 convs by Winograd (see
+        winograd_algorithm); False keeps oneDNN's direct kernels for every conv."""
         self.device, self.dtype = device, dtype
         self.packed = bool(prepack) and device.type == "cpu" and onednn_prepack_works(dtype)
         self.winograd = self.packed and fast_conv
@@ -340,10 +343,11 @@ class Plan:
     def _conv(self, conv: nn.Conv2d, bn, relu: bool, in_size: tuple[int, int, int, int]) -> Conv | WinogradConv:
         padding, stride, dilation = _conv_params(conv)
         if self.winograd and winograd_suits(conv):
-            algorithm = winograd.F4 if self.dtype == torch.float32 else winograd.F2
+            algorithm = winograd_algorithm(self.dtype)
             w, b = _folded(conv, bn, torch.float32)  # transform in fp32, then round once
             u = winograd.transform_weight(w.to(self.device), algorithm).to(self.dtype)
-            return WinogradConv(u, b.to(self.device, self.dtype), relu, self.workspace, winograd.pack(u), algorithm)
+            # Only the packed copy is kept: U itself is 4x (fp32, F(4x4)) the conv's weight.
+            return WinogradConv(winograd.pack(u), b.to(self.device, self.dtype), relu, self.workspace, algorithm)
         w, b = _folded(conv, bn, self.dtype)
         w, b = w.to(self.device).contiguous(memory_format=torch.channels_last), b.to(self.device)
         plain = w if self.packed and self.dtype == torch.float32 else None

@@ -23,9 +23,11 @@ GEMMs want many rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
 
 @dataclass(frozen=True)
 class Algorithm:
@@ -113,9 +115,7 @@ class Workspace:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def get(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         buf = self._buffers.get(role)
         if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
             buf = torch.empty(n, dtype=like.dtype, device=like.device)
@@ -128,13 +128,13 @@ def pack(u: torch.Tensor) -> list[torch.Tensor]:
     return [torch.ops.mkldnn._reorder_linear_weight(u[a].t().contiguous(), None) for a in range(u.shape[0])]
 
 
-def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, workspace: Workspace,
-            packed: list[torch.Tensor] | None = None, algorithm: Algorithm = F2) -> torch.Tensor:
-    """3x3 conv, stride 1, padding 1, of a channels-last batch `x` [N, C, H, W] with U from
-    transform_weight(weight, algorithm): -> channels-last [N, K, H, W] (+ bias, ReLU if asked).
-    `packed`: U as pack() gives it, for oneDNN's GEMMs (CPU); else torch.mm (any device)."""
+def conv3x3(x: torch.Tensor, weights: torch.Tensor | list[torch.Tensor], bias: torch.Tensor, relu: bool,
+            workspace: Workspace, algorithm: Algorithm = F2) -> torch.Tensor:
+    """3x3 conv, stride 1, padding 1, of a channels-last batch `x` [N, C, H, W] -> channels-last
+    [N, K, H, W] (+ bias, ReLU if asked). `weights`: U from transform_weight(weight, algorithm)
+    for torch.mm (any device), or pack(U) for oneDNN's GEMMs (CPU)."""
     n, c, h, w = x.shape
-    k = u.shape[2]
+    k = bias.shape[0]
     m, t, bt, at = algorithm.m, algorithm.t, algorithm.bt, algorithm.at
     th, tw = -(-h // m), -(-w // m)  # tiles down and across (the last may hang over)
     xn = x.permute(0, 2, 3, 1)  # NHWC view of channels-last memory
@@ -167,13 +167,13 @@ def conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, relu: bool, wo
         # t*t GEMMs over channels; the bias rides on the one product every output sums once.
         vv = v.view(t * t, p, c)
         at_bias = algorithm.bias_at * (t + 1)
-        if packed is not None:
-            mats = [torch.ops.mkldnn._linear_pointwise(vv[a], packed[a], bias if a == at_bias else None, "none", [], "")
+        if isinstance(weights, list):
+            mats = [torch.ops.mkldnn._linear_pointwise(vv[a], weights[a], bias if a == at_bias else None, "none", [], "")
                     for a in range(t * t)]
         else:
             mm = workspace.get("m", (t * t, p, k), x)
             for a in range(t * t):
-                torch.mm(vv[a], u[a], out=mm[a])
+                torch.mm(vv[a], weights[a], out=mm[a])
             mm[at_bias] += bias
             mats = list(mm)
         # y = A' M A: along rows (o[i, b] = sum_a A'[i, a] M[a, b]), then columns into y.

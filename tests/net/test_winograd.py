@@ -30,8 +30,8 @@ def direct(x, weight, bias, relu):
 
 def winograd_conv(x, weight, bias, relu, packed: bool, workspace=None, algorithm=winograd.F2):
     u = winograd.transform_weight(weight, algorithm).to(x.dtype)
-    return winograd.conv3x3(x, u, bias.to(x.dtype), relu, workspace or winograd.Workspace(),
-                            winograd.pack(u) if packed else None, algorithm)
+    return winograd.conv3x3(x, winograd.pack(u) if packed else u, bias.to(x.dtype), relu,
+                            workspace or winograd.Workspace(), algorithm)
 
 
 ALGORITHMS = [pytest.param(winograd.F2, id="F2x2"), pytest.param(winograd.F4, id="F4x4")]
