@@ -48,6 +48,15 @@ class Engine(str, Enum):
     ray = "ray"
 
 
+# Options that `featx extract` and `featx probe` share, word for word.
+ModelOption = Annotated[Model, typer.Option(help="torchvision VGG: D = vgg16, E = vgg19.")]
+LayerOption = Annotated[Layer, typer.Option(help="fc7 (the paper's), fc6, or pool5 (512-D).")]
+ScalesOption = Annotated[str, typer.Option(help="Smaller-side sizes Q, comma-separated.")]
+FlipOption = Annotated[bool, typer.Option("--flip/--no-flip", help="Average with the horizontally flipped image.")]
+AggregateOption = Annotated[Aggregate, typer.Option(help="Combine scales by mean (VOC) or stack (Caltech).")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, or cuda[:N].")]
+
+
 def fail(message: str, code: int = 2) -> None:
     """One line on stderr and a non-zero exit: how every user error ends."""
     typer.echo(f"featx: error: {message}", err=True)
@@ -99,14 +108,14 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None):
 def extract(
     paths: Annotated[list[Path], typer.Argument(help="Image folders (searched recursively) and/or image files.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The Parquet file to write (or resume); a folder with --engine ray.")],
-    model: Annotated[Model, typer.Option(help="torchvision VGG: D = vgg16, E = vgg19.")] = "vgg16",
+    model: ModelOption = "vgg16",
     weights: Annotated[str, typer.Option(help="'default' (torchvision IMAGENET1K_V1, downloaded once), a state-dict FILE, or 'random' (tests only).")] = "default",
-    layer: Annotated[Layer, typer.Option(help="fc7 (the paper's), fc6, or pool5 (512-D).")] = Layer.fc7,
-    scales: Annotated[str, typer.Option(help="Smaller-side sizes Q, comma-separated.")] = ",".join(map(str, DEFAULT_SCALES)),
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Average with the horizontally flipped image.")] = True,
-    aggregate: Annotated[Aggregate, typer.Option(help="Combine scales by mean (VOC) or stack (Caltech).")] = Aggregate.mean,
+    layer: LayerOption = Layer.fc7,
+    scales: ScalesOption = ",".join(map(str, DEFAULT_SCALES)),
+    flip: FlipOption = True,
+    aggregate: AggregateOption = Aggregate.mean,
     precision: Annotated[Precision, typer.Option(help="Model precision; auto = bf16 where the CPU/GPU has it natively, else fp32 (bf16 changes numbers slightly; the resolved value is recorded).")] = Precision.auto,
-    device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N].")] = "auto",
+    device: DeviceOption = "auto",
     devices: Annotated[str, typer.Option(help="Several GPUs, each with its own stream of batches into one output: cuda:0,cuda:1 or all.")] = "",
     batch_size: Annotated[int, typer.Option(help="At most this many images per batch (mixed sizes share a batch exactly).")] = 32,
     batch_pixels: Annotated[int, typer.Option(help="At most this many padded pixels per batch; 0 = per device (4 M on CPU, 5.8 M on CUDA).")] = 0,
@@ -330,7 +339,7 @@ def evaluate(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where extracted features are cached, keyed by settings and the dataset's files (default: $XDG_CACHE_HOME/featx, else ~/.cache/featx; see featx cache ls).")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here, with PNG plots beside it.")] = None,
     precision: Annotated[Precision, typer.Option(help="Model precision, as for featx extract: auto = bf16 where the CPU/GPU has it natively, else fp32 (part of the cache key; recorded in the report).")] = Precision.auto,
-    device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N].")] = "auto",
+    device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
     jobs: Annotated[Optional[int], typer.Option(help="Processes fitting the C grid in parallel (same results; -1: all cores).")] = None,
@@ -392,14 +401,14 @@ def probe(
     report: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here, with a confusion matrix and per-class bars (PNG) beside it.")] = None,
     predictions: Annotated[Optional[Path], typer.Option(help="Write path, split, label, predicted, score per test image per split (.parquet).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where an image folder's features are cached (as featx evaluate's).")] = None,
-    model: Annotated[Model, typer.Option(help="torchvision VGG: D = vgg16, E = vgg19.")] = "vgg16",
+    model: ModelOption = "vgg16",
     weights: Annotated[str, typer.Option(help="'default' (ImageNet), a state-dict FILE, or 'random' (tests only: chance level).")] = "default",
-    layer: Annotated[Layer, typer.Option(help="fc7 (the paper's), fc6, or pool5 (512-D).")] = Layer.fc7,
-    scales: Annotated[str, typer.Option(help="Smaller-side sizes Q, comma-separated.")] = ",".join(map(str, DEFAULT_SCALES)),
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Average with the horizontally flipped image.")] = True,
-    aggregate: Annotated[Aggregate, typer.Option(help="Combine scales by mean (VOC) or stack (Caltech).")] = Aggregate.mean,
+    layer: LayerOption = Layer.fc7,
+    scales: ScalesOption = ",".join(map(str, DEFAULT_SCALES)),
+    flip: FlipOption = True,
+    aggregate: AggregateOption = Aggregate.mean,
     precision: Annotated[Precision, typer.Option(help="Model precision (auto = bf16 where native, else fp32).")] = Precision.auto,
-    device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N].")] = "auto",
+    device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
     max_pixels: Annotated[int, typer.Option(help="Refuse larger images before decoding them.")] = DEFAULT_MAX_PIXELS,
