@@ -1,9 +1,9 @@
 """Where the dense VGG's time goes, per layer and per input shape, on this machine.
 
-    python benchmarks/layers.py [--model vgg16] [--sizes 256x341,384x512,512x683] [--precision auto]
+    python benchmarks/layers.py [--model vgg16] [--sizes 256x341,384x512,512x683] [--precision auto] [--images 1]
 
-Runs featx's own plan (featx.net.accel.Plan, the path `featx extract` takes) on one image and
-its flip (batch 2) at each size, times every trunk step and the fc6/fc7 head (best of
+Runs featx's own plan (featx.net.accel.Plan, the path `featx extract` takes) on --images images
+and their flips at each size, times every trunk step and the fc6/fc7 head (best of
 --repeats), and prints each layer's milliseconds, GFLOP/s, and share of the forward pass, beside
 the same plan with oneDNN's direct kernel for every conv (no Winograd). GFLOP/s count a direct
 convolution's FLOPs (featx.net.model.layer_table) for both, so Winograd's show as "effective".
@@ -33,42 +33,46 @@ def main() -> None:
     p.add_argument("--sizes", default="256x341,384x512,512x683", help="HxW of the rescaled image")
     p.add_argument("--precision", default="auto")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--images", type=int, default=1,
+                   help="images per batch, each with its flip (featx extract's CPU passes hold ~720k pixels: 4 at 256x341)")
+    p.add_argument("--fresh-outputs", action="store_true",
+                   help="allocate every activation afresh (Plan(reuse_activations=False)), for comparison")
     args = p.parse_args()
 
     config = ExtractConfig(model=args.model, weights="random", precision=args.precision, device="cpu")
     describer = make_describer(config)
-    plans = {"featx": describer.plan,
-             "direct": Plan(describer.net, describer.device, describer.dtype, fast_conv=False)}
+    reuse = not args.fresh_outputs
+    plans = {"featx": describer.plan if reuse else Plan(describer.net, describer.device, describer.dtype, reuse_activations=False),
+             "direct": Plan(describer.net, describer.device, describer.dtype, fast_conv=False, reuse_activations=reuse)}
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
     print(f"{args.model}, {describer.precision}, {cpu_name()}, oneDNN ISA cap: {isa}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; batch = image + flip")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"batch = {args.images} image(s) + flip(s){'; every output allocated afresh' if args.fresh_outputs else ''}")
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.split("x"))
-        x = torch.randn(2, 3, h, w).to(describer.dtype).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(2 * args.images, 3, h, w).to(describer.dtype).contiguous(memory_format=torch.channels_last)
         times = {}
         with torch.inference_mode():
             for kind, plan in plans.items():
                 plan.pool5(x)  # warm-up: primitive creation for this shape
                 rows: list[float] = []
                 for _ in range(args.repeats):
-                    y, t_all = x, []
-                    for step in plan.trunk:
-                        t = time.perf_counter()
-                        y = step(y)
-                        t_all.append(time.perf_counter() - t)
-                    t = time.perf_counter()
+                    marks = [time.perf_counter()]
+                    y, _ = plan.pool5(x, after_step=lambda i: marks.append(time.perf_counter()))
                     plan.position_sums(y)
-                    t_all.append(time.perf_counter() - t)
+                    marks.append(time.perf_counter())
+                    t_all = [b - a for a, b in zip(marks, marks[1:])]
                     rows = t_all if not rows else [min(a, b) for a, b in zip(rows, t_all)]
                 times[kind] = rows
         rows, direct = times["featx"], times["direct"]
         kinds = [type(step).__name__.replace("Conv", " conv").strip() for step in plans["featx"].trunk] + ["head"]
-        # FLOPs from featx's one counter (featx.net.model.layer_table), x2 for the flip.
+        # FLOPs from featx's one counter (featx.net.model.layer_table), x2 for the flips.
         table = layer_table(describer.net, h, w)
         trunk = [r for r in table if r.name.startswith(("conv", "pool"))]
         head = [r for r in table if r.name.startswith("fc")]
         names = [r.name for r in trunk] + ["+".join(r.name for r in head)]
-        flops = [2 * r.flops for r in trunk] + [2 * sum(r.flops for r in head)]
+        n = 2 * args.images
+        flops = [n * r.flops for r in trunk] + [n * sum(r.flops for r in head)]
         assert len(names) == len(rows), (names, len(rows))  # one plan step per trunk layer
         total = sum(rows)
         print(f"\n{h}x{w}: {total * 1e3:.0f} ms, {sum(flops) / total / 1e9:.0f} GFLOP/s (effective) overall; "

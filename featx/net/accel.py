@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -45,6 +47,14 @@ CUDA_PASS_PIXELS = 32 * 512 * 704
 # kernel (benchmarks/layers.py): fp32 F(4x4) 1.25x at 128->128, 1.6-3x from 128->256 up;
 # bf16 F(2x2) 1.2x at 128->128, 1.2-1.7x above; with 64 input channels neither gains.
 WINOGRAD_MIN_IN, WINOGRAD_MIN_OUT = 128, 128
+# glibc serves an allocation of >= 32 MB (its largest mmap threshold) from fresh pages and
+# unmaps it on free, so an activation that size is page-faulted in again on every call (~8% of
+# a forward pass at Q=512 or in a 720k-pixel pass, bf16, benchmarks/layers.py). On the packed
+# CPU path such trunk outputs go into reused buffers instead: convs by oneDNN's in-place form
+# (out = relu(conv(x) + out) from zeroed memory), pools and Winograd by writing into them.
+# Smaller outputs stay fresh: the heap serves them resident, and the in-place form's extra
+# pass over `out` would cost 5-15% of conv1/conv2_1 there. CUDA's caching allocator needs neither.
+FRESH_PAGES_BYTES = 32 << 20
 # Rows (window positions) per head GEMM: ~1k rows keep fc6 compute-bound on a CPU (weight
 # read once per chunk) while the window matrix stays ~50 MB in bf16.
 CPU_HEAD_ROWS = 1024
@@ -164,10 +174,21 @@ class Conv:
             self.by_shape.move_to_end(shape)
         return w
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def out_shape(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        return (x.shape[0], self.bias.shape[0], *self.out_size(x.shape[2], x.shape[3]))
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`out` (packed path only): a channels-last buffer of out_shape(x) to write into."""
         if self.packed:
+            w = self.packed_for(tuple(x.shape))
+            if out is not None:  # oneDNN's in-place form, out = relu(conv(x) + out), from zero
+                out.zero_()
+                return torch.ops.mkldnn._convolution_pointwise_.binary(
+                    out, x, w, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                    "add", None, "relu" if self.relu else None, [], None,
+                )
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.packed_for(tuple(x.shape)), self.bias, self.padding, self.stride, self.dilation,
+                x, w, self.bias, self.padding, self.stride, self.dilation,
                 self.groups, "relu" if self.relu else "none", [], "",
             )
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -187,8 +208,11 @@ class WinogradConv:
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         return h, w
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return winograd.conv3x3(x, self.weights, self.bias, self.relu, self.workspace, self.algorithm)
+    def out_shape(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        return (x.shape[0], self.bias.shape[0], x.shape[2], x.shape[3])
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return winograd.conv3x3(x, self.weights, self.bias, self.relu, self.workspace, self.algorithm, out)
 
 
 @dataclass
@@ -246,12 +270,13 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype) -> t
     return w.to(dtype), b.to(dtype)
 
 
-def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+def max_pool_2x2(x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """VGG's 2x2/2 max pool as two elementwise maxima over strided views: the same numbers as
-    F.max_pool2d, ~5x faster on channels-last bf16 on CPU (whose pooling kernel is slow there)."""
+    F.max_pool2d, ~5x faster on channels-last bf16 on CPU (whose pooling kernel is slow there).
+    `out` [N, C, H//2, W//2] and `rows` [N, C, H//2, W//2*2] (the row maxima): buffers to reuse."""
     h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
-    rows = torch.maximum(x[:, :, 0:h:2, :w], x[:, :, 1:h:2, :w])
-    return torch.maximum(rows[:, :, :, 0::2], rows[:, :, :, 1::2])
+    rows = torch.maximum(x[:, :, 0:h:2, :w], x[:, :, 1:h:2, :w], out=rows)
+    return torch.maximum(rows[:, :, :, 0::2], rows[:, :, :, 1::2], out=out)
 
 
 @dataclass
@@ -264,13 +289,42 @@ class Pool:
     dilation: int
     ceil: bool
     module: nn.Module | None = None
+    activations: Activations | None = field(default=None, repr=False)  # for the row maxima
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return max_pool_2x2(x) if self.module is None else self.module(x)
+    def out_shape(self, x: torch.Tensor) -> tuple[int, int, int, int] | None:
+        """The output's shape where the pool can write into a given buffer (VGG's), else None."""
+        return None if self.module is not None else (x.shape[0], x.shape[1], *self.out_size(x.shape[2], x.shape[3]))
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.module is not None:
+            return self.module(x)
+        rows = None if self.activations is None else \
+            self.activations.get("pool rows", (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2 * 2), x)
+        return max_pool_2x2(x, out, rows)
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         k, s, p, d, c = self.kernel, self.stride, self.padding, self.dilation, self.ceil
         return _out_size(h, k, s, p, d, c), _out_size(w, k, s, p, d, c)
+
+
+class Activations:
+    """Buffers for the trunk's large outputs, kept across calls (see FRESH_PAGES_BYTES)."""
+
+    def __init__(self, min_bytes: int = FRESH_PAGES_BYTES):
+        self.min_bytes = min_bytes
+        self._buffers = winograd.Workspace()
+
+    def get(self, role: str, shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor | None:
+        """A channels-last [N, C, H, W] view of the buffer for `role`, where an output of
+        `shape` has at least min_bytes; else None (allocate it fresh)."""
+        if math.prod(shape) * like.element_size() < self.min_bytes:
+            return None
+        n, c, h, w = shape
+        return self._buffers.get(role, (n, h, w, c), like).permute(0, 3, 1, 2)
+
+    @property
+    def nbytes(self) -> int:
+        return self._buffers.nbytes
 
 
 def zero_outside(x: torch.Tensor, sizes: list[tuple[int, int]]) -> None:
@@ -324,13 +378,17 @@ class Plan:
         pass_pixels: int | None = None,
         head_rows: int | None = None,
         fast_conv: bool = True,
+        reuse_activations: bool = True,
     ):
         """`fast_conv`: on the packed CPU path, run the wide 3x3 convs by Winograd (see
-        winograd_algorithm); False keeps oneDNN's direct kernels for every conv."""
+        winograd_algorithm); False keeps oneDNN's direct kernels for every conv.
+        `reuse_activations`: on the packed CPU path, write large trunk outputs into buffers kept
+        across calls (see FRESH_PAGES_BYTES); False allocates every output afresh."""
         self.device, self.dtype = device, dtype
         self.packed = bool(prepack) and device.type == "cpu" and onednn_prepack_works(dtype)
         self.winograd = self.packed and fast_conv
         self.workspace = winograd.Workspace()
+        self.activations = Activations() if self.packed and reuse_activations else None
         self.release_freed_memory = HeapTrimmer()  # call after each batch (CPU)
         cuda = device.type == "cuda"
         self.pass_pixels = pass_pixels or (CUDA_PASS_PIXELS if cuda else CPU_PASS_PIXELS)
@@ -373,7 +431,7 @@ class Plan:
             if isinstance(m, nn.MaxPool2d):
                 k, s, p, d = (_first(v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
                 vgg_pool = (k, s, p, d, m.ceil_mode) == (2, 2, 0, 1, False)
-                steps.append(Pool(k, s, p, d, m.ceil_mode, None if vgg_pool else m))
+                steps.append(Pool(k, s, p, d, m.ceil_mode, None if vgg_pool else m, self.activations))
                 h, w = _out_size(h, k, s, p, d, m.ceil_mode), _out_size(w, k, s, p, d, m.ceil_mode)
             else:  # ReLU without a conv before it, Identity, ...: run the module itself
                 steps.append(m)
@@ -403,18 +461,29 @@ class Plan:
         return kernel, layers
 
     # -- running -------------------------------------------------------------------------
-    def pool5(self, x: torch.Tensor, sizes: list[tuple[int, int]] | None = None, rezero: bool = True
-              ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def pool5(self, x: torch.Tensor, sizes: list[tuple[int, int]] | None = None, rezero: bool = True,
+              after_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """The trunk on a channels-last batch in the plan's dtype -> (pool5 maps, valid sizes).
 
         `sizes` are the images' valid (h, w), each anchored top-left in a zero-padded canvas;
         the padding is zeroed again after every step that can make it non-zero, so every
         image's valid region equals its map computed alone. `rezero=False` (for tests) skips that.
+        `after_step(i)` is called once trunk step i is done (benchmarks/layers.py times them).
         """
         full = (x.shape[2], x.shape[3])
         sizes = list(sizes) if sizes is not None else [full] * x.shape[0]
-        for step in self.trunk:
-            x = step(x)
+        role = None  # the reused buffer holding x, if any
+        last = len(self.trunk) - 1
+        for i, step in enumerate(self.trunk):
+            if self.activations is not None and i < last and hasattr(step, "out_shape"):  # the last output leaves the plan
+                shape = step.out_shape(x)
+                target = "b" if role == "a" else "a"  # never x's own buffer
+                out = self.activations.get(target, shape, x) if shape is not None else None
+                x, role = (step(x), None) if out is None else (step(x, out), target)
+            else:  # a module (ReLU, Identity, ...) may hand back x itself: its buffer stays taken
+                x = step(x)
+            if after_step is not None:
+                after_step(i)
             out_size = getattr(step, "out_size", None)
             if out_size is not None:  # convs and pools move the valid region; ReLU etc. keep 0 at 0
                 sizes = [out_size(h, w) for h, w in sizes]

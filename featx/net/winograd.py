@@ -122,6 +122,11 @@ class Workspace:
             self._buffers[role] = buf
         return buf[:n].view(shape)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in all roles' buffers."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
 
 def pack(u: torch.Tensor) -> list[torch.Tensor]:
     """U [t*t, C, K] as oneDNN-packed linear weights (5-20% faster GEMMs than torch.mm here)."""
@@ -129,16 +134,16 @@ def pack(u: torch.Tensor) -> list[torch.Tensor]:
 
 
 def conv3x3(x: torch.Tensor, weights: torch.Tensor | list[torch.Tensor], bias: torch.Tensor, relu: bool,
-            workspace: Workspace, algorithm: Algorithm = F2) -> torch.Tensor:
+            workspace: Workspace, algorithm: Algorithm = F2, out: torch.Tensor | None = None) -> torch.Tensor:
     """3x3 conv, stride 1, padding 1, of a channels-last batch `x` [N, C, H, W] -> channels-last
-    [N, K, H, W] (+ bias, ReLU if asked). `weights`: U from transform_weight(weight, algorithm)
-    for torch.mm (any device), or pack(U) for oneDNN's GEMMs (CPU)."""
+    [N, K, H, W] (+ bias, ReLU if asked), written into `out` if given. `weights`: U from
+    transform_weight(weight, algorithm) for torch.mm (any device), or pack(U) for oneDNN's GEMMs (CPU)."""
     n, c, h, w = x.shape
     k = bias.shape[0]
     m, t, bt, at = algorithm.m, algorithm.t, algorithm.bt, algorithm.at
     th, tw = -(-h // m), -(-w // m)  # tiles down and across (the last may hang over)
     xn = x.permute(0, 2, 3, 1)  # NHWC view of channels-last memory
-    y = x.new_empty(n, h, w, k)
+    y = x.new_empty(n, h, w, k) if out is None else out.permute(0, 2, 3, 1)  # NHWC view
     band = max(1, min(th, BAND_BYTES // max(1, t * t * n * tw * (c + k) * x.element_size())))
     band = max(band, min(th, -(-MIN_BAND_TILES // (n * tw))))
     for t0 in range(0, th, band):
