@@ -176,9 +176,7 @@ def conv3x3(x: torch.Tensor, weights: torch.Tensor | list[torch.Tensor], bias: t
             mats = [torch.ops.mkldnn._linear_pointwise(vv[a], weights[a], bias if a == at_bias else None, "none", [], "")
                     for a in range(t * t)]
         else:
-            mm = workspace.get("m", (t * t, p, k), x)
-            for a in range(t * t):
-                torch.mm(vv[a], weights[a], out=mm[a])
+            mm = torch.bmm(vv, weights, out=workspace.get("m", (t * t, p, k), x))
             mm[at_bias] += bias
             mats = list(mm)
         # y = A' M A: along rows (o[i, b] = sum_a A'[i, a] M[a, b]), then columns into y.
