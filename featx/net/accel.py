@@ -55,6 +55,9 @@ WINOGRAD_MIN_IN, WINOGRAD_MIN_OUT = 128, 128
 # Smaller outputs stay fresh: the heap serves them resident, and the in-place form's extra
 # pass over `out` would cost 5-15% of conv1/conv2_1 there. CUDA's caching allocator needs neither.
 FRESH_PAGES_BYTES = 32 << 20
+# Larger outputs than this (a lone very large image; a 720k-pixel pass's conv1 output is 92 MB
+# in bf16, 184 MB in fp32) stay fresh too, so the plan does not hold such memory for good.
+MAX_REUSED_BYTES = 256 << 20
 # Rows (window positions) per head GEMM: ~1k rows keep fc6 compute-bound on a CPU (weight
 # read once per chunk) while the window matrix stays ~50 MB in bf16.
 CPU_HEAD_ROWS = 1024
@@ -310,14 +313,14 @@ class Pool:
 class Activations:
     """Buffers for the trunk's large outputs, kept across calls (see FRESH_PAGES_BYTES)."""
 
-    def __init__(self, min_bytes: int = FRESH_PAGES_BYTES):
-        self.min_bytes = min_bytes
+    def __init__(self, min_bytes: int = FRESH_PAGES_BYTES, max_bytes: int = MAX_REUSED_BYTES):
+        self.min_bytes, self.max_bytes = min_bytes, max_bytes
         self._buffers = winograd.Workspace()
 
     def get(self, role: str, shape: tuple[int, int, int, int], like: torch.Tensor) -> torch.Tensor | None:
         """A channels-last [N, C, H, W] view of the buffer for `role`, where an output of
-        `shape` has at least min_bytes; else None (allocate it fresh)."""
-        if math.prod(shape) * like.element_size() < self.min_bytes:
+        `shape` has min_bytes to max_bytes; else None (allocate it fresh)."""
+        if not self.min_bytes <= math.prod(shape) * like.element_size() <= self.max_bytes:
             return None
         n, c, h, w = shape
         return self._buffers.get(role, (n, h, w, c), like).permute(0, 3, 1, 2)

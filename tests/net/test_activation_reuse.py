@@ -91,3 +91,19 @@ def test_small_outputs_stay_fresh():
     with torch.inference_mode():
         plan(*batch(images(7, (64, 64)), torch.float32))
     assert plan.activations.nbytes == 0
+
+
+def test_outputs_over_the_cap_stay_fresh():
+    # A lone huge image must not leave the plan holding its activations for good.
+    plan = Plan(net(), torch.device("cpu"), torch.float32)
+    if plan.activations is None:
+        pytest.skip("no packed oneDNN path")
+    plan.activations.min_bytes = 0
+    # A 64x64 image: 16-channel outputs of 256 KB (kept), 128-channel ones of 512 KB (over the cap).
+    plan.activations.max_bytes = 400 << 10
+    x, sizes = batch(images(8, (64, 64)), torch.float32)
+    with torch.inference_mode():
+        y = plan(x, sizes)
+    # Two activation buffers of 256 KB and pool1's row maxima (128 KB); 1.1 MB without the cap.
+    assert plan.activations.nbytes == (256 + 256 + 128) << 10
+    assert close(y, Plan(net(), torch.device("cpu"), torch.float32, reuse_activations=False)(x, sizes))
