@@ -6,8 +6,8 @@
 On a folder of real JPEGs (default: data/samples), in one process, it prints:
   - the device, the CPU, torch, and the measured matmul peak for the precision in use
     (bf16 on GPUs; a large square matmul, best of runs);
-  - decode alone: images/s of featx's decode + resize to every Q in worker threads (1 and N),
-    to show whether the CPU can feed the device;
+  - decode alone: images/s of featx's decode + resize to every Q in 1 thread, N threads (what
+    featx runs) and N processes (benchmarks/decoding.py), to show whether the CPU can feed the device;
   - the paper's Caltech descriptor (VGG16, Q=256,384,512, flip): end to end through
     `featx.extract_features` (decode workers, mixed batches, Parquet write) with the time per
     stage (decode time beyond the model's shows the device waiting), and the model alone on
@@ -29,9 +29,9 @@ import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from decoding import decode_rates
 from machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,16 +85,6 @@ def conv_peak(device, dtype, seconds: float) -> float:
             sync(device)
             best = min(best, time.perf_counter() - t)
     return 2 * 256 * 256 * 9 * 2 * 96 * 128 / best / 1e12
-
-
-def decode_rate(files, scales, workers: int) -> float:
-    from featx.extract.config import DEFAULT_MAX_PIXELS
-    from featx.extract.decode import decode
-
-    t = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda f: decode(f, scales, DEFAULT_MAX_PIXELS), files))
-    return len(files) / (time.perf_counter() - t)
 
 
 def useful_flops(net, shapes, flip: bool) -> int:
@@ -172,9 +162,9 @@ def main(argv=None) -> int:
           f"below is of the larger)")
 
     # -- decode alone ------------------------------------------------------------------
-    rates = {w: decode_rate(files, scales, w) for w in sorted({1, args.workers})}
+    rates = decode_rates(files, scales, args.workers, rounds=1 if args.quick else 2)
     report["decode_images_per_s"] = rates
-    print("decode alone: " + ", ".join(f"{r:.1f} images/s with {w} worker{'s' * (w > 1)}" for w, r in rates.items()))
+    print("decode alone: " + ", ".join(f"{r:.1f} images/s in {name}" for name, r in rates.items()))
 
     # -- the Caltech descriptor, end to end ----------------------------------------------
     config = ExtractConfig(model=model, weights=args.weights, scales=scales, flip=True, aggregate="stack",

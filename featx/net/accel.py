@@ -418,7 +418,7 @@ class Plan:
 
     def _lower_trunk(self, modules: list[nn.Module]) -> list:
         steps: list = []
-        n, c, h, w = NOMINAL_INPUT
+        n, _, h, w = NOMINAL_INPUT
         i = 0
         while i < len(modules):
             m = modules[i]
@@ -428,7 +428,7 @@ class Plan:
                 relu = j < len(modules) and isinstance(modules[j], nn.ReLU)
                 steps.append(self._conv(m, bn, relu, (n, m.in_channels, h, w)))
                 (kh, kw), (p0, p1), (s0, s1), (d0, d1) = m.kernel_size, *_conv_params(m)
-                h, w, c = _out_size(h, kh, s0, p0, d0), _out_size(w, kw, s1, p1, d1), m.out_channels
+                h, w = _out_size(h, kh, s0, p0, d0), _out_size(w, kw, s1, p1, d1)
                 i = j + relu
                 continue
             if isinstance(m, nn.MaxPool2d):
