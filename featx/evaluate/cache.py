@@ -26,13 +26,7 @@ from featx.errors import BadInput, MissingData
 from featx.extract.config import ExtractConfig
 from featx.extract.discover import Item, discover
 from featx.store.lock import lock_path
-
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/featx`, else `~/.cache/featx` (the XDG base directory rule)."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    # The XDG spec ignores a relative value: it would depend on the working folder.
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "featx"
+from featx.store.paths import default_cache_dir
 
 
 def resolve_cache_dir(cache_dir: str | Path | None) -> Path:

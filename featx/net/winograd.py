@@ -40,6 +40,8 @@ class Algorithm:
     bt: tuple[tuple[float, ...], ...]
     g: tuple[tuple[float, ...], ...]
     at: tuple[tuple[float, ...], ...]
+    # Whether featx.net.winograd_kernels' one-pass transforms beat the torch ops here (measured).
+    compiled: bool = False
 
     @property
     def m(self) -> int:
@@ -60,6 +62,7 @@ F2 = Algorithm(
     bt=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
     g=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
     at=((1, 1, 1, 0), (0, 1, -1, -1)),
+    compiled=True,  # bf16, 2-core Zen, 128-512 channels: 1.11-1.31x per layer over the torch ops
 )
 F4 = Algorithm(
     "F(4x4, 3x3)",
@@ -68,6 +71,7 @@ F4 = Algorithm(
     g=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
        (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
     at=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+    compiled=True,  # fp32, same: 1.07-1.11x
 )
 # Bytes of transformed input + GEMM output per band (t^2 x tiles x channels each): 64 MB ran
 # as fast as whole layers at once (benchmarks/layers.py), 8 MB 10-20% slower.
@@ -136,43 +140,35 @@ def pack(u: torch.Tensor) -> list[torch.Tensor]:
 
 
 def conv3x3(x: torch.Tensor, weights: torch.Tensor | list[torch.Tensor], bias: torch.Tensor, relu: bool,
-            workspace: Workspace, algorithm: Algorithm = F2, out: torch.Tensor | None = None) -> torch.Tensor:
+            workspace: Workspace, algorithm: Algorithm = F2, out: torch.Tensor | None = None,
+            compiled: bool = True) -> torch.Tensor:
     """3x3 conv, stride 1, padding 1, of a channels-last batch `x` [N, C, H, W] -> channels-last
     [N, K, H, W] (+ bias, ReLU if asked), written into `out` if given. `weights`: U from
-    transform_weight(weight, algorithm) for torch.mm (any device), or pack(U) for oneDNN's GEMMs (CPU)."""
+    transform_weight(weight, algorithm) for torch.mm (any device), or pack(U) for oneDNN's GEMMs (CPU).
+    `compiled`: run the transforms by featx.net.winograd_kernels where the algorithm's are
+    faster (Algorithm.compiled) and can be built (CPU, fp32/bf16); False, or else, by torch ops."""
     n, c, h, w = x.shape
     k = bias.shape[0]
-    m, t, bt, at = algorithm.m, algorithm.t, algorithm.bt, algorithm.at
+    m, t = algorithm.m, algorithm.t
     th, tw = -(-h // m), -(-w // m)  # tiles down and across (the last may hang over)
     xn = x.permute(0, 2, 3, 1)  # NHWC view of channels-last memory
     y = x.new_empty(n, h, w, k) if out is None else out.permute(0, 2, 3, 1)  # NHWC view
+    native = None
+    if compiled and algorithm.compiled and x.device.type == "cpu" and xn.is_contiguous() and y.is_contiguous():
+        from featx.net.winograd_kernels import kernels
+
+        native = kernels(algorithm, x.dtype)
     band = max(1, min(th, BAND_BYTES // max(1, t * t * n * tw * (c + k) * x.element_size())))
     band = max(band, min(th, -(-MIN_BAND_TILES // (n * tw))))
     for t0 in range(0, th, band):
-        t1 = min(th, t0 + band)
-        rows = t1 - t0
+        rows = min(th, t0 + band) - t0
         p = n * rows * tw
-        # Zero-padded input slab: input rows m*t0 - 1 .. m*t1, columns -1 .. m*tw.
-        slab = workspace.get("slab", (n, m * rows + 2, m * tw + 2, c), x)
-        top = m * t0 - 1
-        r0, r1 = max(0, top), min(h, top + m * rows + 2)
-        slab[:, : r0 - top].zero_()
-        slab[:, r1 - top :].zero_()
-        slab[:, :, 0].zero_()
-        slab[:, :, w + 1 :].zero_()
-        slab[:, r0 - top : r1 - top, 1 : w + 1].copy_(xn[:, r0:r1])
-        # V = B' d B: along rows, then along columns, into [t, t, n, rows, tw, c].
-        half = workspace.get("half", (t, n, rows, m * tw + 2, c), x)
-        row_views = [slab[:, i : i + m * rows : m] for i in range(t)]
-        for a in range(t):
-            _combine(bt[a], row_views, half[a])
-        v = workspace.get("v", (t, t, n, rows, tw, c), x)
-        for a in range(t):
-            col_views = [half[a][:, :, j : j + m * tw : m] for j in range(t)]
-            for b in range(t):
-                _combine(bt[b], col_views, v[a, b])
+        if native is not None:  # one pass: tiles read (zero outside the image), transformed, written
+            vv = workspace.get("v", (t * t, p, c), x)
+            native.input(xn, vv, t0, rows, tw)
+        else:
+            vv = _input_transform(xn, workspace, algorithm, t0, rows, tw)
         # t*t GEMMs over channels; the bias rides on the one product every output sums once.
-        vv = v.view(t * t, p, c)
         at_bias = algorithm.bias_at * (t + 1)
         if isinstance(weights, list):
             mats = [torch.ops.mkldnn._linear_pointwise(vv[a], weights[a], bias if a == at_bias else None, "none", [], "")
@@ -181,20 +177,59 @@ def conv3x3(x: torch.Tensor, weights: torch.Tensor | list[torch.Tensor], bias: t
             mm = torch.bmm(vv, weights, out=workspace.get("m", (t * t, p, k), x))
             mm[at_bias] += bias
             mats = list(mm)
-        # y = A' M A: along rows (o[i, b] = sum_a A'[i, a] M[a, b]), then columns into y.
-        o = workspace.get("o", (m, t, p, k), x)
-        for i in range(m):
-            for b in range(t):
-                _combine(at[i], [mats[a * t + b] for a in range(t)], o[i, b])
-        for i in range(m):
-            nr = min(t1, (h - i + m - 1) // m) - t0  # output rows m*r + i of this band inside the image
-            if nr <= 0:
-                continue
-            q = [o[i, b].view(n, rows, tw, k)[:, :nr] for b in range(t)]
-            for j in range(m):
-                nc = (w - j + m - 1) // m
-                dest = y[:, m * t0 + i : m * (t0 + nr - 1) + i + 1 : m, j : m * (nc - 1) + j + 1 : m]
-                _combine(at[j], [qb[:, :, :nc] for qb in q], dest)
-                if relu:
-                    dest.relu_()
+        if native is not None:  # one pass: products combined, ReLU, written into y
+            native.output(mats, y, t0, rows, tw, relu)
+        else:
+            _output_transform(mats, y, workspace, algorithm, t0, rows, tw, relu)
     return y.permute(0, 3, 1, 2)
+
+
+def _input_transform(xn: torch.Tensor, workspace: Workspace, algorithm: Algorithm, t0: int, rows: int,
+                     tw: int) -> torch.Tensor:
+    """V = B' d B for the tiles of tile rows t0 .. t0 + rows by torch ops -> [t*t, tiles, C]."""
+    n, h, w, c = xn.shape
+    m, t, bt = algorithm.m, algorithm.t, algorithm.bt
+    # Zero-padded input slab: input rows m*t0 - 1 .. m*t1, columns -1 .. m*tw.
+    slab = workspace.get("slab", (n, m * rows + 2, m * tw + 2, c), xn)
+    top = m * t0 - 1
+    r0, r1 = max(0, top), min(h, top + m * rows + 2)
+    slab[:, : r0 - top].zero_()
+    slab[:, r1 - top :].zero_()
+    slab[:, :, 0].zero_()
+    slab[:, :, w + 1 :].zero_()
+    slab[:, r0 - top : r1 - top, 1 : w + 1].copy_(xn[:, r0:r1])
+    # Along rows, then along columns, into [t, t, n, rows, tw, c].
+    half = workspace.get("half", (t, n, rows, m * tw + 2, c), xn)
+    row_views = [slab[:, i : i + m * rows : m] for i in range(t)]
+    for a in range(t):
+        _combine(bt[a], row_views, half[a])
+    v = workspace.get("v", (t, t, n, rows, tw, c), xn)
+    for a in range(t):
+        col_views = [half[a][:, :, j : j + m * tw : m] for j in range(t)]
+        for b in range(t):
+            _combine(bt[b], col_views, v[a, b])
+    return v.view(t * t, n * rows * tw, c)
+
+
+def _output_transform(mats: list[torch.Tensor], y: torch.Tensor, workspace: Workspace, algorithm: Algorithm,
+                      t0: int, rows: int, tw: int, relu: bool) -> None:
+    """y = A' M A for tile rows t0 .. t0 + rows by torch ops, into NHWC `y` (+ ReLU)."""
+    n, h, w, k = y.shape
+    m, t, at = algorithm.m, algorithm.t, algorithm.at
+    t1 = t0 + rows
+    # Along rows (o[i, b] = sum_a A'[i, a] M[a, b]), then columns into y.
+    o = workspace.get("o", (m, t, n * rows * tw, k), y)
+    for i in range(m):
+        for b in range(t):
+            _combine(at[i], [mats[a * t + b] for a in range(t)], o[i, b])
+    for i in range(m):
+        nr = min(t1, (h - i + m - 1) // m) - t0  # output rows m*r + i of this band inside the image
+        if nr <= 0:
+            continue
+        q = [o[i, b].view(n, rows, tw, k)[:, :nr] for b in range(t)]
+        for j in range(m):
+            nc = (w - j + m - 1) // m
+            dest = y[:, m * t0 + i : m * (t0 + nr - 1) + i + 1 : m, j : m * (nc - 1) + j + 1 : m]
+            _combine(at[j], [qb[:, :, :nc] for qb in q], dest)
+            if relu:
+                dest.relu_()

@@ -17,12 +17,12 @@ from featx import store
 from featx.cli import app
 from featx.evaluate.cache import (
     cached_features,
-    default_cache_dir,
     entries,
     fingerprint,
 )
 from featx.extract.config import ExtractConfig
 from featx.extract.discover import discover
+from featx.store.paths import default_cache_dir
 from tests.fake_datasets import jpeg
 
 # pool5 at Q = 32 on a random vgg11: a second per image set.

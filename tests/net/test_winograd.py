@@ -1,8 +1,11 @@
 """Winograd F(2x2, 3x3) and F(4x4, 3x3) give the direct convolution's numbers: any size (odd,
-tiny, one row), with and without ReLU, with oneDNN's packed GEMMs and torch.mm, in bands, with
-a reused workspace, inside a zero-padded mixed batch, and inside the plan."""
+tiny, one row), with and without ReLU, with oneDNN's packed GEMMs and torch.bmm, transforms by
+torch ops and compiled, in bands, with a reused workspace, inside a zero-padded mixed batch,
+and inside the plan."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -34,7 +37,10 @@ def winograd_conv(x, weight, bias, relu, packed: bool, workspace=None, algorithm
                             workspace or winograd.Workspace(), algorithm)
 
 
-ALGORITHMS = [pytest.param(winograd.F2, id="F2x2"), pytest.param(winograd.F4, id="F4x4")]
+# Each algorithm with its transforms by torch ops and by featx.net.winograd_kernels' compiled
+# one-pass kernels (where a C compiler builds them; else the torch path runs twice over).
+ALGORITHMS = [pytest.param(replace(alg, compiled=compiled), id=f"{name}-{'compiled' if compiled else 'torch'}")
+              for alg, name in ((winograd.F2, "F2x2"), (winograd.F4, "F4x4")) for compiled in (True, False)]
 
 
 def rel_err(got, expected) -> float:
