@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featx.errors import BadInput
-from featx.net import winograd
+from featx.net import winograd, winograd_kernels
 
 # A nominal trunk input (image and its flip at Q=384, 4:3) for packing conv weights once. In
 # bf16 oneDNN's blocked layout for these convs does not depend on the spatial size; in fp32 it
@@ -41,12 +41,20 @@ PACKED_SHAPES = 3
 # h*w rows) but costs memory (conv1 at 64 channels); on a GPU batches fill the device.
 CPU_PASS_PIXELS = 2 * 512 * 704
 CUDA_PASS_PIXELS = 32 * 512 * 704
-# Winograd for a 3x3 conv on the CPU when it has at least this many input and output channels
-# (VGG's conv2_2 onward): F(4x4, 3x3) in fp32, F(2x2, 3x3) in bf16/fp16 (F(4x4)'s larger
-# transform coefficients cost bf16 3% relative L2 error per layer, F(2x2) 0.6%, direct 0.3%). Measured here against oneDNN's direct
-# kernel (benchmarks/layers.py): fp32 F(4x4) 1.25x at 128->128, 1.6-3x from 128->256 up;
-# bf16 F(2x2) 1.2x at 128->128, 1.2-1.7x above; with 64 input channels neither gains.
-WINOGRAD_MIN_IN, WINOGRAD_MIN_OUT = 128, 128
+# Winograd for a 3x3 conv on the CPU: F(4x4, 3x3) in fp32, F(2x2, 3x3) in bf16/fp16 (F(4x4)'s
+# larger transform coefficients cost bf16 3% relative L2 error per layer, F(2x2) 0.6%, direct
+# 0.3%), from these input and output channel counts, by algorithm and whether its transforms
+# run compiled (featx.net.winograd_kernels) or as torch ops. Measured against oneDNN's direct
+# kernel (benchmarks/layers.py --images 4, 2-core EPYC): with torch-op transforms fp32 F(4x4)
+# 1.25x at 128->128, 1.6-3x from 128->256 up, bf16 F(2x2) 1.2x at 128->128, 1.2-1.7x above, and
+# nothing gained with 64 input channels; compiled, bf16 F(2x2) gains 1.23-1.30x at 64->64
+# (conv1_2) and 1.10-1.33x at 64->128 (conv2_1), fp32 F(4x4) (AVX2) 1.24x at 64->128, none at 64->64.
+WINOGRAD_MIN_CHANNELS = {
+    ("F(2x2, 3x3)", True): (64, 64),
+    ("F(4x4, 3x3)", True): (64, 128),
+    ("F(2x2, 3x3)", False): (128, 128),
+    ("F(4x4, 3x3)", False): (128, 128),
+}
 # glibc serves an allocation of >= 32 MB (its largest mmap threshold) from fresh pages and
 # unmaps it on free, so an activation that size is page-faulted in again on every call (~8% of
 # a forward pass at Q=512 or in a 720k-pixel pass, bf16, benchmarks/layers.py). On the packed
@@ -240,19 +248,28 @@ def winograd_algorithm(dtype: torch.dtype) -> winograd.Algorithm:
     return winograd.F4 if dtype == torch.float32 else winograd.F2
 
 
+def winograd_channels(dtype: torch.dtype) -> tuple[int, int, bool]:
+    """(least input channels, least output channels, transforms compiled) for Winograd in `dtype`
+    on this machine (builds featx.net.winograd_kernels on first use)."""
+    algorithm = winograd_algorithm(dtype)
+    compiled = algorithm.compiled and winograd_kernels.kernels(algorithm, dtype) is not None
+    return (*WINOGRAD_MIN_CHANNELS[(algorithm.name, compiled)], compiled)
+
+
 def conv_kernels(device: torch.device, dtype: torch.dtype) -> str:
     """In words, which kernels a default Plan runs the convolutions with (for provenance)."""
     if device.type == "cpu" and onednn_prepack_works(dtype):
-        return (f"oneDNN, weights pre-packed; 3x3 convs of >= {WINOGRAD_MIN_IN} -> {WINOGRAD_MIN_OUT} "
-                f"channels by Winograd {winograd_algorithm(dtype).name}")
+        least_in, least_out, compiled = winograd_channels(dtype)
+        return (f"oneDNN, weights pre-packed; 3x3 convs of >= {least_in} -> {least_out} channels by Winograd "
+                f"{winograd_algorithm(dtype).name}, transforms {'compiled' if compiled else 'by torch ops'}")
     return "cuDNN (its own algorithm choice)" if device.type == "cuda" else "torch's default kernels"
 
 
-def winograd_suits(conv: nn.Conv2d) -> bool:
-    """A 3x3, stride 1, padding 1 conv wide enough for Winograd to beat the direct kernel."""
+def winograd_suits(conv: nn.Conv2d, least_in: int, least_out: int) -> bool:
+    """A 3x3, stride 1, padding 1 conv with enough channels for Winograd to beat the direct kernel."""
     return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1) and conv.padding == (1, 1)
             and tuple(conv.dilation) == (1, 1) and conv.groups == 1
-            and conv.in_channels >= WINOGRAD_MIN_IN and conv.out_channels >= WINOGRAD_MIN_OUT)
+            and conv.in_channels >= least_in and conv.out_channels >= least_out)
 
 
 def _conv_params(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
@@ -390,6 +407,7 @@ class Plan:
         self.device, self.dtype = device, dtype
         self.packed = bool(prepack) and device.type == "cpu" and onednn_prepack_works(dtype)
         self.winograd = self.packed and fast_conv
+        self.winograd_channels = winograd_channels(dtype)[:2] if self.winograd else (0, 0)
         self.workspace = winograd.Workspace()
         self.activations = Activations() if self.packed and reuse_activations else None
         self.release_freed_memory = HeapTrimmer()  # call after each batch (CPU)
@@ -403,7 +421,7 @@ class Plan:
     # -- lowering ------------------------------------------------------------------------
     def _conv(self, conv: nn.Conv2d, bn, relu: bool, in_size: tuple[int, int, int, int]) -> Conv | WinogradConv:
         padding, stride, dilation = _conv_params(conv)
-        if self.winograd and winograd_suits(conv):
+        if self.winograd and winograd_suits(conv, *self.winograd_channels):
             algorithm = winograd_algorithm(self.dtype)
             w, b = _folded(conv, bn, torch.float32)  # transform in fp32, then round once
             u = winograd.transform_weight(w.to(self.device), algorithm).to(self.dtype)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from featx.net import winograd_kernels
+
 
 @dataclass(frozen=True)
 class Algorithm:
@@ -155,9 +157,7 @@ def conv3x3(x: torch.Tensor, weights: torch.Tensor | list[torch.Tensor], bias: t
     y = x.new_empty(n, h, w, k) if out is None else out.permute(0, 2, 3, 1)  # NHWC view
     native = None
     if compiled and algorithm.compiled and x.device.type == "cpu" and xn.is_contiguous() and y.is_contiguous():
-        from featx.net.winograd_kernels import kernels
-
-        native = kernels(algorithm, x.dtype)
+        native = winograd_kernels.kernels(algorithm, x.dtype)
     band = max(1, min(th, BAND_BYTES // max(1, t * t * n * tw * (c + k) * x.element_size())))
     band = max(band, min(th, -(-MIN_BAND_TILES // (n * tw))))
     for t0 in range(0, th, band):

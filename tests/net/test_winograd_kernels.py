@@ -97,3 +97,21 @@ def test_without_a_working_compiler_the_torch_path_runs(fresh_build, monkeypatch
         y = winograd.conv3x3(x, u, bias, True, winograd.Workspace(), winograd.F2)
     assert rel_err(y, direct(x, weight, bias, True)) < 1e-5
     assert not list(fresh_build.rglob("*.so"))
+
+
+def test_winograd_reaches_down_to_64_channels_only_with_compiled_transforms(fresh_build, monkeypatch):
+    # Measured: with torch-op transforms Winograd loses below 128 input channels (VGG's conv1_2,
+    # conv2_1); compiled, bf16's F(2x2) wins from 64 -> 64 and fp32's F(4x4) from 64 -> 128.
+    from featx.net.accel import conv_kernels, onednn_prepack_works, winograd_channels
+
+    said = conv_kernels(torch.device("cpu"), torch.float32)  # provenance, where oneDNN runs the plan
+    if winograd_kernels.kernels(winograd.F2, torch.bfloat16) is not None:
+        assert winograd_channels(torch.bfloat16) == (64, 64, True)
+        assert winograd_channels(torch.float32) == (64, 128, True)
+        assert not onednn_prepack_works(torch.float32) or "64 -> 128 channels" in said and "transforms compiled" in said
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    winograd_kernels.kernels.cache_clear()
+    assert winograd_channels(torch.bfloat16) == (128, 128, False)
+    assert winograd_channels(torch.float32) == (128, 128, False)
+    said = conv_kernels(torch.device("cpu"), torch.float32)
+    assert not onednn_prepack_works(torch.float32) or "transforms by torch ops" in said
