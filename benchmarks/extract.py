@@ -218,8 +218,13 @@ def machine() -> dict:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         pass
+    words = set(flags.split())
+    best = next((name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX-512-BF16"),
+                                           ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in words), "no AVX2")
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return {
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "isa": best + (f", oneDNN capped to {cap} (ONEDNN_MAX_CPU_ISA)" if cap else ""),
         "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__, "python": platform.python_version(),
@@ -259,6 +264,8 @@ def main(argv=None) -> int:
 
     from featx.extract.config import ExtractConfig, resolved_precision
     from featx.extract.discover import discover
+    from featx.net.accel import conv_kernels
+    from featx.net.device import DTYPES, resolve_device
     from featx.net.model import build
     from featx.net.weights import Weights
 
@@ -279,6 +286,7 @@ def main(argv=None) -> int:
         "machine": machine(), "folder": str(args.folder),
         "settings": config.to_dict() | {"precision_resolved": precision, "scales": list(scales)},
         "load_average_start": os.getloadavg(),
+        "conv_kernels": conv_kernels(resolve_device(config.device), DTYPES[precision]),
     }
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -402,8 +410,10 @@ def print_report(r: dict) -> None:
     print(f"\nfeatx benchmark: {s['model']}, Q={s['scales']} {flip}, {s['layer']}, precision {s['precision_resolved']}"
           f" ({s['precision']}), weights {s['weights']}")
     m = r["machine"]
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
+    print(f"machine: {m['cpu']} ({m.get('isa', 'ISA not recorded')}), {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
           f"load average {r['load_average_start'][0]:.1f} -> {r['load_average_end'][0]:.1f}")
+    if r.get("conv_kernels"):
+        print(f"convolutions: {r['conv_kernels']}")
     print(f"{'run':<36}{'images':>7}{'img/s':>9}{'GFLOP/s':>9}{'peak RSS MB':>13}")
     rows = [("naive loop (fp32, NCHW, batch 1)", nv), ("featx, same images", fs),
             ("featx, mid set", fm), ("featx, large set", fl)]
