@@ -108,7 +108,7 @@ def _source(algorithm, dtype: torch.dtype, name: str) -> str:
             value = _linear([at[i][a] for a in range(t)], [f"q{a}_{j}" for a in range(t)])
             outs.append(f"            {{ float o = {value}; o = (relu && o < 0.0f) ? 0.0f : o;"
                         f" out{i}_{j}[ch] = {store.format(x='o')}; }}")
-    # Outputs past the image's edge (the last tiles may hang over) go to the caller's sink.
+    # Outputs past the image's edge (the last tiles may hang over) go to a per-thread sink.
     out_pointers = "\n".join(
         f"            {ctype}* out{i}_{j} = (m_y + {i} < h && m_x + {j} < w) ? y + ((img * h + m_y + {i}) * w + m_x + {j}) * k : sink;"
         for i in range(m) for j in range(m))
@@ -210,6 +210,7 @@ class Kernels:
         self._zeros = torch.zeros(0, dtype=dtype)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
 
     def _zeros_for(self, c: int) -> torch.Tensor:
         if self._zeros.numel() < c:
@@ -224,8 +225,8 @@ class Kernels:
             call(0, units)
             return
         with self._lock:
-            if self._pool is None or self._pool._max_workers != parts:
-                self._pool = ThreadPoolExecutor(parts, thread_name_prefix="featx-winograd")
+            if self._pool is None or self._pool_size != parts:
+                self._pool, self._pool_size = ThreadPoolExecutor(parts, thread_name_prefix="featx-winograd"), parts
             pool = self._pool
         bounds = [units * i // parts for i in range(parts + 1)]
         for f in [pool.submit(call, a, b) for a, b in itertools.pairwise(bounds) if b > a]:
