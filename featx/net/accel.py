@@ -50,10 +50,10 @@ CUDA_PASS_PIXELS = 32 * 512 * 704
 # nothing gained with 64 input channels; compiled, bf16 F(2x2) gains 1.23-1.30x at 64->64
 # (conv1_2) and 1.10-1.33x at 64->128 (conv2_1), fp32 F(4x4) (AVX2) 1.24x at 64->128, none at 64->64.
 WINOGRAD_MIN_CHANNELS = {
-    ("F(2x2, 3x3)", True): (64, 64),
-    ("F(4x4, 3x3)", True): (64, 128),
-    ("F(2x2, 3x3)", False): (128, 128),
-    ("F(4x4, 3x3)", False): (128, 128),
+    (winograd.F2, True): (64, 64),
+    (winograd.F4, True): (64, 128),
+    (winograd.F2, False): (128, 128),
+    (winograd.F4, False): (128, 128),
 }
 # glibc serves an allocation of >= 32 MB (its largest mmap threshold) from fresh pages and
 # unmaps it on free, so an activation that size is page-faulted in again on every call (~8% of
@@ -252,8 +252,8 @@ def winograd_channels(dtype: torch.dtype) -> tuple[int, int, bool]:
     """(least input channels, least output channels, transforms compiled) for Winograd in `dtype`
     on this machine (builds featx.net.winograd_kernels on first use)."""
     algorithm = winograd_algorithm(dtype)
-    compiled = algorithm.compiled and winograd_kernels.kernels(algorithm, dtype) is not None
-    return (*WINOGRAD_MIN_CHANNELS[(algorithm.name, compiled)], compiled)
+    compiled = winograd_kernels.kernels(algorithm, dtype) is not None
+    return (*WINOGRAD_MIN_CHANNELS[(algorithm, compiled)], compiled)
 
 
 def conv_kernels(device: torch.device, dtype: torch.dtype) -> str:

@@ -11,10 +11,10 @@ bf16: 3% relative L2 error per layer against F(2x2)'s 0.6% and direct bf16's 0.3
 larger max error; so the plan runs it in fp32 only). F(3x3, 3x3) in bf16 was 6-14% faster than
 F(2x2) per layer at 1.8% error: not used.
 
-Lavin & Gray benchmarked it on VGG: on a CPU the GEMMs dominate where channels are many
-(VGG's conv2_2 on: 128-512 channels); with 3 or 64 input channels (conv1, conv2_1) the
-transforms' memory traffic costs more than the saved products, so the plan keeps direct
-convolution there.
+Lavin & Gray benchmarked it on VGG: on a CPU the GEMMs dominate where channels are many. With
+the transforms as torch ops their memory traffic costs more than the saved products below 128
+input channels; with featx.net.winograd_kernels' one-pass transforms Winograd pays from 64 (VGG's
+conv1_2 on); featx.net.accel picks per layer (WINOGRAD_MIN_CHANNELS).
 
 Tiles are processed in bands of tile rows holding at most BAND_BYTES of transformed input
 and GEMM output, in a workspace reused across layers and calls: memory stays bounded (about
@@ -42,8 +42,6 @@ class Algorithm:
     bt: tuple[tuple[float, ...], ...]
     g: tuple[tuple[float, ...], ...]
     at: tuple[tuple[float, ...], ...]
-    # Whether featx.net.winograd_kernels' one-pass transforms beat the torch ops here (measured).
-    compiled: bool = False
 
     @property
     def m(self) -> int:
@@ -64,7 +62,6 @@ F2 = Algorithm(
     bt=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
     g=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
     at=((1, 1, 1, 0), (0, 1, -1, -1)),
-    compiled=True,  # bf16, 2-core Zen, 128-512 channels: 1.11-1.31x per layer over the torch ops
 )
 F4 = Algorithm(
     "F(4x4, 3x3)",
@@ -73,7 +70,6 @@ F4 = Algorithm(
     g=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
        (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
     at=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
-    compiled=True,  # fp32, same: 1.07-1.11x
 )
 # Bytes of transformed input + GEMM output per band (t^2 x tiles x channels each): 64 MB ran
 # as fast as whole layers at once (benchmarks/layers.py), 8 MB 10-20% slower.
@@ -147,8 +143,9 @@ def conv3x3(x: torch.Tensor, weights: torch.Tensor | list[torch.Tensor], bias: t
     """3x3 conv, stride 1, padding 1, of a channels-last batch `x` [N, C, H, W] -> channels-last
     [N, K, H, W] (+ bias, ReLU if asked), written into `out` if given. `weights`: U from
     transform_weight(weight, algorithm) for torch.mm (any device), or pack(U) for oneDNN's GEMMs (CPU).
-    `compiled`: run the transforms by featx.net.winograd_kernels where the algorithm's are
-    faster (Algorithm.compiled) and can be built (CPU, fp32/bf16); False, or else, by torch ops."""
+    `compiled`: run the transforms by featx.net.winograd_kernels where they can be built (CPU,
+    fp32/bf16; per layer 1.11-1.31x in bf16 F(2x2), 1.07-1.11x in fp32 F(4x4) over the torch
+    ops on a 2-core Zen); False, or where they cannot, by torch ops."""
     n, c, h, w = x.shape
     k = bias.shape[0]
     m, t = algorithm.m, algorithm.t
@@ -156,7 +153,7 @@ def conv3x3(x: torch.Tensor, weights: torch.Tensor | list[torch.Tensor], bias: t
     xn = x.permute(0, 2, 3, 1)  # NHWC view of channels-last memory
     y = x.new_empty(n, h, w, k) if out is None else out.permute(0, 2, 3, 1)  # NHWC view
     native = None
-    if compiled and algorithm.compiled and x.device.type == "cpu" and xn.is_contiguous() and y.is_contiguous():
+    if compiled and x.device.type == "cpu" and xn.is_contiguous() and y.is_contiguous():
         native = winograd_kernels.kernels(algorithm, x.dtype)
     band = max(1, min(th, BAND_BYTES // max(1, t * t * n * tw * (c + k) * x.element_size())))
     band = max(band, min(th, -(-MIN_BAND_TILES // (n * tw))))

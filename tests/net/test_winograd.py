@@ -5,8 +5,6 @@ and inside the plan."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,15 +29,15 @@ def direct(x, weight, bias, relu):
     return F.relu(y) if relu else y
 
 
-def winograd_conv(x, weight, bias, relu, packed: bool, workspace=None, algorithm=winograd.F2):
+def winograd_conv(x, weight, bias, relu, packed: bool, workspace=None, algorithm=winograd.F2, compiled=True):
     u = winograd.transform_weight(weight, algorithm).to(x.dtype)
     return winograd.conv3x3(x, winograd.pack(u) if packed else u, bias.to(x.dtype), relu,
-                            workspace or winograd.Workspace(), algorithm)
+                            workspace or winograd.Workspace(), algorithm, compiled=compiled)
 
 
 # Each algorithm with its transforms by torch ops and by featx.net.winograd_kernels' compiled
 # one-pass kernels (where a C compiler builds them; else the torch path runs twice over).
-ALGORITHMS = [pytest.param(replace(alg, compiled=compiled), id=f"{name}-{'compiled' if compiled else 'torch'}")
+ALGORITHMS = [pytest.param(alg, compiled, id=f"{name}-{'compiled' if compiled else 'torch'}")
               for alg, name in ((winograd.F2, "F2x2"), (winograd.F4, "F4x4")) for compiled in (True, False)]
 
 
@@ -52,32 +50,32 @@ GEMMS = [pytest.param(False, id="torch.mm"),
          pytest.param(True, id="onednn-packed", marks=pytest.mark.skipif(not PACKED, reason="no oneDNN"))]
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm,compiled", ALGORITHMS)
 @pytest.mark.parametrize("packed", GEMMS)
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 6), (2, 2), (3, 3), (5, 7), (8, 8), (13, 6)])
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
-def test_equals_direct_convolution(h, w, relu, packed, algorithm):
+def test_equals_direct_convolution(h, w, relu, packed, algorithm, compiled):
     x, weight, bias = case(2, 24, 40, h, w)
     with torch.inference_mode():
-        y = winograd_conv(x, weight, bias, relu, packed, algorithm=algorithm)
+        y = winograd_conv(x, weight, bias, relu, packed, algorithm=algorithm, compiled=compiled)
     assert y.shape == (2, 40, h, w) and y.is_contiguous(memory_format=torch.channels_last)
     assert rel_err(y, direct(x, weight, bias, relu)) < 1e-5
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_a_wrong_transform_is_caught(algorithm):
+@pytest.mark.parametrize("algorithm,compiled", ALGORITHMS)
+def test_a_wrong_transform_is_caught(algorithm, compiled):
     # The check above can fail: a kernel flipped left-right gives another convolution.
     x, weight, bias = case(1, 8, 8, 6, 6)
     with torch.inference_mode():
-        y = winograd_conv(x, weight.flip(-1), bias, False, False, algorithm=algorithm)
+        y = winograd_conv(x, weight.flip(-1), bias, False, False, algorithm=algorithm, compiled=compiled)
     assert rel_err(y, direct(x, weight, bias, False)) > 0.1
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_bands_and_a_reused_workspace_change_nothing(monkeypatch, algorithm):
+@pytest.mark.parametrize("algorithm,compiled", ALGORITHMS)
+def test_bands_and_a_reused_workspace_change_nothing(monkeypatch, algorithm, compiled):
     ws = winograd.Workspace()
     shapes = [(2, 16, 24, 11, 9), (1, 16, 24, 4, 3), (3, 16, 24, 12, 10), (1, 16, 24, 4, 3)]
-    run = lambda x, weight, bias: winograd_conv(x, weight, bias, True, False, ws, algorithm)  # noqa: E731
+    run = lambda x, weight, bias: winograd_conv(x, weight, bias, True, False, ws, algorithm, compiled)  # noqa: E731
     with torch.inference_mode():
         for n, c, k, h, w in shapes:  # large, small, larger, small: stale scratch would show
             x, weight, bias = case(n, c, k, h, w, seed=h)
@@ -88,8 +86,8 @@ def test_bands_and_a_reused_workspace_change_nothing(monkeypatch, algorithm):
         assert rel_err(run(x, weight, bias), direct(x, weight, bias, True)) < 1e-5
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_an_image_in_a_zero_padded_batch_gets_its_own_numbers(algorithm):
+@pytest.mark.parametrize("algorithm,compiled", ALGORITHMS)
+def test_an_image_in_a_zero_padded_batch_gets_its_own_numbers(algorithm, compiled):
     # Tiles are anchored top-left, so the padding below and right of an image only ever
     # meets the zeros its own border padding would have: the valid region matches exactly.
     x, weight, bias = case(1, 16, 24, 5, 7)
@@ -97,8 +95,8 @@ def test_an_image_in_a_zero_padded_batch_gets_its_own_numbers(algorithm):
     canvas[0, :, :5, :7] = x[0]
     canvas[1] = torch.randn(16, 10, 12)
     with torch.inference_mode():
-        alone = winograd_conv(x, weight, bias, True, False, algorithm=algorithm)
-        batched = winograd_conv(canvas, weight, bias, True, False, algorithm=algorithm)
+        alone = winograd_conv(x, weight, bias, True, False, algorithm=algorithm, compiled=compiled)
+        batched = winograd_conv(canvas, weight, bias, True, False, algorithm=algorithm, compiled=compiled)
     assert rel_err(batched[:1, :, :5, :7], alone) < 1e-6
 
 
