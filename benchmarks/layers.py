@@ -54,9 +54,8 @@ def main() -> None:
         times = {}
         with torch.inference_mode():
             for kind, plan in plans.items():
-                # The trunk in the plan's passes (Plan.__call__: at most pass_pixels each), then the head.
-                per_pass = max(1, plan.pass_pixels // (h * w))
-                passes = [x[s : s + per_pass] for s in range(0, x.shape[0], per_pass)]
+                # The trunk in the plan's own passes (as Plan.__call__ runs it), then the head.
+                passes = [x[part] for part in plan.passes(x)]
                 plan(x)  # warm-up: primitive creation for this shape
                 rows: list[float] = []
                 for _ in range(args.repeats):

@@ -560,6 +560,11 @@ class Plan:
                 at += n
         return out, torch.tensor([ho * wo for ho, wo in outs], dtype=torch.float32, device=maps.device)
 
+    def passes(self, x: torch.Tensor) -> list[slice]:
+        """The batch's images in trunk passes of at most pass_pixels each (one image at least)."""
+        per_pass = max(1, self.pass_pixels // (x.shape[2] * x.shape[3]))
+        return [slice(s, s + per_pass) for s in range(0, x.shape[0], per_pass)]
+
     def __call__(self, x: torch.Tensor, sizes: list[tuple[int, int]] | None = None, rezero: bool = True
                  ) -> torch.Tensor:
         """Channels-last batch -> fp32 [B, D]: the head's map averaged over valid positions.
@@ -568,8 +573,7 @@ class Plan:
         all of it). Exact: every image gets the numbers it gets alone (arXiv 1409.1556, Sec. 3.2).
         """
         sizes = list(sizes) if sizes is not None else [(x.shape[2], x.shape[3])] * x.shape[0]
-        per_pass = max(1, self.pass_pixels // (x.shape[2] * x.shape[3]))
-        passes = [self.pool5(x[s : s + per_pass], sizes[s : s + per_pass], rezero) for s in range(0, x.shape[0], per_pass)]
+        passes = [self.pool5(x[part], sizes[part], rezero) for part in self.passes(x)]
         maps = passes[0][0] if len(passes) == 1 else torch.cat([m for m, _ in passes])
         sums, positions = self.position_sums(maps, [v for _, vs in passes for v in vs])
         return sums / positions[:, None]
