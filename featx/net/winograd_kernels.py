@@ -178,7 +178,8 @@ def _compile(source: str) -> Path | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
-    key = hashlib.sha256((source + _cpu_key() + compiler + _march()).encode()).hexdigest()[:20]
+    march = _march()
+    key = hashlib.sha256((source + _cpu_key() + compiler + march).encode()).hexdigest()[:20]
     target = default_cache_dir() / "kernels" / f"winograd-{key}.so"
     if target.exists():
         return target
@@ -186,7 +187,7 @@ def _compile(source: str) -> Path | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, lib = Path(tmp) / "winograd.c", Path(tmp) / "winograd.so"
         src.write_text(source)
-        flags = ["-O3", _march(), "-fno-math-errno", "-shared", "-fPIC"]
+        flags = ["-O3", march, "-fno-math-errno", "-shared", "-fPIC"]
         for openmp in (["-fopenmp"], []):  # without OpenMP (no libgomp to link), Python threads split
             proc = subprocess.run([compiler, *flags, *openmp, str(src), "-o", str(lib)], capture_output=True,
                                   text=True, check=False, timeout=120)
@@ -201,8 +202,8 @@ def _compile(source: str) -> Path | None:
 class Kernels:
     """The compiled transforms of one algorithm in one dtype, split over threads."""
 
-    def __init__(self, lib: ctypes.CDLL, name: str, algorithm, dtype: torch.dtype):
-        self.algorithm, self.dtype = algorithm, dtype
+    def __init__(self, lib: ctypes.CDLL, name: str, dtype: torch.dtype):
+        self.dtype = dtype
         self._in, self._out = getattr(lib, f"{name}_in"), getattr(lib, f"{name}_out")
         for f in (self._in, self._out):
             f.restype = None
@@ -267,6 +268,6 @@ def kernels(algorithm, dtype: torch.dtype) -> Kernels | None:
     source = _PRELUDE + _source(algorithm, dtype, name)
     try:
         path = _compile(source)
-        return Kernels(ctypes.CDLL(str(path)), name, algorithm, dtype) if path is not None else None
+        return Kernels(ctypes.CDLL(str(path)), name, dtype) if path is not None else None
     except (OSError, subprocess.SubprocessError, AttributeError):
         return None
