@@ -210,21 +210,12 @@ def link_folder(root: Path, items) -> Path:
 
 def machine() -> dict:
     import torch
-    from machine import cpu_name
+    from machine import cpu_flags, cpu_isa, cpu_name
 
-    cpu = cpu_name()
-    flags = ""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        pass
-    words = set(flags.split())
-    best = next((name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX-512-BF16"),
-                                           ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in words), "no AVX2")
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    flags = cpu_flags()
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "isa": best + (f", oneDNN capped to {cap} (ONEDNN_MAX_CPU_ISA)" if cap else ""),
+        "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "isa": cpu_isa(),
         "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__, "python": platform.python_version(),

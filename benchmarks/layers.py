@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from machine import cpu_name
+from machine import cpu_isa, cpu_name
 
 
 def main() -> None:
-    import os
-
     import torch
 
     from featx.extract.config import ExtractConfig
@@ -44,8 +42,7 @@ def main() -> None:
     reuse = not args.fresh_outputs
     plans = {"featx": describer.plan if reuse else Plan(describer.net, describer.device, describer.dtype, reuse_activations=False),
              "direct": Plan(describer.net, describer.device, describer.dtype, fast_conv=False, reuse_activations=reuse)}
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
-    print(f"{args.model}, {describer.precision}, {cpu_name()}, oneDNN ISA cap: {isa}, "
+    print(f"{args.model}, {describer.precision}, {cpu_name()} ({cpu_isa()}), "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"batch = {args.images} image(s) + flip(s){'; every output allocated afresh' if args.fresh_outputs else ''}")
     for size in args.sizes.split(","):

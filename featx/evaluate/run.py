@@ -78,7 +78,6 @@ def evaluate(
     spec = get_spec(pipeline.dataset)
     t0 = time.perf_counter()
     if spec.kind == "voc_action":
-
         if features:
             raise BadInput("--features does not apply to voc2012-action (it needs image and box features); leave it out")
         if root is None:
