@@ -82,8 +82,10 @@ def main() -> None:
     args = p.parse_args()
     files = image_files(args.folder, args.images)
     scales = tuple(int(q) for q in args.scales.split(","))
-    print(f"decode + rescale to Q={list(scales)} of {len(files)} images from {args.folder}; "
-          f"{cpu_name()}, torch {torch.__version__} ({torch.get_num_threads()} threads in this process)")
+    print(
+        f"decode + rescale to Q={list(scales)} of {len(files)} images from {args.folder}; "
+        f"{cpu_name()}, torch {torch.__version__} ({torch.get_num_threads()} threads in this process)"
+    )
     for name, rate in decode_rates(files, scales, args.workers, args.rounds).items():
         print(f"  {name:<12} {rate:7.1f} images/s")
 

@@ -70,11 +70,18 @@ def child_featx(job: dict) -> dict:
     stop.set()
     sampler.join()
     half = [r for s, r in samples if s <= seconds / 2], [r for s, r in samples if s > seconds / 2]
-    return {"seconds": seconds, "rows": result.rows, "failures": result.failures,
-            "stage_seconds": result.stage_seconds, "peak_rss_mb": _rss_mb(),
-            "images_per_batch": result.batches.images_per_batch, "padding": result.batches.padding,
-            "rss_max_first_half_mb": max(half[0], default=None), "rss_max_second_half_mb": max(half[1], default=None),
-            "rss_timeline": samples[:: max(1, len(samples) // 60)]}
+    return {
+        "seconds": seconds,
+        "rows": result.rows,
+        "failures": result.failures,
+        "stage_seconds": result.stage_seconds,
+        "peak_rss_mb": _rss_mb(),
+        "images_per_batch": result.batches.images_per_batch,
+        "padding": result.batches.padding,
+        "rss_max_first_half_mb": max(half[0], default=None),
+        "rss_max_second_half_mb": max(half[1], default=None),
+        "rss_timeline": samples[:: max(1, len(samples) // 60)],
+    }
 
 
 def child_naive(job: dict) -> dict:
@@ -115,8 +122,13 @@ def child_naive(job: dict) -> dict:
     sync()
     seconds = time.perf_counter() - t
     np.save(job["out"], np.stack(rows))
-    return {"seconds": seconds, "setup_seconds": setup, "rows": len(rows), "paths": [it.path for it in items],
-            "peak_rss_mb": _rss_mb()}
+    return {
+        "seconds": seconds,
+        "setup_seconds": setup,
+        "rows": len(rows),
+        "paths": [it.path for it in items],
+        "peak_rss_mb": _rss_mb(),
+    }
 
 
 def run_child(kind: str, job: dict) -> dict:
@@ -125,7 +137,9 @@ def run_child(kind: str, job: dict) -> dict:
     t = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, json.dumps(job)],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     process_seconds = time.perf_counter() - t
     if proc.returncode != 0:
@@ -154,7 +168,8 @@ def conv_peak(precision: str, device_name: str, seconds: float = 3.0) -> dict:
     if device.type == "cpu" and onednn_prepack_works(dtype):
         pw = torch.ops.mkldnn._reorder_convolution_weight(wt, [1, 1], [1, 1], [1, 1], 1, [n, c, h, w])
         kernels["oneDNN prepacked"] = lambda: torch.ops.mkldnn._convolution_pointwise(
-            x, pw, b, [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+            x, pw, b, [1, 1], [1, 1], [1, 1], 1, "none", [], ""
+        )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = {}
     with torch.inference_mode():
@@ -214,23 +229,31 @@ def machine() -> dict:
 
     flags = cpu_flags()
     return {
-        "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "isa": cpu_isa(),
-        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
         "onednn": torch.backends.mkldnn.is_available(),
     }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("folder", nargs="?", default=str(REPO / "data" / "samples"))
     p.add_argument("--images", type=int, default=0, help="large set: this many images (0 = all)")
     p.add_argument("--mid", type=int, default=0, help="the second size for flat memory (default: half the large set)")
     p.add_argument("--small", type=int, default=0, help="the naive baseline's images (default: a quarter, 4..12)")
     p.add_argument("--model", default="vgg16")
-    p.add_argument("--weights", default="random", help="random (default: speed does not depend on it), default, or a file")
+    p.add_argument(
+        "--weights", default="random", help="random (default: speed does not depend on it), default, or a file"
+    )
     p.add_argument("--layer", default="fc7")
     p.add_argument("--scales", default="256,384,512")
     p.add_argument("--no-flip", action="store_true")
@@ -239,7 +262,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32, help="featx's --batch-size (its default: 32)")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--bucket", type=int, default=0, help="grid step of an INEXACT bucketing run for comparison (0 = skip)")
+    p.add_argument(
+        "--bucket", type=int, default=0, help="grid step of an INEXACT bucketing run for comparison (0 = skip)"
+    )
     p.add_argument("--rounds", type=int, default=2, help="naive and featx on the small set, alternately; best counts")
     p.add_argument("--json", default="bench-extract.json", help="where to write every figure")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -262,9 +287,18 @@ def main(argv=None) -> int:
 
     scales = tuple(int(q) for q in args.scales.split(","))
     flip = not args.no_flip
-    settings = dict(model=args.model, weights=args.weights, layer=args.layer, scales=scales, flip=flip,
-                    aggregate=args.aggregate, precision=args.precision, device=args.device,
-                    batch_size=args.batch_size, workers=args.workers)
+    settings = dict(
+        model=args.model,
+        weights=args.weights,
+        layer=args.layer,
+        scales=scales,
+        flip=flip,
+        aggregate=args.aggregate,
+        precision=args.precision,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
     config = ExtractConfig(**settings)
     precision = resolved_precision(config)
     items = discover([args.folder])
@@ -274,7 +308,8 @@ def main(argv=None) -> int:
     with torch_device_meta():
         net = build(args.model, Weights({"kind": "random", "seed": 0}, None), args.layer)  # shapes only
     report: dict = {
-        "machine": machine(), "folder": str(args.folder),
+        "machine": machine(),
+        "folder": str(args.folder),
         "settings": config.to_dict() | {"precision_resolved": precision, "scales": list(scales)},
         "load_average_start": os.getloadavg(),
         "conv_kernels": conv_kernels(resolve_device(config.device), DTYPES[precision]),
@@ -283,8 +318,9 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="featx-bench-") as tmp:
         tmp = Path(tmp)
-        folders = {name: link_folder(tmp / name, its) for name, its in
-                   (("small", small), ("mid", mid), ("large", large))}
+        folders = {
+            name: link_folder(tmp / name, its) for name, its in (("small", small), ("mid", mid), ("large", large))
+        }
         jsonable = settings | {"scales": list(scales)}
 
         def featx_run(name: str, **extra) -> dict:
@@ -297,8 +333,16 @@ def main(argv=None) -> int:
         naive_runs, fast_runs = [], []
         for r in range(args.rounds):
             log(f"round {r + 1}/{args.rounds}: naive loop on {len(small)} images (fp32, NCHW, batch 1) ...")
-            naive_runs.append(run_child("naive", {"folder": str(folders["small"]), "out": str(tmp / "naive.npy"),
-                                                  "settings": jsonable | {"seed": 0}}))
+            naive_runs.append(
+                run_child(
+                    "naive",
+                    {
+                        "folder": str(folders["small"]),
+                        "out": str(tmp / "naive.npy"),
+                        "settings": jsonable | {"seed": 0},
+                    },
+                )
+            )
             log(f"round {r + 1}/{args.rounds}: featx on the same {len(small)} images ...")
             fast_runs.append(featx_run("small"))
         bucketed = None
@@ -317,18 +361,26 @@ def main(argv=None) -> int:
             flops, shapes = run_flops(table, net, scales, flip, bucket)
             # Setup: building and packing the net (and anything else outside the stages).
             setup = run["seconds"] - sum(v for k, v in run["stage_seconds"].items() if k != "decode")
-            return run | {"images": run["rows"], "images_per_s": run["rows"] / run["seconds"],
-                          "setup_seconds": setup, "images_per_s_running": run["rows"] / (run["seconds"] - setup),
-                          "gflop": flops / 1e9, "gflops": flops / run["seconds"] / 1e9,
-                          "model_gflops": flops / max(run["stage_seconds"]["model"], 1e-9) / 1e9,
-                          "distinct_shapes": shapes}
+            return run | {
+                "images": run["rows"],
+                "images_per_s": run["rows"] / run["seconds"],
+                "setup_seconds": setup,
+                "images_per_s_running": run["rows"] / (run["seconds"] - setup),
+                "gflop": flops / 1e9,
+                "gflops": flops / run["seconds"] / 1e9,
+                "model_gflops": flops / max(run["stage_seconds"]["model"], 1e-9) / 1e9,
+                "distinct_shapes": shapes,
+            }
 
         naive = min(naive_runs, key=lambda x: x["process_seconds"])
         fs = figures(min(fast_runs, key=lambda x: x["process_seconds"]))
         fm, fl = figures(fast_mid), figures(fast_large)
-        naive |= {"images_per_s": naive["rows"] / naive["seconds"], "gflop": fs["gflop"],
-                  "gflops": fs["gflop"] / naive["seconds"],
-                  "images_per_s_running": naive["rows"] / (naive["seconds"] - naive["setup_seconds"])}
+        naive |= {
+            "images_per_s": naive["rows"] / naive["seconds"],
+            "gflop": fs["gflop"],
+            "gflops": fs["gflop"] / naive["seconds"],
+            "images_per_s_running": naive["rows"] / (naive["seconds"] - naive["setup_seconds"]),
+        }
         exact = dict(zip(naive.pop("paths"), np.load(tmp / "naive.npy")))
 
         def cosines(parquet: str) -> dict:
@@ -337,16 +389,23 @@ def main(argv=None) -> int:
             ref = np.stack([exact[p] for p in df["path"]]).astype(np.float64)
             c = centred_cosines(fast, ref)
             raw = (fast * ref).sum(1) / (np.linalg.norm(fast, axis=1) * np.linalg.norm(ref, axis=1))
-            return {"images": len(c), "centred_min": float(c.min()), "centred_median": float(np.median(c)),
-                    "raw_min": float(raw.min()), "max_abs_diff": float(np.abs(fast - ref).max()),
-                    "ok": bool(c.min() >= 0.995)}
+            return {
+                "images": len(c),
+                "centred_min": float(c.min()),
+                "centred_median": float(np.median(c)),
+                "raw_min": float(raw.min()),
+                "max_abs_diff": float(np.abs(fast - ref).max()),
+                "ok": bool(c.min() >= 0.995),
+            }
 
         peak = max(peaks, key=lambda x: x["gflops"])
         steady = None
         if fl["images"] > fm["images"] and fl["seconds"] > fm["seconds"]:
             extra_flops = (fl["gflop"] - fm["gflop"]) / (fl["seconds"] - fm["seconds"])
-            steady = {"images_per_s": (fl["images"] - fm["images"]) / (fl["seconds"] - fm["seconds"]),
-                      "gflops": extra_flops}
+            steady = {
+                "images_per_s": (fl["images"] - fm["images"]) / (fl["seconds"] - fm["seconds"]),
+                "gflops": extra_flops,
+            }
         report |= {
             "peak": {"gflops": peak["gflops"], "runs": peaks},
             "naive": naive | {"all_seconds": [r["seconds"] for r in naive_runs]},
@@ -361,16 +420,23 @@ def main(argv=None) -> int:
             "speedup_same_images_running": fs["images_per_s_running"] / naive["images_per_s_running"],
             "speedup_steady": steady["images_per_s"] / naive["images_per_s_running"] if steady else None,
             "fraction_of_peak": fl["gflops"] / peak["gflops"],
-            "memory_flat": {"mid_images": fm["images"], "mid_mb": fm["peak_rss_mb"],
-                            "large_images": fl["images"], "large_mb": fl["peak_rss_mb"],
-                            "large_first_half_mb": fl["rss_max_first_half_mb"],
-                            "large_second_half_mb": fl["rss_max_second_half_mb"]},
+            "memory_flat": {
+                "mid_images": fm["images"],
+                "mid_mb": fm["peak_rss_mb"],
+                "large_images": fl["images"],
+                "large_mb": fl["peak_rss_mb"],
+                "large_first_half_mb": fl["rss_max_first_half_mb"],
+                "large_second_half_mb": fl["rss_max_second_half_mb"],
+            },
             "numerics": {"precision": precision, **cosines(fs["parquet"])},
         }
         if bucketed:
             fb = figures(bucketed, args.bucket)
-            report["bucket"] = fb | {"grid": args.bucket, "numerics": cosines(fb["parquet"]),
-                                     "speedup_vs_exact_shapes": fb["images_per_s"] / fs["images_per_s"]}
+            report["bucket"] = fb | {
+                "grid": args.bucket,
+                "numerics": cosines(fb["parquet"]),
+                "speedup_vs_exact_shapes": fb["images_per_s"] / fs["images_per_s"],
+            }
         for run in ("featx_small", "featx_mid", "featx_large"):
             report[run].pop("parquet")
         if bucketed:
@@ -398,16 +464,25 @@ class torch_device_meta:
 def print_report(r: dict) -> None:
     s, fl, fm, fs, nv = r["settings"], r["featx_large"], r["featx_mid"], r["featx_small"], r["naive"]
     flip = "with flips" if s["flip"] else "no flips"
-    print(f"\nfeatx benchmark: {s['model']}, Q={s['scales']} {flip}, {s['layer']}, precision {s['precision_resolved']}"
-          f" ({s['precision']}), weights {s['weights']}")
+    print(
+        f"\nfeatx benchmark: {s['model']}, Q={s['scales']} {flip}, {s['layer']}, precision {s['precision_resolved']}"
+        f" ({s['precision']}), weights {s['weights']}"
+    )
     m = r["machine"]
-    print(f"machine: {m['cpu']} ({m.get('isa', 'ISA not recorded')}), {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); "
-          f"load average {r['load_average_start'][0]:.1f} -> {r['load_average_end'][0]:.1f}")
+    print(
+        f"machine: {m['cpu']} ({m.get('isa', 'ISA not recorded')}), {m['cores']} cores, "
+        f"torch {m['torch']} ({m['torch_threads']} threads); "
+        f"load average {r['load_average_start'][0]:.1f} -> {r['load_average_end'][0]:.1f}"
+    )
     if r.get("conv_kernels"):
         print(f"convolutions: {r['conv_kernels']}")
     print(f"{'run':<36}{'images':>7}{'img/s':>9}{'GFLOP/s':>9}{'peak RSS MB':>13}")
-    rows = [("naive loop (fp32, NCHW, batch 1)", nv), ("featx, same images", fs),
-            ("featx, mid set", fm), ("featx, large set", fl)]
+    rows = [
+        ("naive loop (fp32, NCHW, batch 1)", nv),
+        ("featx, same images", fs),
+        ("featx, mid set", fm),
+        ("featx, large set", fl),
+    ]
     if "bucket" in r:
         rows.append((f"featx --bucket {r['bucket']['grid']}, same images", r["bucket"]))
     for name, x in rows:
@@ -415,34 +490,54 @@ def print_report(r: dict) -> None:
     st = r["featx_steady"]
     if st:
         print(f"{'featx once running (large - mid)':<36}{'':>7}{st['images_per_s']:>9.3f}{st['gflops']:>9.0f}")
-    print(f"speed-up over naive on the same images: {r['speedup_same_images']:.2f}x end to end (whole processes: "
-          f"naive {nv['process_seconds']:.1f} s, featx {fs['process_seconds']:.1f} s), "
-          f"{r['speedup_same_images_running']:.2f}x without building the net (featx {fs['setup_seconds']:.1f} s, "
-          f"naive {nv['setup_seconds']:.1f} s); large - mid run vs naive: "
-          + (f"{r['speedup_steady']:.2f}x" if st else "n/a"))
+    print(
+        f"speed-up over naive on the same images: {r['speedup_same_images']:.2f}x end to end (whole processes: "
+        f"naive {nv['process_seconds']:.1f} s, featx {fs['process_seconds']:.1f} s), "
+        f"{r['speedup_same_images_running']:.2f}x without building the net (featx {fs['setup_seconds']:.1f} s, "
+        f"naive {nv['setup_seconds']:.1f} s); large - mid run vs naive: "
+        + (f"{r['speedup_steady']:.2f}x" if st else "n/a")
+    )
     pk = r["peak"]["gflops"]
-    print(f"peak ({r['peak']['runs'][0]['dtype']} direct 3x3 conv): {pk:.0f} GFLOP/s; featx end to end {fl['gflops']:.0f} "
-          f"GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of peak (model stage {fl['model_gflops']:.0f} = "
-          f"{100 * fl['model_gflops'] / pk:.0f}%" + (f"; once running {100 * st['gflops'] / pk:.0f}%)" if st else ")"))
-    print("  (featx's GFLOP/s count a direct convolution's FLOPs; its Winograd layers do 2.25x (bf16) or 4x (fp32) fewer "
-          "multiplications, so the model stage can pass the direct kernel's peak)")
-    print(f"batches (large set): {fl.get('images_per_batch', 0):.1f} images per batch, "
-          f"{100 * fl.get('padding', 0):.0f}% padding (exact mixed-size batches)")
+    print(
+        f"peak ({r['peak']['runs'][0]['dtype']} direct 3x3 conv): {pk:.0f} GFLOP/s; "
+        f"featx end to end {fl['gflops']:.0f} "
+        f"GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of peak (model stage {fl['model_gflops']:.0f} = "
+        f"{100 * fl['model_gflops'] / pk:.0f}%" + (f"; once running {100 * st['gflops'] / pk:.0f}%)" if st else ")")
+    )
+    print(
+        "  (featx's GFLOP/s count a direct convolution's FLOPs; its Winograd layers do 2.25x (bf16) or 4x (fp32) fewer "
+        "multiplications, so the model stage can pass the direct kernel's peak)"
+    )
+    print(
+        f"batches (large set): {fl.get('images_per_batch', 0):.1f} images per batch, "
+        f"{100 * fl.get('padding', 0):.0f}% padding (exact mixed-size batches)"
+    )
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in fl["stage_seconds"].items())
     print(f"stages (large set, {fl['seconds']:.1f} s wall; decode runs in threads beside the model): {parts}")
     mf = r["memory_flat"]
-    halves = (f"; RSS during the large run: max {mf['large_first_half_mb']:.0f} MB in its first half, "
-              f"{mf['large_second_half_mb']:.0f} MB in its second" if mf["large_second_half_mb"] else "")
-    print(f"peak memory: {mf['mid_mb']:.0f} MB at {mf['mid_images']} images, {mf['large_mb']:.0f} MB at "
-          f"{mf['large_images']}{halves}")
+    halves = (
+        f"; RSS during the large run: max {mf['large_first_half_mb']:.0f} MB in its first half, "
+        f"{mf['large_second_half_mb']:.0f} MB in its second"
+        if mf["large_second_half_mb"]
+        else ""
+    )
+    print(
+        f"peak memory: {mf['mid_mb']:.0f} MB at {mf['mid_images']} images, {mf['large_mb']:.0f} MB at "
+        f"{mf['large_images']}{halves}"
+    )
     nm = r["numerics"]
-    print(f"numerics ({nm['precision']} vs exact fp32, {nm['images']} images, centred cosine): min {nm['centred_min']:.5f}, "
-          f"median {nm['centred_median']:.5f} -> {'OK' if nm['ok'] else 'BELOW 0.995'} (raw min {nm['raw_min']:.5f})")
+    print(
+        f"numerics ({nm['precision']} vs exact fp32, {nm['images']} images, centred cosine): "
+        f"min {nm['centred_min']:.5f}, "
+        f"median {nm['centred_median']:.5f} -> {'OK' if nm['ok'] else 'BELOW 0.995'} (raw min {nm['raw_min']:.5f})"
+    )
     if "bucket" in r:
         b = r["bucket"]
-        print(f"bucket {b['grid']}: {b['distinct_shapes']} distinct shapes (exact: {fs['distinct_shapes']}), "
-              f"{b['speedup_vs_exact_shapes']:.2f}x exact-shape speed, centred cosine min "
-              f"{b['numerics']['centred_min']:.4f} median {b['numerics']['centred_median']:.4f}")
+        print(
+            f"bucket {b['grid']}: {b['distinct_shapes']} distinct shapes (exact: {fs['distinct_shapes']}), "
+            f"{b['speedup_vs_exact_shapes']:.2f}x exact-shape speed, centred cosine min "
+            f"{b['numerics']['centred_min']:.4f} median {b['numerics']['centred_median']:.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -107,8 +107,7 @@ def model_alone(describer, decoded, scales, batch_size, **plan) -> dict:
     t = time.perf_counter()
     pooled_per_scale(describer, decoded, scales, batch_size, stats=stats, **plan)
     sync(describer.device)
-    return {"seconds": time.perf_counter() - t, "images_per_batch": stats.images_per_batch,
-            "padding": stats.padding}
+    return {"seconds": time.perf_counter() - t, "images_per_batch": stats.images_per_batch, "padding": stats.padding}
 
 
 def main(argv=None) -> int:
@@ -145,21 +144,31 @@ def main(argv=None) -> int:
     seconds = 0.3 if args.quick else 5.0
     report: dict = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-        "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"), "precision": precision,
-        "model": model, "scales": list(scales), "images": len(files), "folder": args.folder,
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "onednn_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
+        "precision": precision,
+        "model": model,
+        "scales": list(scales),
+        "images": len(files),
+        "folder": args.folder,
     }
-    print(f"device {report['device']}; CPU {report['cpu']} ({report['cores']} cores, oneDNN ISA "
-          f"{report['onednn_isa']}); torch {torch.__version__}; precision {precision}; {model}, "
-          f"Q={list(scales)}, {len(files)} images from {args.folder}")
+    print(
+        f"device {report['device']}; CPU {report['cpu']} ({report['cores']} cores, oneDNN ISA "
+        f"{report['onednn_isa']}); torch {torch.__version__}; precision {precision}; {model}, "
+        f"Q={list(scales)}, {len(files)} images from {args.folder}"
+    )
 
     dtype = DTYPES[precision]
     mm = matmul_peak(device, dtype, 1024 if args.quick else (8192 if device.type == "cuda" else 2048), seconds)
     conv = conv_peak(device, dtype, seconds)
     peak = max(mm, conv)
     report |= {"peak_tflops": peak, "matmul_tflops": mm, "conv3x3_tflops": conv}
-    print(f"peak: {precision} matmul {mm:.3f} TFLOP/s, 3x3 conv {conv:.3f} TFLOP/s (measured; % of peak "
-          f"below is of the larger)")
+    print(
+        f"peak: {precision} matmul {mm:.3f} TFLOP/s, 3x3 conv {conv:.3f} TFLOP/s (measured; % of peak "
+        f"below is of the larger)"
+    )
 
     # -- decode alone ------------------------------------------------------------------
     rates = decode_rates(files, scales, args.workers, rounds=1 if args.quick else 2)
@@ -167,8 +176,15 @@ def main(argv=None) -> int:
     print("decode alone: " + ", ".join(f"{r:.1f} images/s in {name}" for name, r in rates.items()))
 
     # -- the Caltech descriptor, end to end ----------------------------------------------
-    config = ExtractConfig(model=model, weights=args.weights, scales=scales, flip=True, aggregate="stack",
-                           device=str(device), workers=args.workers)
+    config = ExtractConfig(
+        model=model,
+        weights=args.weights,
+        scales=scales,
+        flip=True,
+        aggregate="stack",
+        device=str(device),
+        workers=args.workers,
+    )
     describer = make_describer(config, device, cache=True)
     net = describer.net
     decoded = [decode(f, scales, config.max_pixels) for f in files]
@@ -179,24 +195,32 @@ def main(argv=None) -> int:
             featx.extract_features(files[:2], Path(tmp) / "warm.parquet", config)
             sync(device)
         result = featx.extract_features(args.folder if not limit else files, Path(tmp) / "f.parquet", config)
-    e2e = {"images_per_s": result.images_per_second, "seconds": result.seconds,
-           "tflops": flops / result.seconds / 1e12, "stage_seconds": result.stage_seconds,
-           "batches": result.batches.summary()}
+    e2e = {
+        "images_per_s": result.images_per_second,
+        "seconds": result.seconds,
+        "tflops": flops / result.seconds / 1e12,
+        "stage_seconds": result.stage_seconds,
+        "batches": result.batches.summary(),
+    }
     report["caltech_end_to_end"] = e2e
     st = result.stage_seconds
-    print(f"Caltech descriptor end to end: {e2e['images_per_s']:.2f} images/s, {e2e['tflops']:.3f} TFLOP/s = "
-          f"{100 * e2e['tflops'] / peak:.0f}% of peak; {e2e['batches']}; stages: "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in st.items())
-          + f" (decode runs in {args.workers} threads beside the model: decode/model = "
-          f"{st['decode'] / max(args.workers, 1) / max(st['model'], 1e-9):.2f}; above 1 the device waits)")
+    print(
+        f"Caltech descriptor end to end: {e2e['images_per_s']:.2f} images/s, {e2e['tflops']:.3f} TFLOP/s = "
+        f"{100 * e2e['tflops'] / peak:.0f}% of peak; {e2e['batches']}; stages: "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in st.items())
+        + f" (decode runs in {args.workers} threads beside the model: decode/model = "
+        f"{st['decode'] / max(args.workers, 1) / max(st['model'], 1e-9):.2f}; above 1 the device waits)"
+    )
 
     for name, plan in (("mixed batches", {}), ("same-shape only", {"grid": 1, "max_waste": 0.0})):
         m = model_alone(describer, [d.scaled for d in decoded], scales, config.batch_size, **plan)
         m |= {"images_per_s": len(files) / m["seconds"], "tflops": flops / m["seconds"] / 1e12}
         report[f"model_{name.replace(' ', '_').replace('-', '_')}"] = m
-        print(f"model alone, {name}: {m['images_per_s']:.2f} images/s, {m['images_per_batch']:.1f} "
-              f"image-scales per batch, {100 * m['padding']:.0f}% padding, {m['tflops']:.3f} TFLOP/s = "
-              f"{100 * m['tflops'] / peak:.0f}% of peak")
+        print(
+            f"model alone, {name}: {m['images_per_s']:.2f} images/s, {m['images_per_batch']:.1f} "
+            f"image-scales per batch, {100 * m['padding']:.0f}% padding, {m['tflops']:.3f} TFLOP/s = "
+            f"{100 * m['tflops'] / peak:.0f}% of peak"
+        )
 
     # -- single scale 224 x 224 ----------------------------------------------------------
     single = make_describer(config.replace(scales=(224,), flip=False), device, cache=True)
@@ -212,8 +236,10 @@ def main(argv=None) -> int:
     dt = time.perf_counter() - t
     tf = n224 * net.flops(224, 224) / dt / 1e12
     report["single_224"] = {"images_per_s": n224 / dt, "tflops": tf}
-    print(f"single scale 224x224, batch {bs}, no flip: {n224 / dt:.1f} images/s, {tf:.3f} TFLOP/s = "
-          f"{100 * tf / peak:.0f}% of peak")
+    print(
+        f"single scale 224x224, batch {bs}, no flip: {n224 / dt:.1f} images/s, {tf:.3f} TFLOP/s = "
+        f"{100 * tf / peak:.0f}% of peak"
+    )
 
     # -- exactness -----------------------------------------------------------------------
     few = [d.scaled for d in decoded[:3]]
@@ -229,9 +255,11 @@ def main(argv=None) -> int:
     centre = ref.double().mean(0, keepdim=True)
     cos = F.cosine_similarity(fast.double() - centre, ref.double() - centre, dim=1)
     report["exactness"] = {"device_fp32_vs_cpu_fp32_rel": rel, f"{precision}_centred_cosine_min": float(cos.min())}
-    print(f"exactness: {device.type} fp32 vs cpu fp32 max relative error {rel:.1e} (<= 1e-4 "
-          f"{'ok' if rel <= 1e-4 else 'FAILED'}); {precision} vs fp32 centred cosine min {float(cos.min()):.4f}"
-          + (" (over 3 images: centring by so few is rough)" if len(few) < 10 else ""))
+    print(
+        f"exactness: {device.type} fp32 vs cpu fp32 max relative error {rel:.1e} (<= 1e-4 "
+        f"{'ok' if rel <= 1e-4 else 'FAILED'}); {precision} vs fp32 centred cosine min {float(cos.min()):.4f}"
+        + (" (over 3 images: centring by so few is rough)" if len(few) < 10 else "")
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
     return 0

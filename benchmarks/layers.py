@@ -31,20 +31,33 @@ def main() -> None:
     p.add_argument("--sizes", default="256x341,384x512,512x683", help="HxW of the rescaled image")
     p.add_argument("--precision", default="auto")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--images", type=int, default=1,
-                   help="images per batch, each with its flip (featx extract's CPU passes hold ~720k pixels: 4 at 256x341)")
-    p.add_argument("--fresh-outputs", action="store_true",
-                   help="allocate every activation afresh (Plan(reuse_activations=False)), for comparison")
+    p.add_argument(
+        "--images",
+        type=int,
+        default=1,
+        help="images per batch, each with its flip (featx extract's CPU passes hold ~720k pixels: 4 at 256x341)",
+    )
+    p.add_argument(
+        "--fresh-outputs",
+        action="store_true",
+        help="allocate every activation afresh (Plan(reuse_activations=False)), for comparison",
+    )
     args = p.parse_args()
 
     config = ExtractConfig(model=args.model, weights="random", precision=args.precision, device="cpu")
     describer = make_describer(config)
     reuse = not args.fresh_outputs
-    plans = {"featx": describer.plan if reuse else Plan(describer.net, describer.device, describer.dtype, reuse_activations=False),
-             "direct": Plan(describer.net, describer.device, describer.dtype, fast_conv=False, reuse_activations=reuse)}
-    print(f"{args.model}, {describer.precision}, {cpu_name()} ({cpu_isa()}), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"batch = {args.images} image(s) + flip(s){'; every output allocated afresh' if args.fresh_outputs else ''}")
+    plans = {
+        "featx": describer.plan
+        if reuse
+        else Plan(describer.net, describer.device, describer.dtype, reuse_activations=False),
+        "direct": Plan(describer.net, describer.device, describer.dtype, fast_conv=False, reuse_activations=reuse),
+    }
+    print(
+        f"{args.model}, {describer.precision}, {cpu_name()} ({cpu_isa()}), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"batch = {args.images} image(s) + flip(s){'; every output allocated afresh' if args.fresh_outputs else ''}"
+    )
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.split("x"))
         x = torch.randn(2 * args.images, 3, h, w).to(describer.dtype).contiguous(memory_format=torch.channels_last)
@@ -60,7 +73,9 @@ def main() -> None:
                     maps = []
                     for part in passes:
                         marks = [time.perf_counter()]
-                        maps.append(plan.pool5(part, after_step=lambda i, marks=marks: marks.append(time.perf_counter()))[0])
+                        maps.append(
+                            plan.pool5(part, after_step=lambda i, marks=marks: marks.append(time.perf_counter()))[0]
+                        )
                         for i in range(len(plan.trunk)):
                             t_all[i] += marks[i + 1] - marks[i]
                     t = time.perf_counter()
@@ -79,12 +94,16 @@ def main() -> None:
         flops = [n * r.flops for r in trunk] + [n * sum(r.flops for r in head)]
         assert len(names) == len(rows), (names, len(rows))  # one plan step per trunk layer
         total = sum(rows)
-        print(f"\n{h}x{w}: {total * 1e3:.0f} ms, {sum(flops) / total / 1e9:.0f} GFLOP/s (effective) overall; "
-              f"direct kernels only: {sum(direct) * 1e3:.0f} ms ({sum(direct) / total:.2f}x featx's time)")
+        print(
+            f"\n{h}x{w}: {total * 1e3:.0f} ms, {sum(flops) / total / 1e9:.0f} GFLOP/s (effective) overall; "
+            f"direct kernels only: {sum(direct) * 1e3:.0f} ms ({sum(direct) / total:.2f}x featx's time)"
+        )
         print(f"  {'layer':<24} {'featx':>11} {'GFLOP/s':>7} {'share':>6}  {'kernel':<14} {'direct':>9} {'GFLOP/s':>7}")
         for name, kind, t, td, f in zip(names, kinds, rows, direct, flops):
             rate, rate_d = (f"{f / t / 1e9:7.0f}", f"{f / td / 1e9:7.0f}") if f else ("      -", "      -")
-            print(f"  {name:<24} {t * 1e3:8.1f} ms {rate} {100 * t / total:5.1f}%  {kind:<14} {td * 1e3:6.1f} ms {rate_d}")
+            print(
+                f"  {name:<24} {t * 1e3:8.1f} ms {rate} {100 * t / total:5.1f}%  {kind:<14} {td * 1e3:6.1f} ms {rate_d}"
+            )
 
 
 if __name__ == "__main__":

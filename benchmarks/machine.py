@@ -30,7 +30,18 @@ def cpu_isa() -> str:
     """The widest vector ISA this CPU has, and oneDNN's cap where ONEDNN_MAX_CPU_ISA sets one
     (how benchmarks emulate an AVX2-only CPU on a larger one)."""
     flags = cpu_flags()
-    best = next((name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX-512-BF16"),
-                                           ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "no AVX2")
+    best = next(
+        (
+            name
+            for flag, name in (
+                ("amx_bf16", "AMX-BF16"),
+                ("avx512_bf16", "AVX-512-BF16"),
+                ("avx512f", "AVX-512"),
+                ("avx2", "AVX2"),
+            )
+            if flag in flags
+        ),
+        "no AVX2",
+    )
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return best + (f", oneDNN capped to {cap} (ONEDNN_MAX_CPU_ISA)" if cap else "")

@@ -66,8 +66,14 @@ def main() -> None:
                 got = featx.read_features(r.output).sort_values("path")
                 X = np.stack(got["feature"])
                 reference = X if reference is None else reference
-                runs[(engine, n)].append({"seconds": seconds, "images": r.new_rows, "load_before": load,
-                                          "max_abs_diff": float(np.abs(X - reference).max())})
+                runs[(engine, n)].append(
+                    {
+                        "seconds": seconds,
+                        "images": r.new_rows,
+                        "load_before": load,
+                        "max_abs_diff": float(np.abs(X - reference).max()),
+                    }
+                )
                 print(f"run {i}: {engine} {n or ''} {seconds:.1f} s (load before {load:.2f})", flush=True)
     ray.shutdown()
 
@@ -76,18 +82,35 @@ def main() -> None:
         med = statistics.median(r["seconds"] for r in rs)
         images = rs[0]["images"]
         workers = f"1 process, {torch.get_num_threads()} torch threads" if engine == "local" else f"{n} CPU actor(s)"
-        summary.append({"engine": engine, "workers": workers, "images": images, "median_seconds": med,
-                        "seconds": [round(r["seconds"], 1) for r in rs], "images_per_second": images / med,
-                        "max_abs_diff_vs_first_local": max(r["max_abs_diff"] for r in rs)})
-        print(f"{engine:<6} {workers:<28} {images:>3} images  median {med:6.1f} s  {images / med:6.3f} img/s  "
-              f"runs {summary[-1]['seconds']}  max|diff| {summary[-1]['max_abs_diff_vs_first_local']:.1e}")
+        summary.append(
+            {
+                "engine": engine,
+                "workers": workers,
+                "images": images,
+                "median_seconds": med,
+                "seconds": [round(r["seconds"], 1) for r in rs],
+                "images_per_second": images / med,
+                "max_abs_diff_vs_first_local": max(r["max_abs_diff"] for r in rs),
+            }
+        )
+        print(
+            f"{engine:<6} {workers:<28} {images:>3} images  median {med:6.1f} s  {images / med:6.3f} img/s  "
+            f"runs {summary[-1]['seconds']}  max|diff| {summary[-1]['max_abs_diff_vs_first_local']:.1e}"
+        )
     print(f"precision {precision}; decode {decode_per_image * 1000:.0f} ms of one CPU per image (all scales)")
     if args.json:
-        machine = {"cpus": os.cpu_count(), "machine": platform.machine(),
-                   "settings": {**settings, "scales": list(settings["scales"]), "precision": precision},
-                   "decode_seconds_per_image": decode_per_image}
-        args.json.write_text(json.dumps({"machine": machine, "summary": summary,
-                                         "runs": {f"{e}{n or ''}": rs for (e, n), rs in runs.items()}}, indent=1))
+        machine = {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "settings": {**settings, "scales": list(settings["scales"]), "precision": precision},
+            "decode_seconds_per_image": decode_per_image,
+        }
+        args.json.write_text(
+            json.dumps(
+                {"machine": machine, "summary": summary, "runs": {f"{e}{n or ''}": rs for (e, n), rs in runs.items()}},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

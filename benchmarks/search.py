@@ -71,24 +71,34 @@ def main() -> None:
         "faiss_simd": faiss.get_compile_options().strip(),
         "precision": "float32 (FAISS flat/HNSW/IVF-Flat store and compare float32)",
     }
-    print(f"{machine['cpu']}, {machine['threads']} threads, faiss {machine['faiss']} ({machine['faiss_simd']}), float32")
-    print(f"{args.rows} {args.data} rows x {args.dim}, {args.queries} queries (not in the index), k = {args.k}; "
-          f"data made in {setup:.1f} s")
+    print(
+        f"{machine['cpu']}, {machine['threads']} threads, faiss {machine['faiss']} ({machine['faiss_simd']}), float32"
+    )
+    print(
+        f"{args.rows} {args.data} rows x {args.dim}, {args.queries} queries (not in the index), k = {args.k}; "
+        f"data made in {setup:.1f} s"
+    )
 
     results = []
     truth = None
     exact_ms = None
     for kind in args.kinds.split(","):
         t = time.perf_counter()
-        index = Index.from_matrix(X, names, kind=kind, nlist=args.nlist, nprobe=args.nprobe,
-                                  ef_search=args.ef_search, recall_k=args.k)
+        index = Index.from_matrix(
+            X, names, kind=kind, nlist=args.nlist, nprobe=args.nprobe, ef_search=args.ef_search, recall_k=args.k
+        )
         build = time.perf_counter() - t
         index.search(Q[:10], args.k)  # warm-up: first call pays thread start-up
         t = time.perf_counter()
         _, found = index.search(Q, args.k)
         query_ms = 1000 * (time.perf_counter() - t) / len(Q)
-        row = {"kind": kind, "params": index.params, "build_s": round(build, 2), "query_ms": round(query_ms, 3),
-               "queries_per_s": round(1000 / query_ms, 1)}
+        row = {
+            "kind": kind,
+            "params": index.params,
+            "build_s": round(build, 2),
+            "query_ms": round(query_ms, 3),
+            "queries_per_s": round(1000 / query_ms, 1),
+        }
         if kind == "flat":
             truth, exact_ms = found, query_ms
         else:
@@ -96,7 +106,9 @@ def main() -> None:
                 exact = faiss.IndexFlatIP(args.dim)
                 exact.add(X)
                 _, truth = exact.search(Q, args.k)
-            row["recall_at_k"] = round(float(np.mean([len(np.intersect1d(f, g)) for f, g in zip(found, truth)]) / args.k), 4)
+            row["recall_at_k"] = round(
+                float(np.mean([len(np.intersect1d(f, g)) for f, g in zip(found, truth)]) / args.k), 4
+            )
             # What `featx index` prints: recall on rows of the collection queried against it.
             row["recall_at_k_own_rows"] = index.recall["recall"]
             if exact_ms:
@@ -104,15 +116,23 @@ def main() -> None:
         results.append(row)
         extra = ""
         if "recall_at_k" in row:
-            extra = (f", recall@{args.k} {row['recall_at_k']:.3f} (own rows as queries: "
-                     f"{row['recall_at_k_own_rows']:.3f})"
-                     + (f", {row['speedup_vs_exact']}x the exact index's query speed" if "speedup_vs_exact" in row else ""))
-        print(f"  {kind:<5} {json.dumps(index.params)}: build {build:.1f} s, query {query_ms:.3f} ms "
-              f"({row['queries_per_s']:.0f}/s){extra}")
+            extra = (
+                f", recall@{args.k} {row['recall_at_k']:.3f} (own rows as queries: "
+                f"{row['recall_at_k_own_rows']:.3f})"
+                + (f", {row['speedup_vs_exact']}x the exact index's query speed" if "speedup_vs_exact" in row else "")
+            )
+        print(
+            f"  {kind:<5} {json.dumps(index.params)}: build {build:.1f} s, query {query_ms:.3f} ms "
+            f"({row['queries_per_s']:.0f}/s){extra}"
+        )
         del index
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "args": vars(args) | {"json": str(args.json)},
-                                         "results": results}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {"machine": machine, "args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,13 @@ _LAZY = {
 }
 
 __all__ = [
-    "BadInput", "FeatxError", "Locked", "MissingData", "SettingsMismatch", "__version__", *_LAZY,
+    "BadInput",
+    "FeatxError",
+    "Locked",
+    "MissingData",
+    "SettingsMismatch",
+    "__version__",
+    *_LAZY,
 ]
 
 

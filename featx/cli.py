@@ -8,7 +8,7 @@ import sys
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -107,33 +107,99 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None):
 @app.command()
 def extract(
     paths: Annotated[list[Path], typer.Argument(help="Image folders (searched recursively) and/or image files.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The Parquet file to write (or resume); a folder with --engine ray.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="The Parquet file to write (or resume); a folder with --engine ray.")
+    ],
     model: ModelOption = "vgg16",
-    weights: Annotated[str, typer.Option(help="'default' (torchvision IMAGENET1K_V1, downloaded once), a state-dict FILE, or 'random' (tests only).")] = "default",
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="'default' (torchvision IMAGENET1K_V1, downloaded once), a state-dict FILE, or 'random' (tests only)."
+        ),
+    ] = "default",
     layer: LayerOption = Layer.fc7,
     scales: ScalesOption = ",".join(map(str, DEFAULT_SCALES)),
     flip: FlipOption = True,
     aggregate: AggregateOption = Aggregate.mean,
-    precision: Annotated[Precision, typer.Option(help="Model precision; auto = bf16 where the CPU/GPU has it natively, else fp32 (bf16 changes numbers slightly; the resolved value is recorded).")] = Precision.auto,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            help=(
+                "Model precision; auto = bf16 where the CPU/GPU has it natively, else fp32 (bf16 changes numbers "
+                "slightly; the resolved value is recorded)."
+            )
+        ),
+    ] = Precision.auto,
     device: DeviceOption = "auto",
-    devices: Annotated[str, typer.Option(help="Several GPUs, each with its own stream of batches into one output: cuda:0,cuda:1 or all.")] = "",
-    batch_size: Annotated[int, typer.Option(help="At most this many images per batch (mixed sizes share a batch exactly).")] = 32,
-    batch_pixels: Annotated[int, typer.Option(help="At most this many padded pixels per batch; 0 = per device (4 M on CPU, 5.8 M on CUDA).")] = 0,
+    devices: Annotated[
+        str,
+        typer.Option(help="Several GPUs, each with its own stream of batches into one output: cuda:0,cuda:1 or all."),
+    ] = "",
+    batch_size: Annotated[
+        int, typer.Option(help="At most this many images per batch (mixed sizes share a batch exactly).")
+    ] = 32,
+    batch_pixels: Annotated[
+        int, typer.Option(help="At most this many padded pixels per batch; 0 = per device (4 M on CPU, 5.8 M on CUDA).")
+    ] = 0,
     workers: Annotated[int, typer.Option(help="Decode threads running ahead of the model.")] = 2,
     max_pixels: Annotated[int, typer.Option(help="Refuse larger images before decoding them.")] = DEFAULT_MAX_PIXELS,
-    bucket: Annotated[int, typer.Option(help="INEXACT, not needed for speed: N > 0 snaps the longer side to a multiple of N (changes the numbers; recorded). 0 = exact (default).")] = 0,
-    rows_per_group: Annotated[int, typer.Option(help="Rows per persisted piece: a killed run loses at most this many.")] = 64,
+    bucket: Annotated[
+        int,
+        typer.Option(
+            help=(
+                "INEXACT, not needed for speed: N > 0 snaps the longer side to a multiple of N (changes the numbers; "
+                "recorded). 0 = exact (default)."
+            )
+        ),
+    ] = 0,
+    rows_per_group: Annotated[
+        int, typer.Option(help="Rows per persisted piece: a killed run loses at most this many.")
+    ] = 64,
     seed: Annotated[int, typer.Option(help="Seed of --weights random.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Discard what OUTPUT held before this run (e.g. other settings); an interrupted --overwrite run resumes when rerun.")] = False,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="If another featx process is writing OUTPUT: wait for it to finish (--wait), or stop at once naming it (default).")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help=(
+                "Discard what OUTPUT held before this run (e.g. other settings); an interrupted --overwrite run "
+                "resumes when rerun."
+            )
+        ),
+    ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help=(
+                "If another featx process is writing OUTPUT: wait for it to finish (--wait), or stop at once naming "
+                "it (default)."
+            ),
+        ),
+    ] = False,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
     profile: Annotated[bool, typer.Option(help="Print seconds spent per stage.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
-    shard: Annotated[Optional[str], typer.Option(help="K/N: only shard K of N (0-based, by path hash), to split a folder over N machines.")] = None,
-    engine: Annotated[Engine, typer.Option(help="local (this machine) or ray (a Ray cluster; OUTPUT is a folder of Parquet parts).")] = Engine.local,
-    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join, e.g. auto or HEAD:6379 (default: a local Ray).")] = None,
-    ray_actors: Annotated[Optional[int], typer.Option(help="Model actors (default: one per GPU; on CPUs, half of the cores).")] = None,
-    regions: Annotated[Optional[Path], typer.Option(help="CSV or Parquet table of boxes (path, x1, y1, x2, y2 in upright pixels, 0-based, x2/y2 exclusive; optional region id): one row per box instead of per image.")] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="K/N: only shard K of N (0-based, by path hash), to split a folder over N machines."),
+    ] = None,
+    engine: Annotated[
+        Engine, typer.Option(help="local (this machine) or ray (a Ray cluster; OUTPUT is a folder of Parquet parts).")
+    ] = Engine.local,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join, e.g. auto or HEAD:6379 (default: a local Ray).")
+    ] = None,
+    ray_actors: Annotated[
+        int | None, typer.Option(help="Model actors (default: one per GPU; on CPUs, half of the cores).")
+    ] = None,
+    regions: Annotated[
+        Path | None,
+        typer.Option(
+            help=(
+                "CSV or Parquet table of boxes (path, x1, y1, x2, y2 in upright pixels, 0-based, x2/y2 exclusive; "
+                "optional region id): one row per box instead of per image."
+            )
+        ),
+    ] = None,
 ) -> None:
     """Describe every image with the paper's dense multi-scale VGG descriptor; write Parquet."""
     from featx.extract.config import ExtractConfig
@@ -144,9 +210,22 @@ def extract(
     # Everything the arguments alone can refute is refuted before torch loads (seconds).
     config = call(
         ExtractConfig,
-        model=model.value, weights=weights, layer=layer.value, scales=parse_scales(scales), flip=flip,
-        aggregate=aggregate.value, precision=precision.value, device=device, batch_size=batch_size,
-        batch_pixels=batch_pixels, devices=devices, workers=workers, max_pixels=max_pixels, seed=seed, rows_per_group=rows_per_group, bucket=bucket,
+        model=model.value,
+        weights=weights,
+        layer=layer.value,
+        scales=parse_scales(scales),
+        flip=flip,
+        aggregate=aggregate.value,
+        precision=precision.value,
+        device=device,
+        batch_size=batch_size,
+        batch_pixels=batch_pixels,
+        devices=devices,
+        workers=workers,
+        max_pixels=max_pixels,
+        seed=seed,
+        rows_per_group=rows_per_group,
+        bucket=bucket,
     )
     if engine is Engine.ray and devices:
         fail("--devices is for the local engine; with --engine ray, Ray places one model actor per GPU (--ray-actors)")
@@ -163,11 +242,31 @@ def extract(
     if engine is Engine.ray:
         from featx.extract.ray_engine import extract_ray
 
-        result = call(extract_ray, paths, output, config, address=ray_address, actors=ray_actors,
-                      shard=shard, overwrite=overwrite, progress=not quiet, wait=wait, regions=regions)
+        result = call(
+            extract_ray,
+            paths,
+            output,
+            config,
+            address=ray_address,
+            actors=ray_actors,
+            shard=shard,
+            overwrite=overwrite,
+            progress=not quiet,
+            wait=wait,
+            regions=regions,
+        )
     else:
-        result = call(run_extract, paths, output, config, overwrite=overwrite, progress=not quiet, shard=shard,
-                      wait=wait, regions=regions)
+        result = call(
+            run_extract,
+            paths,
+            output,
+            config,
+            overwrite=overwrite,
+            progress=not quiet,
+            shard=shard,
+            wait=wait,
+            regions=regions,
+        )
     if result.interrupted:
         typer.echo(
             f"featx: interrupted after {result.new_rows} new images; they are kept in "
@@ -178,7 +277,11 @@ def extract(
         raise typer.Exit(130)
     rate = result.images_per_second
     changes = result.changes
-    changed = f", {changes.replaced} replaced, {changes.dropped} dropped" if changes and (changes.replaced or changes.dropped) else ""
+    changed = (
+        f", {changes.replaced} replaced, {changes.dropped} dropped"
+        if changes and (changes.replaced or changes.dropped)
+        else ""
+    )
     unit = "regions" if regions is not None else "images"
     typer.echo(
         f"{result.output}: {result.rows} {unit} ({result.new_rows} new{changed}), {result.failures} failures, "
@@ -230,25 +333,41 @@ def info(
     if len(named) > 12:
         labels += f", and {len(named) - 12} more"
     if unlabelled:
-        labels += (", and " if labels else "none: ") + f"{_plural(unlabelled, 'image')} given as files, not in a class folder"
+        labels += (
+            ", and " if labels else "none: "
+        ) + f"{_plural(unlabelled, 'image')} given as files, not in a class folder"
 
     scales = prov.get("scales", [])
     combined = ("stacked" if prov.get("aggregate") == "stack" else "averaged") if len(scales) > 1 else ""
     flip = "with its flipped image" if prov.get("flip") else "no flip"
-    listed = ", ".join(str(e) for e in error_files[:2]) + (f" and {len(error_files) - 2} more" if len(error_files) > 2 else "")
+    listed = ", ".join(str(e) for e in error_files[:2]) + (
+        f" and {len(error_files) - 2} more" if len(error_files) > 2 else ""
+    )
     where = f" in {len(files)} files" if path.is_dir() else ""
     typer.echo(f"{path}: {_plural(rows, 'row')} × {prov.get('dim')} float32{where}, {_size(size)}")
     # One fact per line, named as the options that set it, so two files can be compared by eye.
     for name, value in [
         ("model", f"{prov.get('model')}, weights {weights}"),
         ("layer", f"{prov.get('layer')} map averaged over all positions, {flip}"),
-        ("scales", f"Q = {', '.join(map(str, scales))}" + (f", {combined}" if combined else "") + ", L2-normalised"
-                   + (f"; longer side snapped to multiples of {prov['bucket']}" if prov.get("bucket") else "")),
-        ("input", f"upright RGB, smaller side to Q ({resize.get('interpolation', '?')}"
-                  + (", antialiased" if resize.get("antialias") else "") + f"), mean {norm.get('mean')} std {norm.get('std')}"),
+        (
+            "scales",
+            f"Q = {', '.join(map(str, scales))}"
+            + (f", {combined}" if combined else "")
+            + ", L2-normalised"
+            + (f"; longer side snapped to multiples of {prov['bucket']}" if prov.get("bucket") else ""),
+        ),
+        (
+            "input",
+            f"upright RGB, smaller side to Q ({resize.get('interpolation', '?')}"
+            + (", antialiased" if resize.get("antialias") else "")
+            + f"), mean {norm.get('mean')} std {norm.get('std')}",
+        ),
         ("precision", f"{prov.get('precision')} on {prov.get('device')}"),
         ("settings", f"hash {prov.get('settings_hash')} (equal hash: same descriptor, comparable rows)"),
-        ("software", f"featx {prov.get('featx_version')}, torch {prov.get('torch')}, torchvision {prov.get('torchvision')}"),
+        (
+            "software",
+            f"featx {prov.get('featx_version')}, torch {prov.get('torch')}, torchvision {prov.get('torchvision')}",
+        ),
         ("labels", f"{len(named)}: {labels}" if named else labels or "none"),
         ("failures", f"{_plural(failures, 'image')}, listed in {listed}" if failures else "none"),
         ("run", _last_run(read_last_run(path))),
@@ -280,16 +399,20 @@ def model(
     c, h, w = s["rows"][-1].shape
     typer.echo(f"{'mean':<9}{'over ' + str(h * w) + ' positions':<24}{c:>16}{0:>14,}{0:>9.2f}")
     typer.echo(f"total: {s['params']:,} parameters, {s['flops'] / 1e9:.2f} GFLOPs per image")
-    typer.echo(f"torchvision counts {s['torchvision_params']:,} parameters: these plus the classifier's "
-               f"fc8 ({s['classifier_params']:,}), which the descriptor does not use"
-               + ("" if s["layer"] == "fc7" else f", and the fc layers after {s['layer']}"))
+    typer.echo(
+        f"torchvision counts {s['torchvision_params']:,} parameters: these plus the classifier's "
+        f"fc8 ({s['classifier_params']:,}), which the descriptor does not use"
+        + ("" if s["layer"] == "fc7" else f", and the fc layers after {s['layer']}")
+    )
 
 
 def _last_run(run: dict | None) -> str:
     if not run:
         return "not recorded"
-    return (f"the last one added {run['added']}, replaced {run['replaced']} (changed since), "
-            f"dropped {run['dropped']} (gone since); finished {run['finished']}")
+    return (
+        f"the last one added {run['added']}, replaced {run['replaced']} (changed since), "
+        f"dropped {run['dropped']} (gone since); finished {run['finished']}"
+    )
 
 
 def _plural(n: int, noun: str) -> str:
@@ -322,30 +445,88 @@ class HeadName(str, Enum):
 
 @app.command()
 def evaluate(
-    dataset: Annotated[Optional[Dataset], typer.Option(help="The paper's experiment to run (its pipelines/<dataset>.toml).")] = None,
-    pipeline: Annotated[Optional[Path], typer.Option(help="Run your own experiment file (TOML, like the shipped ones).")] = None,
-    root: Annotated[Optional[Path], typer.Option(help="Folder holding the dataset as torchvision lays it (caltech101/101_ObjectCategories, VOCdevkit/VOC2007, ...).")] = None,
-    download: Annotated[bool, typer.Option(help="Fetch the dataset from its official host into --root (md5-checked, resumable).")] = False,
-    model: Annotated[Optional[list[Model]], typer.Option(help="Net(s) to evaluate, repeatable; two give their late fusion too (D & E).")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="'default' (ImageNet), a state-dict FILE, or 'random' (smoke tests: far below the paper).")] = None,
-    scales: Annotated[Optional[str], typer.Option(help="Override the pipeline's scales Q, comma-separated.")] = None,
-    aggregate: Annotated[Optional[Aggregate], typer.Option(help="Override how scales combine: stack (Caltech) or mean (VOC).")] = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Override flip averaging.")] = None,
-    head: Annotated[Optional[HeadName], typer.Option(help="Classifier: svm (linear SVM, the paper's) or logreg.")] = None,
-    splits: Annotated[Optional[int], typer.Option(help="Override the number of seeded splits.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the first split (split i uses seed + i).")] = None,
-    no_background: Annotated[bool, typer.Option("--no-background", help="Caltech: drop the background/clutter class (the paper keeps it).")] = False,
-    features: Annotated[Optional[list[Path]], typer.Option(help="Evaluate already extracted feature file(s), one per net, instead of extracting.")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Where extracted features are cached, keyed by settings and the dataset's files (default: $XDG_CACHE_HOME/featx, else ~/.cache/featx; see featx cache ls).")] = None,
-    report: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here, with PNG plots beside it.")] = None,
-    precision: Annotated[Precision, typer.Option(help="Model precision, as for featx extract: auto = bf16 where the CPU/GPU has it natively, else fp32 (part of the cache key; recorded in the report).")] = Precision.auto,
+    dataset: Annotated[
+        Dataset | None, typer.Option(help="The paper's experiment to run (its pipelines/<dataset>.toml).")
+    ] = None,
+    pipeline: Annotated[
+        Path | None, typer.Option(help="Run your own experiment file (TOML, like the shipped ones).")
+    ] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            help=(
+                "Folder holding the dataset as torchvision lays it (caltech101/101_ObjectCategories, "
+                "VOCdevkit/VOC2007, ...)."
+            )
+        ),
+    ] = None,
+    download: Annotated[
+        bool, typer.Option(help="Fetch the dataset from its official host into --root (md5-checked, resumable).")
+    ] = False,
+    model: Annotated[
+        list[Model] | None,
+        typer.Option(help="Net(s) to evaluate, repeatable; two give their late fusion too (D & E)."),
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="'default' (ImageNet), a state-dict FILE, or 'random' (smoke tests: far below the paper)."),
+    ] = None,
+    scales: Annotated[str | None, typer.Option(help="Override the pipeline's scales Q, comma-separated.")] = None,
+    aggregate: Annotated[
+        Aggregate | None, typer.Option(help="Override how scales combine: stack (Caltech) or mean (VOC).")
+    ] = None,
+    flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Override flip averaging.")] = None,
+    head: Annotated[HeadName | None, typer.Option(help="Classifier: svm (linear SVM, the paper's) or logreg.")] = None,
+    splits: Annotated[int | None, typer.Option(help="Override the number of seeded splits.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the first split (split i uses seed + i).")] = None,
+    no_background: Annotated[
+        bool, typer.Option("--no-background", help="Caltech: drop the background/clutter class (the paper keeps it).")
+    ] = False,
+    features: Annotated[
+        list[Path] | None,
+        typer.Option(help="Evaluate already extracted feature file(s), one per net, instead of extracting."),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help=(
+                "Where extracted features are cached, keyed by settings and the dataset's files (default: "
+                "$XDG_CACHE_HOME/featx, else ~/.cache/featx; see featx cache ls)."
+            )
+        ),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Write the results as JSON here, with PNG plots beside it.")
+    ] = None,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            help=(
+                "Model precision, as for featx extract: auto = bf16 where the CPU/GPU has it natively, else fp32 "
+                "(part of the cache key; recorded in the report)."
+            )
+        ),
+    ] = Precision.auto,
     device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
-    jobs: Annotated[Optional[int], typer.Option(help="Processes fitting the C grid in parallel (same results; -1: all cores).")] = None,
+    jobs: Annotated[
+        int | None, typer.Option(help="Processes fitting the C grid in parallel (same results; -1: all cores).")
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
-    results: Annotated[Optional[Path], typer.Option(help="voc2012-action: write the devkit's result files (DIR/image/, DIR/image_box/).")] = None,
-    test_server: Annotated[bool, typer.Option(help="voc2012-action: train on trainval and score the test persons (VOC2012test.tar unpacked under --root) for the evaluation server; needs --results.")] = False,
+    results: Annotated[
+        Path | None,
+        typer.Option(help="voc2012-action: write the devkit's result files (DIR/image/, DIR/image_box/)."),
+    ] = None,
+    test_server: Annotated[
+        bool,
+        typer.Option(
+            help=(
+                "voc2012-action: train on trainval and score the test persons (VOC2012test.tar unpacked under --root) "
+                "for the evaluation server; needs --results."
+            )
+        ),
+    ] = False,
 ) -> None:
     """Run the paper's transfer experiment (Appendix B, Tables 11, 12) and print featx beside the paper."""
     from featx.evaluate.pipeline import pipeline_for
@@ -365,9 +546,14 @@ def evaluate(
     chosen = call(pipeline_for, dataset.value if dataset else None, pipeline)
     chosen = call(
         chosen.override,
-        models=[m.value for m in model] if model else None, weights=weights,
-        scales=parse_scales(scales) if scales else None, aggregate=aggregate.value if aggregate else None,
-        flip=flip, head=head.value if head else None, splits=splits, seed=seed,
+        models=[m.value for m in model] if model else None,
+        weights=weights,
+        scales=parse_scales(scales) if scales else None,
+        aggregate=aggregate.value if aggregate else None,
+        flip=flip,
+        head=head.value if head else None,
+        splits=splits,
+        seed=seed,
         background=False if no_background else None,
     )
     from featx.evaluate.report import print_table, write_report
@@ -375,9 +561,21 @@ def evaluate(
 
     log = logging.getLogger("featx").info if not quiet else None
     result = call(
-        run_evaluate, chosen, root=root, download=download, cache_dir=cache_dir, features=features or (),
-        device=device, precision=precision.value, batch_size=batch_size, workers=workers, jobs=jobs,
-        progress=not quiet, log=log, results_dir=results, test_server=test_server,
+        run_evaluate,
+        chosen,
+        root=root,
+        download=download,
+        cache_dir=cache_dir,
+        features=features or (),
+        device=device,
+        precision=precision.value,
+        batch_size=batch_size,
+        workers=workers,
+        jobs=jobs,
+        progress=not quiet,
+        log=log,
+        results_dir=results,
+        test_server=test_server,
     )
     print_table(result.report)
     if report is not None:
@@ -390,31 +588,61 @@ def evaluate(
 
 @app.command()
 def probe(
-    source: Annotated[Path, typer.Argument(help="An image folder (labels: its subfolders) or a feature file/folder from featx extract.")],
-    labels: Annotated[Optional[Path], typer.Option(help="CSV or Parquet with path,label (or path,labels: a list, 'a;b' in CSV, for multi-label).")] = None,
+    source: Annotated[
+        Path,
+        typer.Argument(help="An image folder (labels: its subfolders) or a feature file/folder from featx extract."),
+    ],
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="CSV or Parquet with path,label (or path,labels: a list, 'a;b' in CSV, for multi-label)."),
+    ] = None,
     splits: Annotated[int, typer.Option(help="Seeded splits; mean ± std over them.")] = 3,
     test_size: Annotated[float, typer.Option(help="Fraction of each class tested (stratified).")] = 0.2,
-    train_per_class: Annotated[Optional[int], typer.Option(help="Few-shot: K training images per class, the rest tested (instead of --test-size).")] = None,
-    head: Annotated[HeadName, typer.Option(help="Classifier: svm (linear SVM, the paper's) or logreg; C chosen on held-out training images.")] = HeadName.svm,
+    train_per_class: Annotated[
+        int | None,
+        typer.Option(help="Few-shot: K training images per class, the rest tested (instead of --test-size)."),
+    ] = None,
+    head: Annotated[
+        HeadName,
+        typer.Option(help="Classifier: svm (linear SVM, the paper's) or logreg; C chosen on held-out training images."),
+    ] = HeadName.svm,
     seed: Annotated[int, typer.Option(help="Seed of the first split (split i uses seed + i).")] = 0,
-    drop_small_classes: Annotated[bool, typer.Option(help="Probe without the classes that have too few images (default: refuse, naming them).")] = False,
-    report: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here, with a confusion matrix and per-class bars (PNG) beside it.")] = None,
-    predictions: Annotated[Optional[Path], typer.Option(help="Write path, split, label, predicted, score per test image per split (.parquet).")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Where an image folder's features are cached (as featx evaluate's).")] = None,
+    drop_small_classes: Annotated[
+        bool, typer.Option(help="Probe without the classes that have too few images (default: refuse, naming them).")
+    ] = False,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the results as JSON here, with a confusion matrix and per-class bars (PNG) beside it."
+        ),
+    ] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option(help="Write path, split, label, predicted, score per test image per split (.parquet)."),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Where an image folder's features are cached (as featx evaluate's).")
+    ] = None,
     model: ModelOption = "vgg16",
-    weights: Annotated[str, typer.Option(help="'default' (ImageNet), a state-dict FILE, or 'random' (tests only: chance level).")] = "default",
+    weights: Annotated[
+        str, typer.Option(help="'default' (ImageNet), a state-dict FILE, or 'random' (tests only: chance level).")
+    ] = "default",
     layer: LayerOption = Layer.fc7,
     scales: ScalesOption = ",".join(map(str, DEFAULT_SCALES)),
     flip: FlipOption = True,
     aggregate: AggregateOption = Aggregate.mean,
-    precision: Annotated[Precision, typer.Option(help="Model precision (auto = bf16 where native, else fp32).")] = Precision.auto,
+    precision: Annotated[
+        Precision, typer.Option(help="Model precision (auto = bf16 where native, else fp32).")
+    ] = Precision.auto,
     device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
     workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
     max_pixels: Annotated[int, typer.Option(help="Refuse larger images before decoding them.")] = DEFAULT_MAX_PIXELS,
-    bucket: Annotated[int, typer.Option(help="0 = exact resize; N = snap the longer side to a multiple of N (changes numbers).")] = 0,
+    bucket: Annotated[
+        int, typer.Option(help="0 = exact resize; N = snap the longer side to a multiple of N (changes numbers).")
+    ] = 0,
     weights_seed: Annotated[int, typer.Option(help="Seed of --weights random.")] = 0,
-    jobs: Annotated[Optional[int], typer.Option(help="Processes fitting the C grid in parallel (same results).")] = None,
+    jobs: Annotated[int | None, typer.Option(help="Processes fitting the C grid in parallel (same results).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """How well do the features transfer to your labelled images? The paper's protocol on your folder."""
@@ -428,12 +656,32 @@ def probe(
         call(check_output_path, predictions, ".parquet", "--predictions")
     log = logging.getLogger("featx").info if not quiet else None
     result = call(
-        run_probe, source, labels=labels, splits=splits, test_size=test_size, train_per_class=train_per_class,
-        head=head.value, seed=seed, drop_small_classes=drop_small_classes, cache_dir=cache_dir, jobs=jobs,
-        progress=not quiet, log=log,
-        model=model.value, weights=weights, layer=layer.value, scales=parse_scales(scales), flip=flip,
-        aggregate=aggregate.value, precision=precision.value, device=device, batch_size=batch_size,
-        workers=workers, max_pixels=max_pixels, bucket=bucket, weights_seed=weights_seed,
+        run_probe,
+        source,
+        labels=labels,
+        splits=splits,
+        test_size=test_size,
+        train_per_class=train_per_class,
+        head=head.value,
+        seed=seed,
+        drop_small_classes=drop_small_classes,
+        cache_dir=cache_dir,
+        jobs=jobs,
+        progress=not quiet,
+        log=log,
+        model=model.value,
+        weights=weights,
+        layer=layer.value,
+        scales=parse_scales(scales),
+        flip=flip,
+        aggregate=aggregate.value,
+        precision=precision.value,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
+        bucket=bucket,
+        weights_seed=weights_seed,
     )
     print_report(result)
     if report is not None:
@@ -453,11 +701,17 @@ class IndexKind(str, Enum):
 def index(
     features: Annotated[Path, typer.Argument(help="A feature file or folder from featx extract.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The index folder to write.")],
-    kind: Annotated[IndexKind, typer.Option(help="flat: exact cosine; hnsw or ivf: approximate, for large sets (recall@k printed).")] = IndexKind.flat,
-    images: Annotated[Optional[Path], typer.Option(help="The folder the features were extracted from (for --sheet thumbnails).")] = None,
+    kind: Annotated[
+        IndexKind, typer.Option(help="flat: exact cosine; hnsw or ivf: approximate, for large sets (recall@k printed).")
+    ] = IndexKind.flat,
+    images: Annotated[
+        Path | None, typer.Option(help="The folder the features were extracted from (for --sheet thumbnails).")
+    ] = None,
     m: Annotated[int, typer.Option(help="hnsw: links per node.")] = 32,
-    ef_search: Annotated[int, typer.Option(help="hnsw: candidates kept while searching (more: better recall, slower).")] = 128,
-    nlist: Annotated[Optional[int], typer.Option(help="ivf: number of lists (default about 4 sqrt(rows)).")] = None,
+    ef_search: Annotated[
+        int, typer.Option(help="hnsw: candidates kept while searching (more: better recall, slower).")
+    ] = 128,
+    nlist: Annotated[int | None, typer.Option(help="ivf: number of lists (default about 4 sqrt(rows)).")] = None,
     nprobe: Annotated[int, typer.Option(help="ivf: lists visited per query (more: better recall, slower).")] = 32,
     recall_k: Annotated[int, typer.Option(help="k of the recall@k measured for approximate kinds.")] = 10,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index.")] = False,
@@ -465,8 +719,17 @@ def index(
     """Build a nearest-neighbour index (cosine, FAISS) over a feature file or folder."""
     from featx.downstream.search import Index
 
-    built = call(Index.build, features, kind.value, m=m, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
-                 recall_k=recall_k, images=images)
+    built = call(
+        Index.build,
+        features,
+        kind.value,
+        m=m,
+        ef_search=ef_search,
+        nlist=nlist,
+        nprobe=nprobe,
+        recall_k=recall_k,
+        images=images,
+    )
     call(built.save, output, overwrite=overwrite)
     typer.echo(f"{output}: {len(built)} rows × {built.dim}, {kind.value} index, built in {built.build_seconds:.1f} s")
     if built.recall is not None:
@@ -474,20 +737,34 @@ def index(
         typer.echo(
             f"  recall@{r['k']} against exact search: {r['recall']:.3f} ({r['queries']} of the rows as queries, "
             f"{r['query_ms']:.3f} ms per query); raise "
-            + ("--ef-search" if kind is IndexKind.hnsw else "--nprobe") + " for more"
+            + ("--ef-search" if kind is IndexKind.hnsw else "--nprobe")
+            + " for more"
         )
 
 
 @app.command()
 def neighbours(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="An index folder from featx index.")],
-    queries: Annotated[Optional[list[Path]], typer.Argument(metavar="QUERY...", help="Image files, image folders or feature files.")] = None,
+    queries: Annotated[
+        list[Path] | None, typer.Argument(metavar="QUERY...", help="Image files, image folders or feature files.")
+    ] = None,
     k: Annotated[int, typer.Option("-k", help="Neighbours per query.")] = 10,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write the table to FILE.parquet or FILE.csv instead of stdout.")] = None,
-    sheet: Annotated[Optional[Path], typer.Option(help="Draw each query beside its neighbours in FILE.png.")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Folder of the indexed images, for --sheet (default: the one given to featx index).")] = None,
-    duplicates: Annotated[Optional[float], typer.Option(help="List pairs of indexed rows with cosine >= THRESHOLD (exact), e.g. 0.95.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="The weights FILE the index's features were made with (needed for image queries if a file).")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Write the table to FILE.parquet or FILE.csv instead of stdout."),
+    ] = None,
+    sheet: Annotated[Path | None, typer.Option(help="Draw each query beside its neighbours in FILE.png.")] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the indexed images, for --sheet (default: the one given to featx index)."),
+    ] = None,
+    duplicates: Annotated[
+        float | None, typer.Option(help="List pairs of indexed rows with cosine >= THRESHOLD (exact), e.g. 0.95.")
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="The weights FILE the index's features were made with (needed for image queries if a file)."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N] (to describe query images).")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
 ) -> None:
@@ -527,7 +804,9 @@ cache_app = typer.Typer(
 )
 app.add_typer(cache_app, name="cache")
 
-CacheDir = Annotated[Optional[Path], typer.Option(help="The cache folder (default: $XDG_CACHE_HOME/featx, else ~/.cache/featx).")]
+CacheDir = Annotated[
+    Path | None, typer.Option(help="The cache folder (default: $XDG_CACHE_HOME/featx, else ~/.cache/featx).")
+]
 
 
 @cache_app.command("ls")
@@ -552,7 +831,7 @@ def cache_ls(cache_dir: CacheDir = None) -> None:
 
 @cache_app.command("rm")
 def cache_rm(
-    entry: Annotated[Optional[list[str]], typer.Argument(help="Entries to remove, as featx cache ls names them.")] = None,
+    entry: Annotated[list[str] | None, typer.Argument(help="Entries to remove, as featx cache ls names them.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
     cache_dir: CacheDir = None,
 ) -> None:

@@ -17,11 +17,11 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from featx.errors import BadInput, MissingData
+from featx.extract import describer as factory
 from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, ExtractConfig
 from featx.extract.decode import Decoded, ImageError, crop_box, decode_image, open_upright, upright_rgb
-from featx.extract.regions import as_pixel
-from featx.extract import describer as factory
 from featx.extract.descriptor import DenseDescriber, combine, pooled_per_scale
+from featx.extract.regions import as_pixel
 from featx.net.device import resolve_device
 
 __all__ = ["VGGFeatures", "clear_net_cache", "describe_decoded"]
@@ -156,11 +156,20 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         try:
             scales = tuple(int(q) for q in scales)
         except (TypeError, ValueError):
-            raise BadInput(f"scales={self.scales!r} is not a list of integers; write e.g. scales=(256, 384, 512)") from None
+            raise BadInput(
+                f"scales={self.scales!r} is not a list of integers; write e.g. scales=(256, 384, 512)"
+            ) from None
         return ExtractConfig(
-            model=self.model, weights=str(self.weights), scales=scales, flip=bool(self.flip),
-            aggregate=self.aggregate, layer=self.layer, precision=self.precision,
-            device=self.device, batch_size=int(self.batch_size), seed=int(self.seed),
+            model=self.model,
+            weights=str(self.weights),
+            scales=scales,
+            flip=bool(self.flip),
+            aggregate=self.aggregate,
+            layer=self.layer,
+            precision=self.precision,
+            device=self.device,
+            batch_size=int(self.batch_size),
+            seed=int(self.seed),
         )
 
     def fit(self, X=None, y=None):

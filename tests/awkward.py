@@ -26,7 +26,7 @@ def good_files(folder: Path) -> dict[str, tuple[int, int]]:
 
     save("gray.jpg", _rgb(1).convert("L"))
     save("cmyk.jpg", _rgb(2).convert("CMYK"))
-    a16 = (np.asarray(_rgb(3).convert("L"), dtype=np.uint16) * 257)
+    a16 = np.asarray(_rgb(3).convert("L"), dtype=np.uint16) * 257
     save("gray16.png", Image.fromarray(a16))
     pal = _rgb(4).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     pal.info["transparency"] = 0

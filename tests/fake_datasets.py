@@ -65,9 +65,7 @@ def make_voc(root: Path, year: str = "2007", sets: dict[str, int] | None = None)
         labels[0, 19] = 0 if labels[0, 19] != 1 else 1
         (main / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
         for k, cls in enumerate(VOC_CLASSES):
-            (main / f"{cls}_{name}.txt").write_text(
-                "".join(f"{i} {labels[j, k]:2d}\n" for j, i in enumerate(ids))
-            )
+            (main / f"{cls}_{name}.txt").write_text("".join(f"{i} {labels[j, k]:2d}\n" for j, i in enumerate(ids)))
     # An image no set lists (VOC2012's folder holds many): it must not be described.
     jpeg(base / "JPEGImages" / "999999.jpg", seed=999)
     return base
@@ -158,5 +156,6 @@ def _action_xml(image_id: str, objects, actions) -> str:
         f"<annotation><folder>VOC2012</folder><filename>{image_id}.jpg</filename>"
         "<source><database>The VOC2012 Database</database></source>"
         "<size><width>160</width><height>120</height><depth>3</depth></size><segmented>0</segmented>"
-        + "".join(parts) + "</annotation>\n"
+        + "".join(parts)
+        + "</annotation>\n"
     )

@@ -40,11 +40,19 @@ def test_extract_samples_then_info(samples, tmp_path):
 
 def test_offline_default_weights_fail_in_one_line_with_exit_2(samples, tmp_path):
     # A proxy on a closed local port makes the download fail at once, whatever the network.
-    env = os.environ | {"TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9",
-                        "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
+    env = os.environ | {
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "https_proxy": "http://127.0.0.1:9",
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "featx", "extract", str(samples), "-o", str(tmp_path / "s.parquet"), *FAST],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -78,8 +86,9 @@ def test_weights_file_is_loaded_and_recorded(samples, tmp_path):
     ],
 )
 def test_user_errors_are_one_line_with_exit_2(samples, tmp_path, args, message):
-    result = runner.invoke(app, ["extract", str(samples), "-o", str(tmp_path / "x.parquet"),
-                                 "--model", "vgg11", "--quiet", *args])
+    result = runner.invoke(
+        app, ["extract", str(samples), "-o", str(tmp_path / "x.parquet"), "--model", "vgg11", "--quiet", *args]
+    )
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x.parquet").exists()

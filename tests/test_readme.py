@@ -32,8 +32,18 @@ def test_the_section_has_the_examples():
     blocks = python_blocks((REPO / "README.md").read_text(), HEADING)
     code = "\n".join(c for _, c in blocks)
     assert len(blocks) >= 4
-    for needle in ("load_xy", "LinearSVC", "VGGFeatures", "GridSearchCV", "duckdb", "list_dot_product", "polars",
-                   "featx.probe(", "featx.Index.build(", ".neighbours("):
+    for needle in (
+        "load_xy",
+        "LinearSVC",
+        "VGGFeatures",
+        "GridSearchCV",
+        "duckdb",
+        "list_dot_product",
+        "polars",
+        "featx.probe(",
+        "featx.Index.build(",
+        ".neighbours(",
+    ):
         assert needle in code, needle
     # Honest about its demo net: every VGGFeatures there is the random one the text names.
     assert code.count("VGGFeatures(") == code.count('VGGFeatures(model="vgg11", weights="random", scales=(224,))')

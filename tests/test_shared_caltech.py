@@ -14,7 +14,10 @@ from typer.testing import CliRunner
 
 from featx.cli import app
 
-MINI = Path(os.environ.get("FEATX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "caltech101-mini"
+MINI = (
+    Path(os.environ.get("FEATX_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    / "caltech101-mini"
+)
 
 pytestmark = [pytest.mark.shared, pytest.mark.slow]
 
@@ -29,11 +32,30 @@ def opted_in(request):
 
 
 def test_evaluate_on_the_mini_caltech(opted_in, tmp_path):
-    result = CliRunner().invoke(app, [
-        "evaluate", "--dataset", "caltech101", "--root", str(MINI), "--weights", "random",
-        "--model", "vgg11", "--scales", "224", "--no-flip", "--splits", "2",
-        "--cache-dir", str(tmp_path / "cache"), "--report", str(tmp_path / "mini.json"), "--quiet",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--dataset",
+            "caltech101",
+            "--root",
+            str(MINI),
+            "--weights",
+            "random",
+            "--model",
+            "vgg11",
+            "--scales",
+            "224",
+            "--no-flip",
+            "--splits",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--report",
+            str(tmp_path / "mini.json"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "weights: random" in result.stdout and "8 classes, 320 images" in result.stdout
     report = json.loads((tmp_path / "mini.json").read_text())

@@ -115,7 +115,9 @@ def test_settings_hash_names_the_descriptor():
 def sample_paths(tmp_path_factory):
     """Six same-size images in two classes: one batch per transform, three per class for CV."""
     root = tmp_path_factory.mktemp("tiny")
-    files = write_images(root, [(48, 32)] * 3, seed=5, label="a") + write_images(root, [(48, 32)] * 3, seed=6, label="b")
+    files = write_images(root, [(48, 32)] * 3, seed=5, label="a") + write_images(
+        root, [(48, 32)] * 3, seed=6, label="b"
+    )
     return [str(f) for f in files], [f.parent.name for f in files]
 
 
@@ -214,9 +216,9 @@ def test_grid_search_loads_the_net_once(sample_paths, monkeypatch):
     monkeypatch.setattr(factory, "build", lambda *a, **k: builds.append(a) or real_build(*a, **k))
     # A seed no other test uses: a net not in the cache yet.
     pipe = make_pipeline(VGGFeatures(**TINY, seed=7, flip=False), LinearSVC())
-    grid = GridSearchCV(
-        pipe, {"vggfeatures__scales": [(32,), (48,)], "linearsvc__C": [0.1, 1.0]}, cv=3
-    ).fit(paths, labels)
+    grid = GridSearchCV(pipe, {"vggfeatures__scales": [(32,), (48,)], "linearsvc__C": [0.1, 1.0]}, cv=3).fit(
+        paths, labels
+    )
     # 4 candidates x 3 folds + the refit = 13 fits of VGGFeatures, one load.
     assert len(grid.cv_results_["params"]) == 4
     assert len(builds) == 1 and builds[0][1].identity == {"kind": "random", "seed": 7}

@@ -39,14 +39,26 @@ def feature_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("info") / "f.parquet"
     prov = {"settings_hash": "0" * 16, "dim": 4, "model": "vgg16", "scales": [256]}
     schema = store.feature_schema(4, prov)
-    rows = store.rows_table(schema, ["a/1.jpg", "b/2.jpg"], ["a", "b"], [10, 20], [10, 20], np.eye(2, 4, dtype=np.float32))
+    rows = store.rows_table(
+        schema, ["a/1.jpg", "b/2.jpg"], ["a", "b"], [10, 20], [10, 20], np.eye(2, 4, dtype=np.float32)
+    )
     store.write_atomic(rows, out)
     return out
 
 
-@pytest.mark.parametrize("args", [["--help"], ["extract", "--help"], ["evaluate", "--help"], ["info", "--help"],
-    ["probe", "--help"], ["index", "--help"], ["neighbours", "--help"], ["model", "--help"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["extract", "--help"],
+        ["evaluate", "--help"],
+        ["info", "--help"],
+        ["probe", "--help"],
+        ["index", "--help"],
+        ["neighbours", "--help"],
+        ["model", "--help"],
+    ],
+)
 def test_help_imports_no_heavy_library(args):
     assert imported_by(*args) == []
 

@@ -189,7 +189,7 @@ def load_labelled(
         # The cache may hold images that have since left the folder: use the folder as it is.
         mask = np.fromiter((p in keep for p in paths), bool, len(paths))
         paths, X = paths[mask], X[mask]
-        folder_labels = [l for l, m in zip(folder_labels, mask) if m]
+        folder_labels = [label for label, m in zip(folder_labels, mask) if m]
     order = np.argsort(paths, kind="stable")
     paths, X = paths[order], X[order]
     folder_labels = [folder_labels[i] for i in order]
@@ -213,12 +213,12 @@ def load_labelled(
     else:
         multi = False
         row_labels = folder_labels
-        unlabelled = sum(1 for l in row_labels if l is None)
+        unlabelled = sum(1 for label in row_labels if label is None)
         if unlabelled:
             notes.append(f"{unlabelled} images are not in a class folder and are left out (use --labels FILE)")
-            have = np.array([l is not None for l in row_labels])
+            have = np.array([label is not None for label in row_labels])
             paths, X = paths[have], X[have]
-            row_labels = [l for l in row_labels if l is not None]
+            row_labels = [label for label in row_labels if label is not None]
     if multi:
         classes = tuple(sorted({c for ls in row_labels for c in ls}))
         position = {c: i for i, c in enumerate(classes)}
@@ -228,7 +228,7 @@ def load_labelled(
     else:
         classes = tuple(sorted(set(row_labels)))
         position = {c: i for i, c in enumerate(classes)}
-        y = np.array([position[l] for l in row_labels], np.int64)
+        y = np.array([position[label] for label in row_labels], np.int64)
     return Labelled(paths, X, classes, y, multi, store.read_provenance(file), str(file), errors, notes)
 
 
@@ -244,8 +244,11 @@ def read_labels(path: str | Path) -> dict[str, str | list[str]]:
     else:
         raise BadInput(f"--labels {path} must be .csv or .parquet, with columns path,label (or path,labels)")
     if "path" not in df.columns or not ({"label", "labels"} & set(df.columns)):
-        raise BadInput(f"--labels {path} has columns {list(df.columns)}; it needs path and label (or labels, for multi-label)")
+        raise BadInput(
+            f"--labels {path} has columns {list(df.columns)}; it needs path and label (or labels, for multi-label)"
+        )
     if "labels" in df.columns:
+
         def as_list(v):
             if isinstance(v, str):
                 return sorted({s.strip() for s in v.split(";") if s.strip()})
@@ -253,7 +256,9 @@ def read_labels(path: str | Path) -> dict[str, str | list[str]]:
 
         values = [as_list(v) for v in df["labels"]]
     else:
-        values = [None if (v is None or (isinstance(v, float) and np.isnan(v)) or v == "") else str(v) for v in df["label"]]
+        values = [
+            None if (v is None or (isinstance(v, float) and np.isnan(v)) or v == "") else str(v) for v in df["label"]
+        ]
     out = {}
     for p, v in zip(df["path"].astype(str), values):
         if v is None:
@@ -299,8 +304,14 @@ def empty_folders(root: Path) -> list[dict]:
         except BadInput:
             has_images = False
         if not has_images:
-            found.append({"path": f"{sub.name}/", "stage": "discover", "error": "EmptyFolder",
-                          "message": "no image in this class folder"})
+            found.append(
+                {
+                    "path": f"{sub.name}/",
+                    "stage": "discover",
+                    "error": "EmptyFolder",
+                    "message": "no image in this class folder",
+                }
+            )
     return found
 
 
@@ -331,8 +342,11 @@ def check_classes(data: Labelled, protocol: Protocol) -> Labelled:
     need = protocol.min_images()
     counts = np.bincount(data.y, minlength=len(data.classes))
     small = [(c, int(n)) for c, n in zip(data.classes, counts) if n < need]
-    why = (f"--train-per-class {protocol.train_per_class} needs {protocol.train_per_class} to train and 1 to test"
-           if protocol.train_per_class is not None else "2 to train (one held out to choose C) and 1 to test")
+    why = (
+        f"--train-per-class {protocol.train_per_class} needs {protocol.train_per_class} to train and 1 to test"
+        if protocol.train_per_class is not None
+        else "2 to train (one held out to choose C) and 1 to test"
+    )
     if small:
         if not protocol.drop_small_classes:
             raise BadInput(
@@ -348,28 +362,36 @@ def check_classes(data: Labelled, protocol: Protocol) -> Labelled:
         data.paths, data.X, data.y = data.paths[rows], data.X[rows], remap[data.y[rows]]
         data.classes = tuple(data.classes[i] for i in kept)
     if len(data.classes) < 2:
-        raise BadInput(f"{len(data.classes)} class left ({', '.join(data.classes) or 'none'}); a probe needs at least 2")
+        raise BadInput(
+            f"{len(data.classes)} class left ({', '.join(data.classes) or 'none'}); a probe needs at least 2"
+        )
     return data
 
 
 def make_splits(data: Labelled, protocol: Protocol) -> list[Split]:
     """Seeded splits: K per class for training (few-shot), or a stratified test fraction."""
     if protocol.train_per_class is not None:
-        return caltech_splits(data.y, n_train=protocol.train_per_class, n_test=None,
-                              splits=protocol.splits, seed=protocol.seed, classes=data.classes)
+        return caltech_splits(
+            data.y,
+            n_train=protocol.train_per_class,
+            n_test=None,
+            splits=protocol.splits,
+            seed=protocol.seed,
+            classes=data.classes,
+        )
     result = []
     n = len(data.paths)
     for s in split_seeds(protocol.splits, protocol.seed):
         rng = np.random.default_rng(s)
         if data.multi_label:
-            k = min(max(int(round(protocol.test_size * n)), 1), n - 2)
+            k = min(max(round(protocol.test_size * n), 1), n - 2)
             test = np.sort(rng.permutation(n)[:k])
         else:
             parts = []
             for c in range(len(data.classes)):
                 rows = rng.permutation(np.flatnonzero(data.y == c))
                 # At least one test image, and two left to train (one to hold out for C).
-                k = min(max(int(round(protocol.test_size * len(rows))), 1), len(rows) - 2)
+                k = min(max(round(protocol.test_size * len(rows)), 1), len(rows) - 2)
                 parts.append(rows[:k])
             test = np.sort(np.concatenate(parts))
         result.append(Split(s, np.setdiff1d(np.arange(n), test), test))
@@ -390,35 +412,57 @@ def run_protocol(data: Labelled, protocol: Protocol, *, jobs: int | None = None)
     records, frames = [], []
     confusion = None if data.multi_label else np.zeros((n_classes, n_classes), np.int64)
     for split in splits:
-        base = OneVsRest(protocol.head, random_state=split.seed) if data.multi_label else make_head(protocol.head, random_state=split.seed)
-        est = HeldOutC(base, Cs=Cs, holdout=protocol.holdout,
-                       scoring="voc_ap" if data.multi_label else "mean_class_recall",
-                       random_state=split.seed, n_jobs=jobs)
+        base = (
+            OneVsRest(protocol.head, random_state=split.seed)
+            if data.multi_label
+            else make_head(protocol.head, random_state=split.seed)
+        )
+        est = HeldOutC(
+            base,
+            Cs=Cs,
+            holdout=protocol.holdout,
+            scoring="voc_ap" if data.multi_label else "mean_class_recall",
+            random_state=split.seed,
+            n_jobs=jobs,
+        )
         X_train, X_test = span_coordinates(data.X[split.train], data.X[split.test])
         y_train, y_test = data.y[split.train], data.y[split.test]
         est.fit(X_train, y_train)
         S = np.asarray(est.decision_function(X_test), dtype=np.float64)
-        record = {"seed": split.seed, "n_train": int(len(split.train)), "n_test": int(len(split.test)),
-                  "C": est.C_, "holdout_scores": {f"{c:g}": round(100 * v, 4) for c, v in est.scores_.items()}}
+        record = {
+            "seed": split.seed,
+            "n_train": len(split.train),
+            "n_test": len(split.test),
+            "C": est.C_,
+            "holdout_scores": {f"{c:g}": round(100 * v, 4) for c, v in est.scores_.items()},
+        }
         if data.multi_label:
             record.update(multi_label_scores(y_test, S, data.classes))
-            frames.append(pd.DataFrame({
-                "path": data.paths[split.test], "split": split.seed,
-                "label": [[c for c, v in zip(data.classes, row) if v > 0] for row in y_test],
-                "predicted": [[c for c, v in zip(data.classes, row) if v > 0] for row in S],
-                "score": [row.astype(np.float32) for row in S],
-            }))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "path": data.paths[split.test],
+                        "split": split.seed,
+                        "label": [[c for c, v in zip(data.classes, row) if v > 0] for row in y_test],
+                        "predicted": [[c for c, v in zip(data.classes, row) if v > 0] for row in S],
+                        "score": [row.astype(np.float32) for row in S],
+                    }
+                )
+            )
         else:
             S = _full_scores(S, est.classes_, n_classes)
             pred = np.argmax(S, axis=1)
             record.update(single_label_scores(y_test, pred, S, data.classes))
             np.add.at(confusion, (y_test, pred), 1)
-            frame = pd.DataFrame({
-                "path": data.paths[split.test], "split": split.seed,
-                "label": np.asarray(data.classes, dtype=object)[y_test],
-                "predicted": np.asarray(data.classes, dtype=object)[pred],
-                "score": S[np.arange(len(pred)), pred].astype(np.float32),
-            })
+            frame = pd.DataFrame(
+                {
+                    "path": data.paths[split.test],
+                    "split": split.seed,
+                    "label": np.asarray(data.classes, dtype=object)[y_test],
+                    "predicted": np.asarray(data.classes, dtype=object)[pred],
+                    "score": S[np.arange(len(pred)), pred].astype(np.float32),
+                }
+            )
             if n_classes > TOP_K:
                 top = np.argsort(-S, axis=1, kind="stable")[:, :TOP_K]
                 frame["top5"] = [list(np.asarray(data.classes, dtype=object)[t]) for t in top]
@@ -465,14 +509,19 @@ def multi_label_scores(Y: np.ndarray, S: np.ndarray, classes: tuple[str, ...]) -
     defined = [a for a in aps if not np.isnan(a)]
     return {
         "mAP": 100 * float(np.mean(defined)) if defined else None,
-        "per_class": {c: {"n_test": int((Y[:, k] > 0).sum()), "ap": None if np.isnan(a) else 100 * float(a)}
-                      for k, (c, a) in enumerate(zip(classes, aps))},
+        "per_class": {
+            c: {"n_test": int((Y[:, k] > 0).sum()), "ap": None if np.isnan(a) else 100 * float(a)}
+            for k, (c, a) in enumerate(zip(classes, aps))
+        },
     }
 
 
 def _report(data: Labelled, protocol: Protocol, records: list[dict]) -> dict:
-    metrics = ["mAP"] if data.multi_label else ["accuracy", "mean_class_recall"] + (
-        ["top5_accuracy"] if len(data.classes) > TOP_K else [])
+    metrics = (
+        ["mAP"]
+        if data.multi_label
+        else ["accuracy", "mean_class_recall"] + (["top5_accuracy"] if len(data.classes) > TOP_K else [])
+    )
     summary = {m: _mean_std([r[m] for r in records]) for m in metrics}
     keys = ["ap"] if data.multi_label else ["recall", "precision"]
     per_class = {}
@@ -481,19 +530,25 @@ def _report(data: Labelled, protocol: Protocol, records: list[dict]) -> dict:
         per_class[c]["n_test"] = int(sum(r["per_class"][c]["n_test"] for r in records))
     prov = data.provenance
     w = prov.get("weights", {})
-    weights = {"random": f"random (seed {w.get('seed')})", "file": f"file {w.get('file')}"}.get(w.get("kind"), w.get("name"))
+    weights = {"random": f"random (seed {w.get('seed')})", "file": f"file {w.get('file')}"}.get(
+        w.get("kind"), w.get("name")
+    )
     return {
         "source": data.file,
         "task": "multi-label" if data.multi_label else "single-label",
         "classes": list(data.classes),
-        "n_images": int(len(data.paths)),
+        "n_images": len(data.paths),
         "protocol": protocol.to_dict(),
         "metrics": summary,
         "per_class": per_class,
         "splits": records,
         "features": {
-            "file": data.file, "settings_hash": prov.get("settings_hash"), "descriptor": prov.get("descriptor"),
-            "model": prov.get("model"), "weights": weights, "dim": int(data.X.shape[1]),
+            "file": data.file,
+            "settings_hash": prov.get("settings_hash"),
+            "descriptor": prov.get("descriptor"),
+            "model": prov.get("model"),
+            "weights": weights,
+            "dim": int(data.X.shape[1]),
         },
         "errors": data.errors,
         "notes": data.notes,
@@ -516,8 +571,12 @@ def _listed(pairs: list[tuple[str, int]], n: int = 8) -> str:
 
 # -- output ---------------------------------------------------------------------------------
 
-METRIC_NAMES = {"accuracy": "accuracy", "mean_class_recall": "mean class recall",
-                "top5_accuracy": "top-5 accuracy", "mAP": "mAP (area AP)"}
+METRIC_NAMES = {
+    "accuracy": "accuracy",
+    "mean_class_recall": "mean class recall",
+    "top5_accuracy": "top-5 accuracy",
+    "mAP": "mAP (area AP)",
+}
 
 
 def print_report(result: ProbeResult, console=None, max_classes: int = 30) -> None:
@@ -528,10 +587,16 @@ def print_report(result: ProbeResult, console=None, max_classes: int = 30) -> No
     console = console or Console()
     r = result.report
     proto = r["protocol"]
-    how = (f"{proto['train_per_class']} training images per class" if proto["train_per_class"]
-           else f"{100 * proto['test_size']:.0f}% of each class tested")
-    t = Table(title=f"probe: {len(r['classes'])} classes, {r['n_images']} images, {proto['splits']} "
-                    f"split{'s' if proto['splits'] != 1 else ''} ({how}), {proto['head']} head", title_justify="left")
+    how = (
+        f"{proto['train_per_class']} training images per class"
+        if proto["train_per_class"]
+        else f"{100 * proto['test_size']:.0f}% of each class tested"
+    )
+    t = Table(
+        title=f"probe: {len(r['classes'])} classes, {r['n_images']} images, {proto['splits']} "
+        f"split{'s' if proto['splits'] != 1 else ''} ({how}), {proto['head']} head",
+        title_justify="left",
+    )
     t.add_column("metric")
     t.add_column("%", justify="right")
     t.add_column("per split", justify="right")
@@ -555,7 +620,7 @@ def print_report(result: ProbeResult, console=None, max_classes: int = 30) -> No
     items = sorted(r["per_class"].items(), key=lambda kv: (_sortable(kv[1][keys[0]]), kv[0]))
     if len(items) > max_classes:
         half = max_classes // 2
-        items = items[:half] + [None] + items[-half:]
+        items = [*items[:half], None, *items[-half:]]
     for item in items:
         if item is None:
             pc.add_row("…", *[""] * (len(keys) + 1))
@@ -652,12 +717,22 @@ def plot_confusion(result: ProbeResult, out: Path) -> Path:
         for i in range(n):
             for j in range(n):
                 if counts[i, j]:
-                    ax.text(j, i, f"{100 * rows[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if rows[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{100 * rows[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if rows[i, j] > 0.5 else "black",
+                    )
     r = result.report
     acc = r["metrics"]["accuracy"]["mean"]
-    ax.set_title(f"confusion, % of each true class, summed over {len(r['splits'])} split(s)\n"
-                 f"accuracy {acc:.1f}% — weights {r['features']['weights']}", fontsize=9)
+    ax.set_title(
+        f"confusion, % of each true class, summed over {len(r['splits'])} split(s)\n"
+        f"accuracy {acc:.1f}% — weights {r['features']['weights']}",
+        fontsize=9,
+    )
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, shrink=0.4, label="% of the true class")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -679,14 +754,24 @@ def plot_per_class(result: ProbeResult, out: Path) -> Path:
     colors = {"recall": "#4477aa", "precision": "#66ccee", "ap": "#4477aa"}
     for i, k in enumerate(keys):
         vals = [r["per_class"][c][k] for c in classes]
-        ax.barh(y + (i - (len(keys) - 1) / 2) * h, [np.nan if v is None else v for v in vals], h,
-                color=colors[k], label=k if k != "ap" else "AP")
+        ax.barh(
+            y + (i - (len(keys) - 1) / 2) * h,
+            [np.nan if v is None else v for v in vals],
+            h,
+            color=colors[k],
+            label=k if k != "ap" else "AP",
+        )
     ax.set_yticks(y, classes, fontsize=8 if n <= 40 else 6)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     ax.set_xlabel("%, mean over splits")
     main = "mAP" if r["task"] == "multi-label" else "mean_class_recall"
-    ax.axvline(r["metrics"][main]["mean"] or 0, color="#cc3311", lw=1, label=f"{METRIC_NAMES[main]} {r['metrics'][main]['mean'] or 0:.1f}%")
+    ax.axvline(
+        r["metrics"][main]["mean"] or 0,
+        color="#cc3311",
+        lw=1,
+        label=f"{METRIC_NAMES[main]} {r['metrics'][main]['mean'] or 0:.1f}%",
+    )
     # Above the axes: bars reach 100, so a legend inside would hide some.
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3, fontsize=8, frameon=False)
     fig.suptitle(f"per class — weights {r['features']['weights']}", fontsize=9)

@@ -84,8 +84,17 @@ class Index:
         X = store.feature_matrix(table.column("feature"))
         rows = table.select(["path", "label"]).to_pandas()
         return cls.from_matrix(
-            X, rows, store.read_provenance(features), kind, m=m, ef_search=ef_search, nlist=nlist,
-            nprobe=nprobe, recall_k=recall_k, seed=seed, images=images,
+            X,
+            rows,
+            store.read_provenance(features),
+            kind,
+            m=m,
+            ef_search=ef_search,
+            nlist=nlist,
+            nprobe=nprobe,
+            recall_k=recall_k,
+            seed=seed,
+            images=images,
         )
 
     @classmethod
@@ -134,8 +143,16 @@ class Index:
             params = {"nlist": nlist, "nprobe": min(nprobe, nlist)}
         index.add(X)
         seconds = time.perf_counter() - t
-        result = cls(index, rows.reset_index(drop=True)[["path", "label"]], provenance or {}, kind, params,
-                     None, seconds, str(Path(images).resolve()) if images is not None else None)
+        result = cls(
+            index,
+            rows.reset_index(drop=True)[["path", "label"]],
+            provenance or {},
+            kind,
+            params,
+            None,
+            seconds,
+            str(Path(images).resolve()) if images is not None else None,
+        )
         result._apply_params()
         if kind != "flat":
             result.recall = measure_recall(result, X, recall_k, seed)
@@ -191,12 +208,22 @@ class Index:
         faiss = faiss_module()
         path = Path(path).expanduser()
         if not (path / META_FILE).is_file():
-            raise MissingData(f"{path}: not a featx index (no {META_FILE}); build one with `featx index FEATURES -o {path}`")
+            raise MissingData(
+                f"{path}: not a featx index (no {META_FILE}); build one with `featx index FEATURES -o {path}`"
+            )
         meta = json.loads((path / META_FILE).read_text())
         index = faiss.read_index(str(path / INDEX_FILE))
         rows = pq.read_table(path / ROWS_FILE).to_pandas()
-        result = cls(index, rows, meta.get("provenance", {}), meta["kind"], meta.get("params", {}),
-                     meta.get("recall"), meta.get("build_seconds", 0.0), meta.get("images"))
+        result = cls(
+            index,
+            rows,
+            meta.get("provenance", {}),
+            meta["kind"],
+            meta.get("params", {}),
+            meta.get("recall"),
+            meta.get("build_seconds", 0.0),
+            meta.get("images"),
+        )
         result._apply_params()
         return result
 
@@ -212,7 +239,9 @@ class Index:
         """(scores, row ids), each [n, k], best first: cosine of the normalised rows of X."""
         X = normalized(X)
         if X.shape[1] != self.dim:
-            raise SettingsMismatch(f"queries have {X.shape[1]} dimensions, the index {self.dim}; use features of the same descriptor")
+            raise SettingsMismatch(
+                f"queries have {X.shape[1]} dimensions, the index {self.dim}; use features of the same descriptor"
+            )
         if k < 1:
             raise BadInput(f"-k {k} must be at least 1")
         return self.index.search(X, min(k, len(self)))
@@ -312,16 +341,18 @@ class Index:
         a, b, s = [], [], []
         for start in range(0, len(X), BLOCK):
             # Strictly above the radius for inner products: open it by a float step.
-            lims, D, I = exact.range_search(X[start : start + BLOCK], float(np.nextafter(np.float32(threshold), -2)))
+            lims, D, ids = exact.range_search(X[start : start + BLOCK], float(np.nextafter(np.float32(threshold), -2)))
             q = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims.astype(np.int64)))
-            keep = (I > q) & (D >= np.float32(threshold))
+            keep = (q < ids) & (np.float32(threshold) <= D)
             a.append(q[keep])
-            b.append(I[keep])
+            b.append(ids[keep])
             s.append(D[keep])
         a, b, s = (np.concatenate(v) for v in (a, b, s))
         order = np.lexsort((b, a, -s))
         paths = self.rows["path"].to_numpy()
-        return pd.DataFrame({"path_a": paths[a[order]], "path_b": paths[b[order]], "score": s[order].astype(np.float32)})
+        return pd.DataFrame(
+            {"path_a": paths[a[order]], "path_b": paths[b[order]], "score": s[order].astype(np.float32)}
+        )
 
     def vectors(self) -> np.ndarray:
         """The indexed rows, float32 [n, D]."""
@@ -425,7 +456,10 @@ def draw_sheet(
     k = int(table["rank"].max()) if len(table) else 1
     root = Path(images).expanduser() if images is not None else None
     fig, axes = plt.subplots(
-        len(shown), k + 1, figsize=(1.9 * (k + 1), 2.25 * len(shown)), squeeze=False,
+        len(shown),
+        k + 1,
+        figsize=(1.9 * (k + 1), 2.25 * len(shown)),
+        squeeze=False,
         gridspec_kw={"wspace": 0.06, "hspace": 0.42},
     )
     for r, q in enumerate(shown):
@@ -469,7 +503,9 @@ def _thumb(ax, file: Path | None, size: int) -> None:
         spine.set_visible(False)
     if file is None:
         ax.set_facecolor("#eeeeee")
-        ax.text(0.5, 0.5, "image not found\n(pass --images DIR)", ha="center", va="center", fontsize=6.5, color="#555555")
+        ax.text(
+            0.5, 0.5, "image not found\n(pass --images DIR)", ha="center", va="center", fontsize=6.5, color="#555555"
+        )
         return
     try:
         with Image.open(file) as img:
@@ -482,4 +518,4 @@ def _thumb(ax, file: Path | None, size: int) -> None:
 
 
 def _short(text: str, n: int) -> str:
-    return text if len(text) <= n else "…" + text[-(n - 1):]
+    return text if len(text) <= n else "…" + text[-(n - 1) :]

@@ -58,7 +58,9 @@ class ActionSet:
         return len(self.ids)
 
 
-def voc_box(xmin: float, ymin: float, xmax: float, ymax: float, width: int | None, height: int | None) -> tuple[int, ...]:
+def voc_box(
+    xmin: float, ymin: float, xmax: float, ymax: float, width: int | None, height: int | None
+) -> tuple[int, ...]:
     """A 1-based inclusive VOC box as (x1, y1, x2, y2), 0-based with x2/y2 exclusive, in the image.
 
     Pixel xmin..xmax (1-based, both included) is 0-based xmin-1 .. xmax-1, so x2 = xmax.
@@ -263,7 +265,9 @@ def evaluate_action(
     notes = []
     short = action_shortfall(spec, year)
     if short:
-        notes.append(f"{spec.title} at {year} is incomplete ({', '.join(short)}): results are not comparable to the paper")
+        notes.append(
+            f"{spec.title} at {year} is incomplete ({', '.join(short)}): results are not comparable to the paper"
+        )
         log(f"warning: {notes[-1]}")
     train, test = load_action_set(year, spec.train_set), load_action_set(year, spec.test_set)
     if test_server:
@@ -275,8 +279,10 @@ def evaluate_action(
     image_ids = sorted({i for s in sets for i in s.ids})
     missing = [i for i in image_ids if not (jpegs / f"{i}.jpg").is_file()]
     if missing:
-        raise MissingData(f"{len(missing)} images of the action sets are missing from {jpegs} (first: {missing[0]}.jpg); "
-                          + where_to_put(spec, root))
+        raise MissingData(
+            f"{len(missing)} images of the action sets are missing from {jpegs} (first: {missing[0]}.jpg); "
+            + where_to_put(spec, root)
+        )
     regions = region_table(sets, pipeline.protocol.box_margin)
     region_key = hashlib.sha256(json.dumps(regions.to_pydict(), separators=(",", ":")).encode()).hexdigest()[:12]
 
@@ -289,7 +295,9 @@ def evaluate_action(
     blocks: dict[str, dict[str, list[np.ndarray]]] = {}
     nets = []
     for model in pipeline.features.models:
-        config = pipeline.features.config(model, device=device, precision=precision, batch_size=batch_size, workers=workers)
+        config = pipeline.features.config(
+            model, device=device, precision=precision, batch_size=batch_size, workers=workers
+        )
         h = descriptor_hash(config)
         image_file = cache / f"{spec.name}-image-{h}.parquet"
         box_file = cache / f"{spec.name}-box-{h}-{region_key}.parquet"
@@ -301,8 +309,16 @@ def evaluate_action(
             img = _features(image_file, [(f"{i}.jpg",) for i in s.ids])
             box = _features(box_file, [(f"{i}.jpg", str(k)) for i, k in zip(s.ids, s.objects)])
             blocks[model][s.name] = [img, box]
-        nets.append({"model": model, "files": [str(image_file), str(box_file)], "settings_hash": prov.get("settings_hash"),
-                     "extract_seconds": round(s1 + s2, 3), "new_rows": n1 + n2, "provenance": prov})
+        nets.append(
+            {
+                "model": model,
+                "files": [str(image_file), str(box_file)],
+                "settings_hash": prov.get("settings_hash"),
+                "extract_seconds": round(s1 + s2, 3),
+                "new_rows": n1 + n2,
+                "provenance": prov,
+            }
+        )
 
     keep = {s.name: np.ones(len(s), bool) for s in sets}
     for model in blocks:
@@ -311,7 +327,9 @@ def evaluate_action(
                 keep[s.name] &= ~np.isnan(B[:, 0])
     for s in sets:
         if not keep[s.name].all():
-            notes.append(f"{int((~keep[s.name]).sum())} {s.name} persons have no features (their image failed) and are left out")
+            notes.append(
+                f"{int((~keep[s.name]).sum())} {s.name} persons have no features (their image failed) and are left out"
+            )
 
     norm = pipeline.protocol.stack_norm
     results, curves, scores_by = [], {}, {}
@@ -320,32 +338,54 @@ def evaluate_action(
         for setting, setting_name in SETTINGS.items():
             parts = (0,) if setting == "image" else (0, 1)
 
-            def matrix(s):
+            def matrix(s, parts=parts, models=models):
                 # Per net, its image (and box) descriptor; then the nets side by side.
                 return stack([blocks[m][s.name][p][keep[s.name]] for p in parts for m in models], norm)
 
             X_train, X_test = span_coordinates(matrix(train), matrix(test))
             Y_train, Y_test = train.labels[keep[train.name]], test.labels[keep[test.name]]
-            est = HeldOutC(OneVsRest(pipeline.head.name, random_state=pipeline.protocol.seed), Cs=pipeline.head.C,
-                           holdout=pipeline.protocol.holdout, scoring="voc_ap", random_state=pipeline.protocol.seed,
-                           n_jobs=jobs)
+            est = HeldOutC(
+                OneVsRest(pipeline.head.name, random_state=pipeline.protocol.seed),
+                Cs=pipeline.head.C,
+                holdout=pipeline.protocol.holdout,
+                scoring="voc_ap",
+                random_state=pipeline.protocol.seed,
+                n_jobs=jobs,
+            )
             est.fit(X_train, Y_train)
             S = est.decision_function(X_test)
             paper = pipeline.paper_result(models, setting)
             label = f"{paper.label if paper else ' & '.join(models)}, {setting_name}"
             scores_by[(models, setting)] = S
-            record = {"seed": pipeline.protocol.seed, "C": est.C_, "n_train": int(len(X_train)), "n_test": int(len(X_test)),
-                      "n_holdout": est.n_holdout_, "convergence_warnings": est.convergence_warnings_,
-                      "holdout_scores": {f"{C:g}": round(100 * v, 4) for C, v in est.scores_.items()}}
+            record = {
+                "seed": pipeline.protocol.seed,
+                "C": est.C_,
+                "n_train": len(X_train),
+                "n_test": len(X_test),
+                "n_holdout": est.n_holdout_,
+                "convergence_warnings": est.convergence_warnings_,
+                "holdout_scores": {f"{C:g}": round(100 * v, 4) for C, v in est.scores_.items()},
+            }
             if not test_server:
                 ap07 = np.array([voc07_ap(Y_test[:, k], S[:, k]) for k in range(len(ACTIONS))])
                 area = np.array([voc_ap(Y_test[:, k], S[:, k]) for k in range(len(ACTIONS))])
-                record |= {"value": 100 * float(np.nanmean(area)), "area_mAP": 100 * float(np.nanmean(area)),
-                           "voc07_mAP": 100 * float(np.nanmean(ap07)),
-                           "per_class": {a: {"voc07_ap": _pct(x), "area_ap": _pct(y)} for a, x, y in zip(ACTIONS, ap07, area)}}
+                record |= {
+                    "value": 100 * float(np.nanmean(area)),
+                    "area_mAP": 100 * float(np.nanmean(area)),
+                    "voc07_mAP": 100 * float(np.nanmean(ap07)),
+                    "per_class": {a: {"voc07_ap": _pct(x), "area_ap": _pct(y)} for a, x, y in zip(ACTIONS, ap07, area)},
+                }
                 curves[label] = {a: precision_recall(Y_test[:, k], S[:, k]) for k, a in enumerate(ACTIONS)}
-            results.append({"label": label, "models": list(models), "setting": setting,
-                            "mean": record.get("value"), "std": None, "splits": [record]})
+            results.append(
+                {
+                    "label": label,
+                    "models": list(models),
+                    "setting": setting,
+                    "mean": record.get("value"),
+                    "std": None,
+                    "splits": [record],
+                }
+            )
     head_seconds = time.perf_counter() - t_heads
 
     written = []
@@ -365,7 +405,8 @@ def evaluate_action(
                 "mAP": r["mean"],
                 "per_action": {a: v["area_ap"] for a, v in r["splits"][0].get("per_class", {}).items()},
             }
-            for r in results if tuple(r["models"]) == pipeline.rows()[-1]
+            for r in results
+            if tuple(r["models"]) == pipeline.rows()[-1]
         },
         "ap": "area",
         "classes": list(ACTIONS),
@@ -374,8 +415,10 @@ def evaluate_action(
         "paper": {
             "source": pipeline.paper_source,
             "note": pipeline.paper_note,
-            "results": [{"label": r.label, "models": list(r.models), "setting": r.setting, "mean": r.mean, "std": r.std}
-                        for r in pipeline.paper],
+            "results": [
+                {"label": r.label, "models": list(r.models), "setting": r.setting, "mean": r.mean, "std": r.std}
+                for r in pipeline.paper
+            ],
         },
         "config": {
             "pipeline": pipeline.to_dict(),
@@ -412,7 +455,9 @@ def write_results(folder: Path, persons: ActionSet, keep: np.ndarray, scores: np
 
 
 def _join(a: ActionSet, b: ActionSet, name: str) -> ActionSet:
-    return ActionSet(name, a.ids + b.ids, a.objects + b.objects, np.vstack([a.boxes, b.boxes]), np.vstack([a.labels, b.labels]))
+    return ActionSet(
+        name, a.ids + b.ids, a.objects + b.objects, np.vstack([a.boxes, b.boxes]), np.vstack([a.labels, b.labels])
+    )
 
 
 def _pct(x: float) -> float | None:

@@ -248,10 +248,8 @@ def where_to_put(spec: DatasetSpec, root: Path, *, downloading: bool = False) ->
     dest = root / spec.folder
     files = " and ".join(f"{a.filename} ({a.urls[0]}, md5 {a.md5})" for a in spec.archives)
     return (
-        ("to download by hand, " if downloading else "run with --download, or ")
-        + f"fetch {files} into {dest.resolve()} and rerun with --download "
-        "(it verifies the md5 and unpacks)"
-    )
+        "to download by hand, " if downloading else "run with --download, or "
+    ) + f"fetch {files} into {dest.resolve()} and rerun with --download (it verifies the md5 and unpacks)"
 
 
 def ensure_dataset(spec: DatasetSpec, root: Path, *, progress: bool = False) -> None:
@@ -280,8 +278,7 @@ def ensure_dataset(spec: DatasetSpec, root: Path, *, progress: bool = False) -> 
 
 def _missing(spec: DatasetSpec, root: Path) -> MissingData:
     return MissingData(
-        f"{spec.title} not found under {root}: expected {root / spec.images}; "
-        + where_to_put(spec, root)
+        f"{spec.title} not found under {root}: expected {root / spec.images}; " + where_to_put(spec, root)
     )
 
 
@@ -332,15 +329,12 @@ def _load_caltech(spec: DatasetSpec, root: Path, *, background: bool) -> Dataset
         labels.extend([len(classes)] * len(files))
         classes.append(folder.name)
     if not classes:
-        raise MissingData(
-            f"no class folders with .jpg images under {images}; " + where_to_put(spec, root)
-        )
+        raise MissingData(f"no class folders with .jpg images under {images}; " + where_to_put(spec, root))
     short = _shortfall(spec, images)
     if short:
         problems.insert(
             0,
-            f"{spec.title} at {images} is incomplete ({', '.join(short)}): "
-            "results are not comparable to the paper",
+            f"{spec.title} at {images} is incomplete ({', '.join(short)}): results are not comparable to the paper",
         )
     if background and spec.background and spec.background not in classes:
         problems.append(f"the background class {spec.background} is missing (the paper keeps it)")
@@ -419,8 +413,7 @@ def _load_voc(spec: DatasetSpec, root: Path) -> DatasetIndex:
     problems = []
     if short:
         problems.append(
-            f"{spec.title} at {year} is incomplete ({', '.join(short)}): "
-            "results are not comparable to the paper"
+            f"{spec.title} at {year} is incomplete ({', '.join(short)}): results are not comparable to the paper"
         )
     return DatasetIndex(
         name=spec.name,
@@ -441,7 +434,9 @@ def action_shortfall(spec: DatasetSpec, year: Path) -> list[str]:
     out = []
     for name, full in spec.n_images.items():
         files = [year / "ImageSets" / "Action" / f"{a}_{name}.txt" for a in ACTIONS]
-        n = max((sum(1 for line in f.read_text().splitlines() if line.strip()) for f in files if f.is_file()), default=0)
+        n = max(
+            (sum(1 for line in f.read_text().splitlines() if line.strip()) for f in files if f.is_file()), default=0
+        )
         if n < full:
             out.append(f"{n} of {full} {name} persons")
     return out

@@ -39,9 +39,7 @@ def file_md5(path: str | Path, *, chunk: int = CHUNK) -> str:
     return h.hexdigest()
 
 
-def fetch(
-    url: str, dest: str | Path, md5: str, *, timeout: float = 30.0, progress: bool = False
-) -> Path:
+def fetch(url: str, dest: str | Path, md5: str, *, timeout: float = 30.0, progress: bool = False) -> Path:
     """Download `url` to `dest` unless it is already there with the right md5; resume a `.part`."""
     dest = Path(dest)
     if dest.is_file():
@@ -115,8 +113,7 @@ def _finish(part: Path, dest: Path, url: str, md5: str, got: str) -> Path:
 def _interrupted(url: str, part: Path, got: int, total: int | None, why) -> DownloadError:
     of = f" of {total}" if total is not None else ""
     return DownloadError(
-        f"transfer of {url} interrupted after {got}{of} bytes ({why}); kept {part}: "
-        "rerun with --download to resume"
+        f"transfer of {url} interrupted after {got}{of} bytes ({why}); kept {part}: rerun with --download to resume"
     )
 
 
@@ -159,13 +156,9 @@ def unpack(archive: str | Path, into: str | Path, *, inner: str | None = None) -
             with tarfile.open(archive) as tf:
                 tf.extractall(into, filter="data")
         else:
-            raise BadInput(
-                f"{archive} is neither a zip nor a tar archive; delete it and rerun with --download"
-            )
+            raise BadInput(f"{archive} is neither a zip nor a tar archive; delete it and rerun with --download")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
-        raise BadInput(
-            f"{archive} is damaged ({err}); delete it and rerun with --download"
-        ) from err
+        raise BadInput(f"{archive} is damaged ({err}); delete it and rerun with --download") from err
 
 
 def _safe_unzip(zf: zipfile.ZipFile, into: Path) -> None:

@@ -142,8 +142,7 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             # Each C is fit and scored on its own (in processes with n_jobs: liblinear's random
             # state is global, so threads would make the result depend on timing).
             runs = Parallel(n_jobs=self.n_jobs, prefer="processes")(
-                delayed(_fit_and_score)(base, C, X[fit], y_arr[fit], X[val], y_arr[val], self.scoring)
-                for C in Cs
+                delayed(_fit_and_score)(base, C, X[fit], y_arr[fit], X[val], y_arr[val], self.scoring) for C in Cs
             )
             for C, (score, n_warned) in zip(Cs, runs):
                 self.scores_[C] = score

@@ -8,11 +8,10 @@ runs a user's own file, and command-line overrides replace single fields.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-
-import tomllib
 
 from featx.errors import BadInput, MissingData
 from featx.evaluate.datasets import DATASETS
@@ -211,7 +210,7 @@ def parse_pipeline(data: dict, source: str = "") -> Pipeline:
     if unknown:
         raise BadInput(f"unknown key {unknown[0]!r}{where}; top-level keys are {', '.join(_TOP)}")
     if "dataset" not in data:
-        raise BadInput(f"no dataset{where}; add e.g. dataset = \"caltech101\"")
+        raise BadInput(f'no dataset{where}; add e.g. dataset = "caltech101"')
     sections = {}
     for key, cls in _SECTIONS.items():
         table = data.get(key, {})
@@ -232,11 +231,12 @@ def parse_pipeline(data: dict, source: str = "") -> Pipeline:
     for r in paper.get("results", []):
         extra = sorted(set(r) - set(_fields(PaperResult)))
         if extra or "models" not in r or "mean" not in r:
-            raise BadInput(
-                f"[paper] results entry {r}{where} needs label, models, mean (and optional std)"
+            raise BadInput(f"[paper] results entry {r}{where} needs label, models, mean (and optional std)")
+        results.append(
+            PaperResult(
+                r.get("label", "+".join(r["models"])), tuple(r["models"]), r["mean"], r.get("std"), r.get("setting")
             )
-        results.append(PaperResult(r.get("label", "+".join(r["models"])), tuple(r["models"]), r["mean"], r.get("std"),
-                                   r.get("setting")))
+        )
     return Pipeline(
         name=data.get("name", data["dataset"]),
         dataset=data["dataset"],
@@ -254,8 +254,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     path = Path(path).expanduser()
     if not path.is_file():
         raise MissingData(
-            f"--pipeline {path}: no such file; give a TOML file like the shipped ones "
-            f"({', '.join(builtin_names())})"
+            f"--pipeline {path}: no such file; give a TOML file like the shipped ones ({', '.join(builtin_names())})"
         )
     try:
         data = tomllib.loads(path.read_text())
@@ -291,12 +290,9 @@ def pipeline_for(dataset: str | None = None, file: str | Path | None = None) -> 
         pipeline = load_pipeline(file)
         if dataset is not None and dataset != pipeline.dataset:
             raise BadInput(
-                f"--dataset {dataset} contradicts --pipeline {file} (dataset {pipeline.dataset!r}); "
-                "give one of them"
+                f"--dataset {dataset} contradicts --pipeline {file} (dataset {pipeline.dataset!r}); give one of them"
             )
         return pipeline
     if dataset is None:
-        raise BadInput(
-            f"give --dataset ({', '.join(DATASETS)}) or --pipeline FILE to say what to evaluate"
-        )
+        raise BadInput(f"give --dataset ({', '.join(DATASETS)}) or --pipeline FILE to say what to evaluate")
     return builtin_pipeline(dataset)

@@ -93,7 +93,9 @@ def table(report: dict) -> Table:
     computed = sorted({f"{f['precision']} on {f['device']}" for f in cfg.get("features", []) if f.get("precision")})
     if computed:
         asked = cfg.get("precision")
-        captions.append(f"precision: {', '.join(computed)}" + (f" (--precision {asked})" if asked else " (as in the feature files)"))
+        captions.append(
+            f"precision: {', '.join(computed)}" + (f" (--precision {asked})" if asked else " (as in the feature files)")
+        )
     captions += cfg.get("notes", [])
     if report["paper"].get("note"):
         captions.append(report["paper"]["note"])
@@ -181,7 +183,9 @@ def _plot_ap(report: dict, r: dict, out: Path) -> Path:
     ax.set_ylim(0, 118)  # headroom above 100 for the legend, clear of every bar
     ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("AP, %")
-    ax.set_title(f"{get_spec(report['dataset']).title}, {r['label']}: AP per class — {report['config']['weights']}", fontsize=9)
+    ax.set_title(
+        f"{get_spec(report['dataset']).title}, {r['label']}: AP per class — {report['config']['weights']}", fontsize=9
+    )
     ax.legend(fontsize=8, loc="upper left", ncols=2, frameon=False)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -209,7 +213,7 @@ def _plot_pr(report: dict, r: dict, curve: dict, out: Path) -> Path:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-    for ax in np.ravel(axes)[len(classes):]:
+    for ax in np.ravel(axes)[len(classes) :]:
         ax.axis("off")
     handles, labels = np.ravel(axes)[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower right", ncols=2, frameon=False)

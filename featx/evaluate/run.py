@@ -79,26 +79,37 @@ def evaluate(
     t0 = time.perf_counter()
     if spec.kind == "voc_action":
         if features:
-            raise BadInput("--features does not apply to voc2012-action (it needs image and box features); leave it out")
+            raise BadInput(
+                "--features does not apply to voc2012-action (it needs image and box features); leave it out"
+            )
         if root is None:
-            raise BadInput(f"--root is missing: give the folder that holds (or should receive, with --download) {spec.images}")
+            raise BadInput(
+                f"--root is missing: give the folder that holds (or should receive, with --download) {spec.images}"
+            )
         return evaluate_action(
-            pipeline, root=root, download=download, cache_dir=cache_dir, device=device, precision=precision,
+            pipeline,
+            root=root,
+            download=download,
+            cache_dir=cache_dir,
+            device=device,
+            precision=precision,
             batch_size=batch_size,
-            workers=workers, jobs=jobs, progress=progress, log=log, results_dir=results_dir, test_server=test_server,
+            workers=workers,
+            jobs=jobs,
+            progress=progress,
+            log=log,
+            results_dir=results_dir,
+            test_server=test_server,
         )
     if results_dir is not None or test_server:
         raise BadInput("--results and --test-server apply to --dataset voc2012-action only; leave them out")
     if root is None and (download or not features or spec.kind == "voc"):
         raise BadInput(
             f"--root is missing: give the folder that holds (or should receive, with --download) "
-            f"{spec.images}"
-            + ("" if spec.kind == "voc" else ", or evaluate extracted features with --features FILE")
+            f"{spec.images}" + ("" if spec.kind == "voc" else ", or evaluate extracted features with --features FILE")
         )
     if root is not None:
-        index = load_dataset(
-            spec, root, background=pipeline.protocol.background, download=download, progress=progress
-        )
+        index = load_dataset(spec, root, background=pipeline.protocol.background, download=download, progress=progress)
     else:
         index = _index_from_features(spec, Path(features[0]), pipeline.protocol.background)
     for line in index.problems:
@@ -113,8 +124,18 @@ def evaluate(
         # The protocol must fit this copy (e.g. enough images per class) before hours of extraction.
         _splits(pipeline, index)
         nets = [
-            _cached_net(pipeline, model, index, cache_dir, log, progress=progress, device=device,
-                        precision=precision, batch_size=batch_size, workers=workers)
+            _cached_net(
+                pipeline,
+                model,
+                index,
+                cache_dir,
+                log,
+                progress=progress,
+                device=device,
+                precision=precision,
+                batch_size=batch_size,
+                workers=workers,
+            )
             for model in pipeline.features.models
         ]
     index, nets, dropped = _common_rows(index, nets)
@@ -158,8 +179,7 @@ def evaluate(
             "source": pipeline.paper_source,
             "note": pipeline.paper_note,
             "results": [
-                {"label": r.label, "models": list(r.models), "mean": r.mean, "std": r.std}
-                for r in pipeline.paper
+                {"label": r.label, "models": list(r.models), "mean": r.mean, "std": r.std} for r in pipeline.paper
             ],
         },
         "config": {
@@ -201,12 +221,9 @@ def evaluate(
 
 def _cached_net(pipeline, model, index, cache_dir, log, *, progress, **run) -> _Net:
     config = pipeline.features.config(model, **run)
-    if index.subsets:
-        # VOC: only the images of the two image sets (VOC2012's folder holds 5,600 others).
-        inputs = [index.image_dir / p for p in index.paths]
-    else:
-        # Caltech: the whole class-folder tree, so that --no-background reuses the same entry.
-        inputs = [index.image_dir]
+    # VOC: only the images of the two image sets (VOC2012's folder holds 5,600 others); Caltech:
+    # the whole class-folder tree, so that --no-background reuses the same entry.
+    inputs = [index.image_dir / p for p in index.paths] if index.subsets else [index.image_dir]
     cached = cached_features(inputs, config, name=pipeline.dataset, cache_dir=cache_dir, progress=progress, log=log)
     net = _load_net(cached.file, index)
     net.extract_seconds, net.new_rows = cached.seconds, cached.new_rows
@@ -260,22 +277,20 @@ def _index_from_features(spec, path: Path, background: bool) -> DatasetIndex:
     """A Caltech index from a feature file alone: its paths are class/image, its labels classes."""
     table = store.read_table(path, ["path", "label"])
     paths, labels = table.column("path").to_pylist(), table.column("label").to_pylist()
-    pairs = sorted(
-        (p, l) for p, l in zip(paths, labels) if l and (background or l != spec.background)
-    )
+    pairs = sorted((p, c) for p, c in zip(paths, labels) if c and (background or c != spec.background))
     if not pairs:
         raise BadInput(
             f"{path} has no labelled rows; extract the class-folder tree ({spec.images}) "
             "so that each row's label is its class folder, or pass --root"
         )
-    classes = tuple(sorted({l for _, l in pairs}))
+    classes = tuple(sorted({c for _, c in pairs}))
     position = {c: i for i, c in enumerate(classes)}
     return DatasetIndex(
         name=spec.name,
         image_dir=path,
         paths=tuple(p for p, _ in pairs),
         classes=classes,
-        labels=np.array([position[l] for _, l in pairs], dtype=np.int64),
+        labels=np.array([position[c] for _, c in pairs], dtype=np.int64),
         problems=(f"dataset taken from the labels in {path} (no --root): completeness not checked",),
     )
 
@@ -315,7 +330,11 @@ def _splits(pipeline: Pipeline, index: DatasetIndex) -> list[Split]:
     p = pipeline.protocol
     if pipeline.kind == "caltech":
         return caltech_splits(
-            index.labels, n_train=p.n_train, n_test=p.n_test, splits=p.splits, seed=p.seed,
+            index.labels,
+            n_train=p.n_train,
+            n_test=p.n_test,
+            splits=p.splits,
+            seed=p.seed,
             classes=index.classes,
         )
     spec = get_spec(pipeline.dataset)
@@ -344,8 +363,8 @@ def _run_split(
     record = {
         "seed": split.seed,
         "value": None,
-        "n_train": int(len(split.train)),
-        "n_test": int(len(split.test)),
+        "n_train": len(split.train),
+        "n_test": len(split.test),
         "C": est.C_,
         "n_holdout": est.n_holdout_,
         "holdout_scores": {_c(C): round(100 * s, 4) for C, s in est.scores_.items()},
@@ -367,9 +386,7 @@ def _run_split(
     record["value"] = 100 * (m07 if p.metric == "voc07_ap" else marea)
     record["voc07_mAP"] = 100 * m07
     record["area_mAP"] = 100 * marea
-    record["per_class"] = {
-        c: {"voc07_ap": _pct(a), "area_ap": _pct(b)} for c, a, b in zip(index.classes, ap07, aparea)
-    }
+    record["per_class"] = {c: {"voc07_ap": _pct(a), "area_ap": _pct(b)} for c, a, b in zip(index.classes, ap07, aparea)}
     curve = {}
     for k, c in enumerate(index.classes):
         precision, recall = precision_recall(Y_test[:, k], S[:, k])

@@ -78,9 +78,7 @@ def fixed_splits(train: np.ndarray, test: np.ndarray, *, splits: int, seed: int)
     return [Split(s, np.asarray(train), np.asarray(test)) for s in split_seeds(splits, seed)]
 
 
-def holdout_split(
-    y: np.ndarray, fraction: float, seed: int, *, stratify: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(y: np.ndarray, fraction: float, seed: int, *, stratify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(fit rows, held-out rows): `fraction` of the rows held out, per class when `stratify`.
 
     Per class, round(fraction * n) rows are held out, at least one when the class has two or
@@ -93,18 +91,16 @@ def holdout_split(
     rng = np.random.default_rng(seed)
     n = y.shape[0]
     if n < 2:
-        raise BadInput(
-            f"cannot hold out part of {n} training rows (n_samples={n}) to choose C; give more images"
-        )
+        raise BadInput(f"cannot hold out part of {n} training rows (n_samples={n}) to choose C; give more images")
     if stratify and y.ndim == 1:
         held = []
         for v in np.unique(y):
             rows = rng.permutation(np.flatnonzero(y == v))
-            k = min(max(int(round(fraction * len(rows))), 1), len(rows) - 1)
+            k = min(max(round(fraction * len(rows)), 1), len(rows) - 1)
             held.append(rows[:k])
         val = np.sort(np.concatenate(held))
     else:
-        k = min(max(int(round(fraction * n)), 1), n - 1)
+        k = min(max(round(fraction * n), 1), n - 1)
         val = np.sort(rng.permutation(n)[:k])
     fit = np.setdiff1d(np.arange(n), val)
     return fit, val

@@ -65,11 +65,12 @@ def plan_batches(
     window = window or max(1, len(sizes))
     batches: list[list[int]] = []
     for start in range(0, len(sizes), window):
-        order = sorted(range(start, min(start + window, len(sizes))),
-                       key=lambda i: (sizes[i][1] / sizes[i][0], sizes[i], i))
+        order = sorted(
+            range(start, min(start + window, len(sizes))), key=lambda i: (sizes[i][1] / sizes[i][0], sizes[i], i)
+        )
         batch: list[int] = []
         for i in order:
-            if batch and not _fits(batch + [i], sizes, max_images, max_pixels, grid, max_waste):
+            if batch and not _fits([*batch, i], sizes, max_images, max_pixels, grid, max_waste):
                 batches.append(batch)
                 batch = []
             batch.append(i)

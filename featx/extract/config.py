@@ -84,9 +84,7 @@ class ExtractConfig:
         if self.aggregate not in AGGREGATES:
             raise BadInput(f"unknown --aggregate {self.aggregate!r}; choose mean or stack")
         if self.precision not in PRECISIONS:
-            raise BadInput(
-                f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
-            )
+            raise BadInput(f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if not self.scales:
             raise BadInput("--scales is empty; give at least one scale, e.g. --scales 256,384,512")
         if len(set(self.scales)) != len(self.scales):

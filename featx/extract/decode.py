@@ -134,8 +134,7 @@ def open_upright(file: str | os.PathLike, max_pixels: int) -> Image.Image:
                 raise ImageError(
                     "decode",
                     "TooManyPixels",
-                    f"{w}x{h} = {w * h} pixels is over --max-pixels {max_pixels}; "
-                    f"raise --max-pixels to include it",
+                    f"{w}x{h} = {w * h} pixels is over --max-pixels {max_pixels}; raise --max-pixels to include it",
                 )
             try:
                 img.seek(0)  # animated GIF / WebP: the first frame
@@ -209,7 +208,8 @@ def crop_box(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
         raise ImageError("region", "EmptyBox", f"box {list(box)} is empty: x2 must exceed x1 and y2 exceed y1")
     if x1 < 0 or y1 < 0 or x2 > img.width or y2 > img.height:
         raise ImageError(
-            "region", "BoxOutsideImage",
+            "region",
+            "BoxOutsideImage",
             f"box {list(box)} reaches outside the upright {img.width}x{img.height} image "
             f"(0 <= x1 < x2 <= {img.width}, 0 <= y1 < y2 <= {img.height})",
         )

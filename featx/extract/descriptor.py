@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -124,8 +124,9 @@ class DenseDescriber:
         matmul = torch.backends.cuda.matmul.allow_tf32
         try:
             torch.backends.cuda.matmul.allow_tf32 = matmul and not fp32
-            with torch.backends.cudnn.flags(enabled=True, benchmark=True,
-                                           deterministic=torch.backends.cudnn.deterministic, allow_tf32=not fp32):
+            with torch.backends.cudnn.flags(
+                enabled=True, benchmark=True, deterministic=torch.backends.cudnn.deterministic, allow_tf32=not fp32
+            ):
                 yield
         finally:
             torch.backends.cuda.matmul.allow_tf32 = matmul
@@ -137,8 +138,15 @@ class DenseDescriber:
         u8, sizes = staged.pixels, staged.sizes
         n, (height, width) = len(sizes), u8.shape[2:]
         x = (u8.to(self.device, torch.float32) - self.mean) / self.std
-        batch = torch.empty(n * (2 if self.flip else 1), 3, height, width, device=self.device,
-                            dtype=self.dtype, memory_format=torch.channels_last).zero_()
+        batch = torch.empty(
+            n * (2 if self.flip else 1),
+            3,
+            height,
+            width,
+            device=self.device,
+            dtype=self.dtype,
+            memory_format=torch.channels_last,
+        ).zero_()
         # Padding after normalising (raw zeros would be -mean/std); each flip flips the image
         # itself, so it is anchored top-left like the image.
         for i, (h, w) in enumerate(sizes):
@@ -150,8 +158,9 @@ class DenseDescriber:
             pooled = (pooled[:n] + pooled[n:]) / 2
         return pooled
 
-    def __call__(self, images: torch.Tensor | list[torch.Tensor], canvas: tuple[int, int] | None = None
-                 ) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor | list[torch.Tensor], canvas: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """uint8 [B, 3, h, w] (or a list of [3, h_i, w_i]) -> float32 [B, C] on the CPU:
         position-averaged map, flip-averaged, each image exactly as if it ran alone."""
         pooled = self.run(self.stage(images, canvas)).cpu()
@@ -197,8 +206,10 @@ def pooled_per_scale(
         _drive(describers[0], images, work, out, failed, stats, on_batch, lock)
     else:
         with ThreadPoolExecutor(len(describers), thread_name_prefix="featx-device") as pool:
-            shares = [pool.submit(_drive, d, images, work[k :: len(describers)], out, failed, stats, on_batch, lock)
-                      for k, d in enumerate(describers)]
+            shares = [
+                pool.submit(_drive, d, images, work[k :: len(describers)], out, failed, stats, on_batch, lock)
+                for k, d in enumerate(describers)
+            ]
             for share in shares:
                 share.result()
     return [out[q] for q in scales]

@@ -98,6 +98,7 @@ class _DescribeParts:
         decoded, errors, seconds = payload["decoded"], payload["errors"], payload["seconds"]
         rows = self.schema.empty_table()
         if decoded:
+
             def on_batch(images: int, s: float) -> None:
                 seconds["model"] += s
 
@@ -158,9 +159,7 @@ def _actor_plan(ray, config: ExtractConfig, actors: int | None) -> tuple[str, in
         # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES).
         return "cuda", actors or gpus, {"num_gpus": 1, "num_cpus": 1}, 1
     cpus = int(resources.get("CPU", 0))
-    node_cpus = max(
-        (int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=cpus
-    )
+    node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=cpus)
     # Half of the CPUs decode, half run the net: on CPU the net dominates, but starving the
     # decode tasks would stall the actors.
     threads = max(1, min(MAX_THREADS_PER_CPU_ACTOR, node_cpus // 2))
@@ -248,8 +247,19 @@ def _output_folder(output, wait: bool) -> store.DatasetFolder:
     return store.DatasetFolder(root, wait=wait)
 
 
-def _run(ray, items, folder: store.DatasetFolder, config, actors, overwrite, progress, t0,
-         files: dict[str, Path], region_errors: list[dict], region_id: dict | None) -> ExtractResult:
+def _run(
+    ray,
+    items,
+    folder: store.DatasetFolder,
+    config,
+    actors,
+    overwrite,
+    progress,
+    t0,
+    files: dict[str, Path],
+    region_errors: list[dict],
+    region_id: dict | None,
+) -> ExtractResult:
     device, n_actors, actor_resources, threads = _actor_plan(ray, config, actors)
     config = _pin_precision(ray, config, device, actor_resources)
     prov = provenance(config, torch.device(device), regions=region_id)
@@ -290,15 +300,30 @@ def _run(ray, items, folder: store.DatasetFolder, config, actors, overwrite, pro
             raise BadInput(f"cannot write {folder.target} ({e.strerror or e}); check the -o folder") from None
 
     if interrupted:
-        return ExtractResult(folder.target, folder.rows(), new_rows, 0, time.perf_counter() - t0,
-                             prov["settings_hash"], interrupted=True, stage_seconds=stage_seconds)
+        return ExtractResult(
+            folder.target,
+            folder.rows(),
+            new_rows,
+            0,
+            time.perf_counter() - t0,
+            prov["settings_hash"],
+            interrupted=True,
+            stage_seconds=stage_seconds,
+        )
     try:
         done = folder.finish()
     except OSError as e:
         raise BadInput(f"cannot write {folder.target} ({e.strerror or e}); check the -o folder") from None
     return ExtractResult(
-        folder.target, done.rows, new_rows, done.failures, time.perf_counter() - t0, prov["settings_hash"],
-        errors_file=done.errors_file, stage_seconds=stage_seconds, changes=done.changes,
+        folder.target,
+        done.rows,
+        new_rows,
+        done.failures,
+        time.perf_counter() - t0,
+        prov["settings_hash"],
+        errors_file=done.errors_file,
+        stage_seconds=stage_seconds,
+        changes=done.changes,
     )
 
 

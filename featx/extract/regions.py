@@ -45,7 +45,9 @@ def read_table_rows(source) -> tuple[list[dict], str]:
         return source.to_dict("records"), "DataFrame"
     file = Path(source).expanduser()
     if not file.is_file():
-        raise MissingData(f"--regions {file}: no such file; give a CSV or Parquet table with columns path, x1, y1, x2, y2")
+        raise MissingData(
+            f"--regions {file}: no such file; give a CSV or Parquet table with columns path, x1, y1, x2, y2"
+        )
     if file.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
@@ -118,7 +120,7 @@ def plan_regions(source, items: list[Item], roots: list[str | Path]) -> Regions:
         seen.add((path, region))
         canonical.append([path, region, *(str(row[c]) for c in REQUIRED[1:])])
 
-        def fail(error: str, message: str) -> None:
+        def fail(error: str, message: str, path=path, region=region) -> None:
             errors.append({"path": path, "region": region, "stage": "region", "error": error, "message": message})
 
         coords = [as_pixel(row[c]) for c in REQUIRED[1:]]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from featx import store
-from featx.errors import BadInput, MissingData
+from featx.errors import BadInput
 from featx.extract.batching import BatchStats
 from featx.extract.config import ExtractConfig
 from featx.extract.decode import Decoded, ImageError
@@ -73,8 +73,17 @@ class _Tally:
 class Run:
     """One extraction job: decides what to resume, runs the stages, finalises the output."""
 
-    def __init__(self, paths, output, config: ExtractConfig, overwrite: bool, progress: bool, shard=None,
-                 wait: bool = False, regions=None):
+    def __init__(
+        self,
+        paths,
+        output,
+        config: ExtractConfig,
+        overwrite: bool,
+        progress: bool,
+        shard=None,
+        wait: bool = False,
+        regions=None,
+    ):
         self.config, self.overwrite, self.show_progress = config, overwrite, progress
         self.out = Path(output).expanduser()
         if self.out.is_dir():
@@ -145,13 +154,19 @@ class Run:
         self.stage_seconds["model"] += seconds
         self._advance(images / len(self.config.scales))
 
-    def flush(self, schema: pa.Schema, group: list[tuple[Item, Decoded]], errors: list[dict],
-              describer: DenseDescriber | list[DenseDescriber]) -> int:
+    def flush(
+        self,
+        schema: pa.Schema,
+        group: list[tuple[Item, Decoded]],
+        errors: list[dict],
+        describer: DenseDescriber | list[DenseDescriber],
+    ) -> int:
         """Describe one row group and persist it (rows and errors) as a piece; rows written."""
         rows = None
         if group:
-            features, failed = describe_group(describer, [d for _, d in group], self.config, self._on_batch,
-                                              self.batches)
+            features, failed = describe_group(
+                describer, [d for _, d in group], self.config, self._on_batch, self.batches
+            )
             errors.extend(error_record(group[i][0], e) for i, e in failed.items())
             t = time.perf_counter()
             rows = group_rows(schema, group, features, failed)
@@ -161,8 +176,9 @@ class Run:
         self.stage_seconds["write"] += time.perf_counter() - t
         return 0 if rows is None else rows.num_rows
 
-    def describe_all(self, todo: list[Item], describer: DenseDescriber | list[DenseDescriber],
-                     schema: pa.Schema) -> _Tally:
+    def describe_all(
+        self, todo: list[Item], describer: DenseDescriber | list[DenseDescriber], schema: pa.Schema
+    ) -> _Tally:
         tally = _Tally()
         cfg = self.config
 
@@ -214,8 +230,9 @@ class Run:
         devices = resolve_devices(cfg.devices) if cfg.devices else [resolve_device(cfg.device)]
         device = devices[0]
         if cfg.devices and device.type != resolve_device(cfg.device).type:
-            raise BadInput(f"--devices {cfg.devices} are not of --device {cfg.device}'s type; "
-                           f"pass --device {device.type} too")
+            raise BadInput(
+                f"--devices {cfg.devices} are not of --device {cfg.device}'s type; pass --device {device.type} too"
+            )
         prov = provenance(cfg, ",".join(map(str, devices)), regions=self.regions)
         todo = self.plan(prov)
         if self.output.up_to_date:
@@ -226,13 +243,28 @@ class Run:
             describer = make_describer(cfg, device) if len(devices) == 1 else [make_describer(cfg, d) for d in devices]
             tally = self.describe_all(todo, describer, schema)
         if tally.interrupted:
-            return ExtractResult(self.out, 0, tally.new_rows, tally.failures, time.perf_counter() - t0,
-                                 prov["settings_hash"], interrupted=True, stage_seconds=self.stage_seconds,
-                                 batches=self.batches)
+            return ExtractResult(
+                self.out,
+                0,
+                tally.new_rows,
+                tally.failures,
+                time.perf_counter() - t0,
+                prov["settings_hash"],
+                interrupted=True,
+                stage_seconds=self.stage_seconds,
+                batches=self.batches,
+            )
         done = self.finish(schema)
         return ExtractResult(
-            self.out, done.rows, tally.new_rows, done.failures, time.perf_counter() - t0, prov["settings_hash"],
-            errors_file=done.errors_file, stage_seconds=self.stage_seconds, changes=done.changes,
+            self.out,
+            done.rows,
+            tally.new_rows,
+            done.failures,
+            time.perf_counter() - t0,
+            prov["settings_hash"],
+            errors_file=done.errors_file,
+            stage_seconds=self.stage_seconds,
+            changes=done.changes,
             batches=self.batches,
         )
 
@@ -254,7 +286,9 @@ def expand_regions(regions, items: list[Item], paths, shard) -> tuple[list[Item]
     return todo, errors, plan.identity
 
 
-def recorded_files(items: list[Item], region_errors: list[dict], discovered: dict[str, Path], root: Path) -> dict[str, Path]:
+def recorded_files(
+    items: list[Item], region_errors: list[dict], discovered: dict[str, Path], root: Path
+) -> dict[str, Path]:
     """The file behind each path the output will record: the items' images, and the paths of
     failing regions (an image none of whose regions could be cut, or no image at all)."""
     files = {it.path: it.file for it in items}
@@ -268,7 +302,6 @@ def disk_error(e: OSError, out: Path) -> BadInput:
     if e.errno == errno.ENOSPC:
         return BadInput(f"disk full while writing {out}; free some space and rerun the same command to resume")
     return BadInput(f"cannot write {getattr(e, 'filename', None) or out} ({e.strerror or e}); check the -o folder")
-
 
 
 def extract_features(
@@ -288,7 +321,8 @@ def extract_features(
     Settings are an ExtractConfig or keyword arguments of one (model="vgg16", scales=(256,),
     ...). An existing `output` with the same settings is resumed (new and changed images are
     described, removed ones dropped); other settings are refused unless `overwrite`. Another
-    process writing `output` makes this call raise Locked, or wait for it if `wait`. `shard="K/N"` keeps only shard K of N (featx.extract.shard: by path hash).
+    process writing `output` makes this call raise Locked, or wait for it if `wait`.
+    `shard="K/N"` keeps only shard K of N (featx.extract.shard: by path hash).
     `regions` (a CSV or Parquet file, a DataFrame or Arrow table with path, x1, y1, x2, y2 and
     optionally region) describes those boxes instead of whole images: one row per region
     (featx.extract.regions).

@@ -17,16 +17,14 @@ T = TypeVar("T")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """"K/N" -> (K, N) with 0 <= K < N, numbered from 0 like ranks (SLURM_PROCID, RANK)."""
+    """ "K/N" -> (K, N) with 0 <= K < N, numbered from 0 like ranks (SLURM_PROCID, RANK)."""
     k_text, sep, n_text = str(text).replace(" ", "").partition("/")
     try:
         k, n = int(k_text), int(n_text)
     except ValueError:
         k = n = -1
     if not sep or n < 1 or not 0 <= k < n:
-        raise BadInput(
-            f"--shard {text!r} is not K/N with 0 <= K < N; write e.g. --shard 0/4 ... --shard 3/4"
-        )
+        raise BadInput(f"--shard {text!r} is not K/N with 0 <= K < N; write e.g. --shard 0/4 ... --shard 3/4")
     return k, n
 
 
@@ -51,7 +49,5 @@ def take_shard(items: list[T], spec: str | tuple[int, int]) -> list[T]:
     k, n = parse_shard(spec) if isinstance(spec, str) else spec
     chosen = shard(items, k, n)
     if not chosen:
-        raise BadInput(
-            f"--shard {k}/{n} holds none of the {len(items)} images; use fewer shards (a smaller N)"
-        )
+        raise BadInput(f"--shard {k}/{n} holds none of the {len(items)} images; use fewer shards (a smaller N)")
     return chosen

@@ -1,14 +1,13 @@
 """The per-image stages of a run, shared by the local and the Ray engine.
 
-    decode_item      file -> upright RGB rescaled to every Q (or an ImageError record)
-    decode_items     the items of one file (its regions) -> one decode, each crop rescaled
-    describe_group   decoded images -> L2-normalised descriptors, failures isolated per image
-    group_rows       the described images -> an Arrow table in the feature file's schema
+decode_item      file -> upright RGB rescaled to every Q (or an ImageError record)
+decode_items     the items of one file (its regions) -> one decode, each crop rescaled
+describe_group   decoded images -> L2-normalised descriptors, failures isolated per image
+group_rows       the described images -> an Arrow table in the feature file's schema
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -69,11 +68,19 @@ def describe_group(
     """
     errors: dict[int, Exception] = {}
     per_scale = pooled_per_scale(
-        describer, [d.scaled for d in decoded], config.scales, config.batch_size,
-        batch_pixels=config.batch_pixels, on_batch=on_batch, failed=errors, stats=stats,
+        describer,
+        [d.scaled for d in decoded],
+        config.scales,
+        config.batch_size,
+        batch_pixels=config.batch_pixels,
+        on_batch=on_batch,
+        failed=errors,
+        stats=stats,
     )
-    failed = {i: ImageError("model", type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
-              for i, e in errors.items()}
+    failed = {
+        i: ImageError("model", type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+        for i, e in errors.items()
+    }
     return combine(per_scale, config.aggregate).numpy(), failed
 
 

@@ -167,8 +167,10 @@ class Conv:
     by_shape: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
-        return (_out_size(h, self.kernel[0], self.stride[0], self.padding[0], self.dilation[0]),
-                _out_size(w, self.kernel[1], self.stride[1], self.padding[1], self.dilation[1]))
+        return (
+            _out_size(h, self.kernel[0], self.stride[0], self.padding[0], self.dilation[0]),
+            _out_size(w, self.kernel[1], self.stride[1], self.padding[1], self.dilation[1]),
+        )
 
     def packed_for(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The weight in the layout oneDNN's kernel for this input shape wants."""
@@ -177,7 +179,8 @@ class Conv:
         w = self.by_shape.get(shape)
         if w is None:
             w = torch.ops.mkldnn._reorder_convolution_weight(
-                self.plain, self.padding, self.stride, self.dilation, self.groups, list(shape))
+                self.plain, self.padding, self.stride, self.dilation, self.groups, list(shape)
+            )
             self.by_shape[shape] = w
             while len(self.by_shape) > PACKED_SHAPES:
                 self.by_shape.popitem(last=False)
@@ -195,12 +198,31 @@ class Conv:
             if out is not None:  # oneDNN's in-place form, out = relu(conv(x) + out), from zero
                 out.zero_()
                 return torch.ops.mkldnn._convolution_pointwise_.binary(
-                    out, x, w, self.bias, self.padding, self.stride, self.dilation, self.groups,
-                    "add", None, "relu" if self.relu else None, [], None,
+                    out,
+                    x,
+                    w,
+                    self.bias,
+                    self.padding,
+                    self.stride,
+                    self.dilation,
+                    self.groups,
+                    "add",
+                    None,
+                    "relu" if self.relu else None,
+                    [],
+                    None,
                 )
             return torch.ops.mkldnn._convolution_pointwise(
-                x, w, self.bias, self.padding, self.stride, self.dilation,
-                self.groups, "relu" if self.relu else "none", [], "",
+                x,
+                w,
+                self.bias,
+                self.padding,
+                self.stride,
+                self.dilation,
+                self.groups,
+                "relu" if self.relu else "none",
+                [],
+                "",
             )
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.relu_(x) if self.relu else x
@@ -238,7 +260,9 @@ class Linear:
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "relu" if self.relu else "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(
+                rows, self.weight, self.bias, "relu" if self.relu else "none", [], ""
+            )
         y = F.linear(rows, self.weight, self.bias)
         return F.relu_(y) if self.relu else y
 
@@ -260,16 +284,24 @@ def conv_kernels(device: torch.device, dtype: torch.dtype) -> str:
     """In words, which kernels a default Plan runs the convolutions with (for provenance)."""
     if device.type == "cpu" and onednn_prepack_works(dtype):
         least_in, least_out, compiled = winograd_channels(dtype)
-        return (f"oneDNN, weights pre-packed; 3x3 convs of >= {least_in} -> {least_out} channels by Winograd "
-                f"{winograd_algorithm(dtype).name}, transforms {'compiled' if compiled else 'by torch ops'}")
+        return (
+            f"oneDNN, weights pre-packed; 3x3 convs of >= {least_in} -> {least_out} channels by Winograd "
+            f"{winograd_algorithm(dtype).name}, transforms {'compiled' if compiled else 'by torch ops'}"
+        )
     return "cuDNN (its own algorithm choice)" if device.type == "cuda" else "torch's default kernels"
 
 
 def winograd_suits(conv: nn.Conv2d, least_in: int, least_out: int) -> bool:
     """A 3x3, stride 1, padding 1 conv with enough channels for Winograd to beat the direct kernel."""
-    return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1) and conv.padding == (1, 1)
-            and tuple(conv.dilation) == (1, 1) and conv.groups == 1
-            and conv.in_channels >= least_in and conv.out_channels >= least_out)
+    return (
+        tuple(conv.kernel_size) == (3, 3)
+        and tuple(conv.stride) == (1, 1)
+        and conv.padding == (1, 1)
+        and tuple(conv.dilation) == (1, 1)
+        and conv.groups == 1
+        and conv.in_channels >= least_in
+        and conv.out_channels >= least_out
+    )
 
 
 def _conv_params(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
@@ -318,8 +350,11 @@ class Pool:
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.module is not None:
             return self.module(x)
-        rows = None if self.activations is None else \
-            self.activations.get("pool rows", (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2 * 2), x)
+        rows = (
+            None
+            if self.activations is None
+            else self.activations.get("pool rows", (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2 * 2), x)
+        )
         return max_pool_2x2(x, out, rows)
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
@@ -466,9 +501,15 @@ class Plan:
         for i, m in enumerate(modules):
             if isinstance(m, nn.ReLU):
                 continue
-            if not isinstance(m, nn.Conv2d) or m.groups != 1 or tuple(m.stride) != (1, 1) \
-                    or tuple(m.padding) != (0, 0) or tuple(m.dilation) != (1, 1) \
-                    or (layers and m.kernel_size != (1, 1)) or m.kernel_size[0] != m.kernel_size[1]:
+            if (
+                not isinstance(m, nn.Conv2d)
+                or m.groups != 1
+                or tuple(m.stride) != (1, 1)
+                or tuple(m.padding) != (0, 0)
+                or tuple(m.dilation) != (1, 1)
+                or (layers and m.kernel_size != (1, 1))
+                or m.kernel_size[0] != m.kernel_size[1]
+            ):
                 raise BadInput(f"head module {m} is not a dense fc layer the plan can lower")
             if not layers:
                 kernel = m.kernel_size[0]
@@ -482,8 +523,13 @@ class Plan:
         return kernel, layers
 
     # -- running -------------------------------------------------------------------------
-    def pool5(self, x: torch.Tensor, sizes: list[tuple[int, int]] | None = None, rezero: bool = True,
-              after_step: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def pool5(
+        self,
+        x: torch.Tensor,
+        sizes: list[tuple[int, int]] | None = None,
+        rezero: bool = True,
+        after_step: Callable[[int], None] | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """The trunk on a channels-last batch in the plan's dtype -> (pool5 maps, valid sizes).
 
         `sizes` are the images' valid (h, w), each anchored top-left in a zero-padded canvas;
@@ -496,7 +542,9 @@ class Plan:
         role = None  # the reused buffer holding x, if any
         last = len(self.trunk) - 1
         for i, step in enumerate(self.trunk):
-            if self.activations is not None and i < last and hasattr(step, "out_shape"):  # the last output leaves the plan
+            if (
+                self.activations is not None and i < last and hasattr(step, "out_shape")
+            ):  # the last output leaves the plan
                 shape = step.out_shape(x)
                 target = "b" if role == "a" else "a"  # never x's own buffer
                 out = self.activations.get(target, shape, x) if shape is not None else None
@@ -513,8 +561,9 @@ class Plan:
                     zero_outside(x, sizes)
         return x, sizes
 
-    def position_sums(self, maps: torch.Tensor, sizes: list[tuple[int, int]] | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_sums(
+        self, maps: torch.Tensor, sizes: list[tuple[int, int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """pool5 maps [B, C, H, W] -> (sum over valid positions of the head's output [B, D] fp32,
         valid positions [B]); a position is valid when its kxk fc6 window lies in the image's
         valid pool5 region (`sizes`, top-left; default: the whole map)."""
@@ -526,14 +575,19 @@ class Plan:
         k = self.kernel
         small = [(hi, wi) for hi, wi in sizes if hi < k or wi < k]
         if small:
-            raise BadInput(f"pool5 map {small[0][0]}x{small[0][1]} is smaller than fc6's {k}x{k} window; use larger scales")
+            raise BadInput(
+                f"pool5 map {small[0][0]}x{small[0][1]} is smaller than fc6's {k}x{k} window; use larger scales"
+            )
         # [B, H', W', k, k, C]: a view of the channels-last map; reshaping a slice copies its windows.
         windows = maps.permute(0, 2, 3, 1).unfold(1, k, 1).unfold(2, k, 1).permute(0, 1, 2, 4, 5, 3)
         outs = [(hi - k + 1, wi - k + 1) for hi, wi in sizes]  # valid fc6 positions per image
         out = torch.zeros(b, self.head[-1].out_features, device=maps.device, dtype=torch.float32)
         # Pieces: a few output rows of one image (only its valid columns), <= head_rows rows.
-        pieces = [(i, r, min(r + max(1, self.head_rows // wo), ho), wo)
-                  for i, (ho, wo) in enumerate(outs) for r in range(0, ho, max(1, self.head_rows // wo))]
+        pieces = [
+            (i, r, min(r + max(1, self.head_rows // wo), ho), wo)
+            for i, (ho, wo) in enumerate(outs)
+            for r in range(0, ho, max(1, self.head_rows // wo))
+        ]
         # Greedy chunks of whole pieces, at most head_rows rows (a lone piece may be all one image's).
         chunks: list[list[tuple[int, int, int, int]]] = []
         rows = 0
@@ -545,7 +599,9 @@ class Plan:
             chunks[-1].append(piece)
             rows += n
         for chunk in chunks:
-            y = torch.empty(sum((r1 - r0) * wo for _, r0, r1, wo in chunk), k * k * c, device=maps.device, dtype=maps.dtype)
+            y = torch.empty(
+                sum((r1 - r0) * wo for _, r0, r1, wo in chunk), k * k * c, device=maps.device, dtype=maps.dtype
+            )
             at = 0
             for i, r0, r1, wo in chunk:  # gather the windows straight into the GEMM's rows
                 n = (r1 - r0) * wo
@@ -565,8 +621,9 @@ class Plan:
         per_pass = max(1, self.pass_pixels // (x.shape[2] * x.shape[3]))
         return [slice(s, s + per_pass) for s in range(0, x.shape[0], per_pass)]
 
-    def __call__(self, x: torch.Tensor, sizes: list[tuple[int, int]] | None = None, rezero: bool = True
-                 ) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, sizes: list[tuple[int, int]] | None = None, rezero: bool = True
+    ) -> torch.Tensor:
         """Channels-last batch -> fp32 [B, D]: the head's map averaged over valid positions.
 
         `sizes`: each image's valid (h, w) at the top-left of the zero-padded batch (default:

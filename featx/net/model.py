@@ -15,7 +15,6 @@ from torch import nn
 from featx.errors import BadInput
 from featx.net.weights import Weights
 
-
 LAYERS = ("pool5", "fc6", "fc7")
 
 
@@ -40,8 +39,10 @@ class DenseVGG(nn.Module):
     def up_to(self, layer: str) -> DenseVGG:
         """The net ending at `layer` (pool5, fc6, fc7 no later than this net's), sharing weights."""
         if layer not in LAYERS or LAYERS.index(layer) > LAYERS.index(self.layer):
-            raise BadInput(f"--layer {layer!r}: this net ends at {self.layer}; choose one of "
-                           f"{', '.join(LAYERS[: LAYERS.index(self.layer) + 1])}")
+            raise BadInput(
+                f"--layer {layer!r}: this net ends at {self.layer}; choose one of "
+                f"{', '.join(LAYERS[: LAYERS.index(self.layer) + 1])}"
+            )
         keep, convs = [], 0
         for m in self.head:
             convs += isinstance(m, nn.Conv2d)
@@ -111,7 +112,10 @@ def layer_table(net: DenseVGG, height: int, width: int) -> list[LayerRow]:
                 fc += 1
             rows.append(LayerRow(name, kind, (c, h, w), params, flops))
         elif isinstance(m, nn.MaxPool2d):
-            k, s, p, d = (v[0] if isinstance(v, tuple) else v for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation))
+            k, s, p, d = (
+                v[0] if isinstance(v, tuple) else v
+                for v in (m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation)
+            )
             span_h, span_w = h + 2 * p - d * (k - 1) - 1, w + 2 * p - d * (k - 1) - 1
             h = (-(-span_h // s) if m.ceil_mode else span_h // s) + 1
             w = (-(-span_w // s) if m.ceil_mode else span_w // s) + 1
@@ -138,8 +142,10 @@ def model_summary(model: str, height: int = 224, width: int = 224, layer: str = 
     rows = layer_table(dense, height, width)
     if min(min(r.shape[1:]) for r in rows) < 1:
         pool5 = next(r for r in rows if r.name == "pool5").shape
-        raise BadInput(f"--size {height}x{width} gives a {pool5[1]}x{pool5[2]} pool5 map, smaller than fc6's "
-                       f"7x7 window; use at least 224x224, or --layer pool5")
+        raise BadInput(
+            f"--size {height}x{width} gives a {pool5[1]}x{pool5[2]} pool5 map, smaller than fc6's "
+            f"7x7 window; use at least 224x224, or --layer pool5"
+        )
     return {
         "model": model,
         "layer": layer,
@@ -157,8 +163,14 @@ def linear_as_conv(linear: nn.Linear, in_channels: int, kernel: int) -> nn.Conv2
 
     The conv shares the Linear's storage: no random init and no copy of fc6's 411 MB.
     """
-    conv = nn.utils.skip_init(nn.Conv2d, in_channels, linear.out_features, kernel_size=kernel,
-                              device=linear.weight.device, dtype=linear.weight.dtype)
+    conv = nn.utils.skip_init(
+        nn.Conv2d,
+        in_channels,
+        linear.out_features,
+        kernel_size=kernel,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
     shape = (linear.out_features, in_channels, kernel, kernel)
     conv.weight = nn.Parameter(linear.weight.detach().view(shape), requires_grad=linear.weight.requires_grad)
     conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
@@ -168,8 +180,12 @@ def linear_as_conv(linear: nn.Linear, in_channels: int, kernel: int) -> nn.Conv2
 def dense_from_torchvision(vgg: torchvision.models.VGG, layer: str = "fc7") -> DenseVGG:
     """Reshape torchvision's classifier into the paper's fully convolutional net, up to `layer`."""
     fc6, fc7 = vgg.classifier[0], vgg.classifier[3]
-    head = [linear_as_conv(fc6, 512, 7), nn.ReLU(inplace=True),
-            linear_as_conv(fc7, fc6.out_features, 1), nn.ReLU(inplace=True)]
+    head = [
+        linear_as_conv(fc6, 512, 7),
+        nn.ReLU(inplace=True),
+        linear_as_conv(fc7, fc6.out_features, 1),
+        nn.ReLU(inplace=True),
+    ]
     return DenseVGG(vgg.features, nn.Sequential(*head)).eval().up_to(layer)
 
 

@@ -65,10 +65,22 @@ F2 = Algorithm(
 )
 F4 = Algorithm(
     "F(4x4, 3x3)",
-    bt=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
-        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
-    g=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
-       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+    bt=(
+        (4, 0, -5, 0, 1, 0),
+        (0, -4, -4, 1, 1, 0),
+        (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0),
+        (0, 2, -1, -2, 1, 0),
+        (0, 4, 0, -5, 0, 1),
+    ),
+    g=(
+        (1 / 4, 0, 0),
+        (-1 / 6, -1 / 6, -1 / 6),
+        (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6),
+        (0, 0, 1),
+    ),
     at=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
 )
 # Bytes of transformed input + GEMM output per band (t^2 x tiles x channels each): 64 MB ran
@@ -137,9 +149,16 @@ def pack(u: torch.Tensor) -> list[torch.Tensor]:
     return [torch.ops.mkldnn._reorder_linear_weight(u[a].t().contiguous(), None) for a in range(u.shape[0])]
 
 
-def conv3x3(x: torch.Tensor, weights: torch.Tensor | list[torch.Tensor], bias: torch.Tensor, relu: bool,
-            workspace: Workspace, algorithm: Algorithm = F2, out: torch.Tensor | None = None,
-            compiled: bool = True) -> torch.Tensor:
+def conv3x3(
+    x: torch.Tensor,
+    weights: torch.Tensor | list[torch.Tensor],
+    bias: torch.Tensor,
+    relu: bool,
+    workspace: Workspace,
+    algorithm: Algorithm = F2,
+    out: torch.Tensor | None = None,
+    compiled: bool = True,
+) -> torch.Tensor:
     """3x3 conv, stride 1, padding 1, of a channels-last batch `x` [N, C, H, W] -> channels-last
     [N, K, H, W] (+ bias, ReLU if asked), written into `out` if given. `weights`: U from
     transform_weight(weight, algorithm) for torch.mm (any device), or pack(U) for oneDNN's GEMMs (CPU).
@@ -168,8 +187,10 @@ def conv3x3(x: torch.Tensor, weights: torch.Tensor | list[torch.Tensor], bias: t
         # t*t GEMMs over channels; the bias rides on the one product every output sums once.
         at_bias = algorithm.bias_at * (t + 1)
         if isinstance(weights, list):
-            mats = [torch.ops.mkldnn._linear_pointwise(vv[a], weights[a], bias if a == at_bias else None, "none", [], "")
-                    for a in range(t * t)]
+            mats = [
+                torch.ops.mkldnn._linear_pointwise(vv[a], weights[a], bias if a == at_bias else None, "none", [], "")
+                for a in range(t * t)
+            ]
         else:
             mm = torch.bmm(vv, weights, out=workspace.get("m", (t * t, p, k), x))
             mm[at_bias] += bias
@@ -181,8 +202,9 @@ def conv3x3(x: torch.Tensor, weights: torch.Tensor | list[torch.Tensor], bias: t
     return y.permute(0, 3, 1, 2)
 
 
-def _input_transform(xn: torch.Tensor, workspace: Workspace, algorithm: Algorithm, t0: int, rows: int,
-                     tw: int) -> torch.Tensor:
+def _input_transform(
+    xn: torch.Tensor, workspace: Workspace, algorithm: Algorithm, t0: int, rows: int, tw: int
+) -> torch.Tensor:
     """V = B' d B for the tiles of tile rows t0 .. t0 + rows by torch ops -> [t*t, tiles, C]."""
     n, h, w, c = xn.shape
     m, t, bt = algorithm.m, algorithm.t, algorithm.bt
@@ -208,8 +230,16 @@ def _input_transform(xn: torch.Tensor, workspace: Workspace, algorithm: Algorith
     return v.view(t * t, n * rows * tw, c)
 
 
-def _output_transform(mats: list[torch.Tensor], y: torch.Tensor, workspace: Workspace, algorithm: Algorithm,
-                      t0: int, rows: int, tw: int, relu: bool) -> None:
+def _output_transform(
+    mats: list[torch.Tensor],
+    y: torch.Tensor,
+    workspace: Workspace,
+    algorithm: Algorithm,
+    t0: int,
+    rows: int,
+    tw: int,
+    relu: bool,
+) -> None:
     """y = A' M A for tile rows t0 .. t0 + rows by torch ops, into NHWC `y` (+ ReLU)."""
     n, h, w, k = y.shape
     m, t, at = algorithm.m, algorithm.t, algorithm.at

@@ -86,32 +86,52 @@ def _source(algorithm, dtype: torch.dtype, name: str) -> str:
     ctype, load, store = _TYPES[dtype]
     m, t, bt, at = algorithm.m, algorithm.t, algorithm.bt, algorithm.at
     # Input: d[i][j] loaded, rows combined (s[a][j] = sum_i B'[a][i] d[i][j]), then columns.
-    loads = "\n".join(f"            float d{i}_{j} = {load.format(x=f'p{i}_{j}[ch]')};"
-                      for i in range(t) for j in range(t))
-    rows = "\n".join(f"            float s{a}_{j} = {_linear(bt[a], [f'd{i}_{j}' for i in range(t)])};"
-                     for a in range(t) for j in range(t))
-    cols = "\n".join(f"            v[((long){a * t + b} * tiles + p) * c + ch] = "
-                     f"{store.format(x=_linear(bt[b], [f's{a}_{j}' for j in range(t)]))};"
-                     for a in range(t) for b in range(t))
+    loads = "\n".join(
+        f"            float d{i}_{j} = {load.format(x=f'p{i}_{j}[ch]')};" for i in range(t) for j in range(t)
+    )
+    rows = "\n".join(
+        f"            float s{a}_{j} = {_linear(bt[a], [f'd{i}_{j}' for i in range(t)])};"
+        for a in range(t)
+        for j in range(t)
+    )
+    cols = "\n".join(
+        f"            v[((long){a * t + b} * tiles + p) * c + ch] = "
+        f"{store.format(x=_linear(bt[b], [f's{a}_{j}' for j in range(t)]))};"
+        for a in range(t)
+        for b in range(t)
+    )
     pointers = "\n".join(
         f"            const {ctype}* p{i}_{j} = (y0 + {i} >= 0 && y0 + {i} < h && x0 + {j} >= 0 && x0 + {j} < w)"
         f" ? x + ((img * h + y0 + {i}) * w + x0 + {j}) * c : zeros;"
-        for i in range(t) for j in range(t))
+        for i in range(t)
+        for j in range(t)
+    )
     # Output: q[a][j] = sum_b M[a][b] A'[j][b] (columns), then o[i][j] = sum_a A'[i][a] q[a][j].
-    mloads = "\n".join(f"            float g{a}_{b} = {load.format(x=f'ms[{a * t + b}][p * k + ch]')};"
-                       for a in range(t) for b in range(t))
-    qcols = "\n".join(f"            float q{a}_{j} = {_linear(at[j], [f'g{a}_{b}' for b in range(t)])};"
-                      for a in range(t) for j in range(m))
+    mloads = "\n".join(
+        f"            float g{a}_{b} = {load.format(x=f'ms[{a * t + b}][p * k + ch]')};"
+        for a in range(t)
+        for b in range(t)
+    )
+    qcols = "\n".join(
+        f"            float q{a}_{j} = {_linear(at[j], [f'g{a}_{b}' for b in range(t)])};"
+        for a in range(t)
+        for j in range(m)
+    )
     outs = []
     for i in range(m):
         for j in range(m):
             value = _linear([at[i][a] for a in range(t)], [f"q{a}_{j}" for a in range(t)])
-            outs.append(f"            {{ float o = {value}; o = (relu && o < 0.0f) ? 0.0f : o;"
-                        f" out{i}_{j}[ch] = {store.format(x='o')}; }}")
+            outs.append(
+                f"            {{ float o = {value}; o = (relu && o < 0.0f) ? 0.0f : o;"
+                f" out{i}_{j}[ch] = {store.format(x='o')}; }}"
+            )
     # Outputs past the image's edge (the last tiles may hang over) go to a per-thread sink.
     out_pointers = "\n".join(
-        f"            {ctype}* out{i}_{j} = (m_y + {i} < h && m_x + {j} < w) ? y + ((img * h + m_y + {i}) * w + m_x + {j}) * k : sink;"
-        for i in range(m) for j in range(m))
+        f"            {ctype}* out{i}_{j} = (m_y + {i} < h && m_x + {j} < w)"
+        f" ? y + ((img * h + m_y + {i}) * w + m_x + {j}) * k : sink;"
+        for i in range(m)
+        for j in range(m)
+    )
     return f"""
 /* Input transform, {algorithm.name}, {dtype}: tile rows u0..u1 of a band (u = image * rows + row). */
 void {name}_in(const {ctype}* x, {ctype}* __restrict v, const {ctype}* zeros, long n, long h, long w, long c,
@@ -171,7 +191,9 @@ def _march() -> str:
     """This CPU's own instructions; AVX2 only under oneDNN's AVX2 cap (ONEDNN_MAX_CPU_ISA=AVX2,
     which benchmarks use to emulate an AVX2-only CPU), so the emulation covers these kernels too."""
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    return "-march=x86-64-v3" if cap.startswith("AVX2") and platform.machine() in ("x86_64", "AMD64") else "-march=native"
+    return (
+        "-march=x86-64-v3" if cap.startswith("AVX2") and platform.machine() in ("x86_64", "AMD64") else "-march=native"
+    )
 
 
 def _compile(source: str) -> Path | None:
@@ -189,8 +211,13 @@ def _compile(source: str) -> Path | None:
         src.write_text(source)
         flags = ["-O3", march, "-fno-math-errno", "-shared", "-fPIC"]
         for openmp in (["-fopenmp"], []):  # without OpenMP (no libgomp to link), Python threads split
-            proc = subprocess.run([compiler, *flags, *openmp, str(src), "-o", str(lib)], capture_output=True,
-                                  text=True, check=False, timeout=120)
+            proc = subprocess.run(
+                [compiler, *flags, *openmp, str(src), "-o", str(lib)],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=120,
+            )
             if proc.returncode == 0 and lib.exists():
                 break
         else:
@@ -240,8 +267,20 @@ class Kernels:
         L = ctypes.c_long
 
         def call(u0: int, u1: int) -> None:
-            self._in(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(v.data_ptr()), ctypes.c_void_p(zeros.data_ptr()),
-                     L(n), L(h), L(w), L(c), L(t0), L(rows), L(tw), L(u0), L(u1))
+            self._in(
+                ctypes.c_void_p(x.data_ptr()),
+                ctypes.c_void_p(v.data_ptr()),
+                ctypes.c_void_p(zeros.data_ptr()),
+                L(n),
+                L(h),
+                L(w),
+                L(c),
+                L(t0),
+                L(rows),
+                L(tw),
+                L(u0),
+                L(u1),
+            )
 
         self._split(call, n * rows)
 
@@ -252,8 +291,20 @@ class Kernels:
         L = ctypes.c_long
 
         def call(u0: int, u1: int) -> None:
-            self._out(pointers, ctypes.c_void_p(y.data_ptr()), L(n), L(h), L(w), L(k),
-                      L(t0), L(rows), L(tw), L(int(relu)), L(u0), L(u1))
+            self._out(
+                pointers,
+                ctypes.c_void_p(y.data_ptr()),
+                L(n),
+                L(h),
+                L(w),
+                L(k),
+                L(t0),
+                L(rows),
+                L(tw),
+                L(int(relu)),
+                L(u0),
+                L(u1),
+            )
 
         self._split(call, n * rows)
 
@@ -264,7 +315,11 @@ def kernels(algorithm, dtype: torch.dtype) -> Kernels | None:
     they cannot be built (no C compiler, a failed build, another dtype)."""
     if dtype not in _TYPES:
         return None
-    name = "wg_" + hashlib.sha256(algorithm.name.encode()).hexdigest()[:8] + ("_bf16" if dtype == torch.bfloat16 else "_f32")
+    name = (
+        "wg_"
+        + hashlib.sha256(algorithm.name.encode()).hexdigest()[:8]
+        + ("_bf16" if dtype == torch.bfloat16 else "_f32")
+    )
     source = _PRELUDE + _source(algorithm, dtype, name)
     try:
         path = _compile(source)

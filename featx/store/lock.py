@@ -63,9 +63,7 @@ class OutputLock:
                 log.info(f"waiting for {who} to finish writing {self.target}")
                 self._lock.acquire()
         except OSError as e:
-            raise BadInput(
-                f"cannot write in {self.target.parent} ({e.strerror or e}); choose a writable -o"
-            ) from None
+            raise BadInput(f"cannot write in {self.target.parent} ({e.strerror or e}); choose a writable -o") from None
         try:
             atomic.write_json(
                 {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "argv": sys.argv},

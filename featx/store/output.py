@@ -85,8 +85,9 @@ def _stamp(table: pa.Table, stats: Mapping[str, Stat]) -> pa.Table:
     table = table.drop_columns([c for c in STAT_COLUMNS if c in table.column_names])
     recorded = [stats[p] for p in table.column("path").to_pylist()]
     for i, name in enumerate(STAT_COLUMNS):
-        table = table.append_column(pa.field(name, pa.int64(), nullable=False),
-                                    pa.array([s[i] for s in recorded], pa.int64()))
+        table = table.append_column(
+            pa.field(name, pa.int64(), nullable=False), pa.array([s[i] for s in recorded], pa.int64())
+        )
     return table
 
 
@@ -288,9 +289,7 @@ class Output:
             for record in pq.read_table(source).to_pylist():
                 path, key = record["path"], (record["path"], record.get("region"))
                 stat = (record.get(STAT_COLUMNS[0]), record.get(STAT_COLUMNS[1]))
-                if path in self.stats and key not in have_rows and (
-                    stat == self.stats[path] or stat == (None, None)
-                ):
+                if path in self.stats and key not in have_rows and (stat == self.stats[path] or stat == (None, None)):
                     failures[key] = {c: record[c] for c in ERROR_COLUMNS} | (
                         {"region": key[1]} if key[1] is not None else {}
                     )
@@ -434,7 +433,8 @@ class DatasetFolder(Output):
         if not self.target.is_dir():
             return
         foreign = sorted(
-            p.name for p in self.target.iterdir()
+            p.name
+            for p in self.target.iterdir()
             if p.name != WORK and not p.name.startswith(".") and not PART.fullmatch(p.name)
         )
         if foreign:
@@ -480,9 +480,15 @@ class DatasetFolder(Output):
             before.update(k for k, _ in _recorded(part, self.stats))
         atomic.make_dir(self.state_dir)
         ordered = sorted(before, key=lambda k: (k[0], k[1] or ""))
-        atomic.write_atomic(pa.table({"path": pa.array([k[0] for k in ordered], pa.string()),
-                                      "region": pa.array([k[1] for k in ordered], pa.string())}),
-                            self.state_dir / "before.parquet")
+        atomic.write_atomic(
+            pa.table(
+                {
+                    "path": pa.array([k[0] for k in ordered], pa.string()),
+                    "region": pa.array([k[1] for k in ordered], pa.string()),
+                }
+            ),
+            self.state_dir / "before.parquet",
+        )
         for f in self.error_pieces():
             f.unlink()
         if self.overwrite:

@@ -34,7 +34,9 @@ def check_output(path: str | Path, option: str, *, suffix: str | None = None, fo
     if suffix and path.suffix.lower() != suffix:
         raise BadInput(f"{option} {path} must end in {suffix}; e.g. {option} {path.with_suffix(suffix)}")
     if not folder and path.is_dir():
-        raise BadInput(f"{option} {path} is a folder; give a file name such as {path / ('out' + (suffix or '.parquet'))}")
+        raise BadInput(
+            f"{option} {path} is a folder; give a file name such as {path / ('out' + (suffix or '.parquet'))}"
+        )
     if folder and path.exists() and not path.is_dir():
         raise BadInput(f"{option} {path} is a file; give a folder")
     base = _nearest_existing(path if folder else path.parent)

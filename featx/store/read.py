@@ -58,7 +58,9 @@ def read_provenance(path: str | Path) -> dict:
         prov = _schema_provenance(other)
         if prov.get("settings_hash") != first.get("settings_hash"):
             a, b = first.get("settings", {}), prov.get("settings", {})
-            diff = "; ".join(f"{k}={a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+            diff = "; ".join(
+                f"{k}={a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            )
             raise BadInput(
                 f"{path} mixes descriptors: {files[0].name} and {other.relative_to(path)} differ "
                 f"({diff or 'settings hash'}); read them separately or move one out"

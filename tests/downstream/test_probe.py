@@ -33,8 +33,13 @@ def feature_file(path: Path, y: list[str], X: np.ndarray, paths: list[str] | Non
     X = np.asarray(X, np.float32)
     X = X / np.linalg.norm(X, axis=1, keepdims=True)
     paths = paths or [f"{label}/{i:03d}.jpg" for i, label in enumerate(y)]
-    prov = {"settings_hash": "0" * 16, "dim": X.shape[1], "model": "vgg16", "descriptor": "generated",
-            "weights": {"kind": "random", "seed": 0}}
+    prov = {
+        "settings_hash": "0" * 16,
+        "dim": X.shape[1],
+        "model": "vgg16",
+        "descriptor": "generated",
+        "weights": {"kind": "random", "seed": 0},
+    }
     schema = store.feature_schema(X.shape[1], prov)
     store.write_atomic(store.rows_table(schema, paths, y, [1] * len(y), [1] * len(y), X), path)
     return path
@@ -79,7 +84,9 @@ def test_predictions_recompute_the_report_exactly(tmp_path):
         for c, v in s["per_class"].items():
             claimed = p[p["predicted"] == c]
             expected = 100 * np.mean(claimed["label"] == c) if len(claimed) else None
-            assert v["precision"] == pytest.approx(expected, abs=1e-12) if expected is not None else v["precision"] is None
+            assert (
+                v["precision"] == pytest.approx(expected, abs=1e-12) if expected is not None else v["precision"] is None
+            )
     assert result.report["metrics"]["accuracy"]["mean"] == pytest.approx(np.mean([s["accuracy"] for s in splits]))
     assert 0 < result.report["metrics"]["accuracy"]["mean"] < 100
 
@@ -107,7 +114,9 @@ def test_stratified_test_fraction_tests_every_class(tmp_path):
 def test_small_classes_are_named_and_dropped_only_when_asked(tmp_path):
     y, X = clusters(4, [8, 8, 2, 1])
     f = feature_file(tmp_path / "f.parquet", y, X)
-    with pytest.raises(BadInput, match=r"2 classes have fewer than 3 images.*class002 \(2\), class003 \(1\).*--drop-small-classes"):
+    with pytest.raises(
+        BadInput, match=r"2 classes have fewer than 3 images.*class002 \(2\), class003 \(1\).*--drop-small-classes"
+    ):
         probe(f)
     result = probe(f, drop_small_classes=True, splits=1)
     assert result.report["classes"] == ["class000", "class001"]
@@ -168,9 +177,25 @@ def test_cli_probe_on_an_image_folder_with_problems(samples, tmp_path):
     shutil.copytree(samples, folder)
     (folder / "empty").mkdir()
     (folder / "lotus" / "broken.jpg").write_bytes(b"not a jpeg")
-    args = ["probe", str(folder), "--model", "vgg11", "--weights", "random", "--scales", "224", "--splits", "2",
-            "--cache-dir", str(tmp_path / "cache"), "--report", str(tmp_path / "r.json"),
-            "--predictions", str(tmp_path / "p.parquet"), "--quiet"]
+    args = [
+        "probe",
+        str(folder),
+        "--model",
+        "vgg11",
+        "--weights",
+        "random",
+        "--scales",
+        "224",
+        "--splits",
+        "2",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--report",
+        str(tmp_path / "r.json"),
+        "--predictions",
+        str(tmp_path / "p.parquet"),
+        "--quiet",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "mean class recall" in result.output and "a random net: near chance" in result.output
@@ -183,7 +208,7 @@ def test_cli_probe_on_an_image_folder_with_problems(samples, tmp_path):
 
 def test_featx_probe_stays_the_function_once_its_module_is_imported():
     import featx
-    import featx.downstream.probe  # noqa: F401  (a featx/probe.py module would replace featx.probe)
+    import featx.downstream.probe
 
     assert callable(featx.probe) and featx.probe is probe
 

@@ -69,7 +69,12 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     index.save(tmp_path / "ix")
     back = Index.load(tmp_path / "ix")
     assert (back.kind, back.params, back.recall, len(back), back.provenance) == (
-        "ivf", index.params, index.recall, 300, {"settings_hash": "abc"})
+        "ivf",
+        index.params,
+        index.recall,
+        300,
+        {"settings_hash": "abc"},
+    )
     np.testing.assert_array_equal(back.search(X[:5], 4)[1], index.search(X[:5], 4)[1])
     with pytest.raises(BadInput, match="--overwrite"):
         index.save(tmp_path / "ix")
@@ -86,7 +91,7 @@ def test_duplicates_are_the_exact_pairs_above_the_threshold(kind):
     X = clustered(200, 24)
     X[150:160] = X[:10] + 0.01 * np.random.default_rng(3).standard_normal((10, 24)).astype(np.float32)
     pairs = Index.from_matrix(X, rows(200), kind=kind).duplicates(0.99)
-    S, _ = brute_force(X, X, 200)
+    _S, _ = brute_force(X, X, 200)
     Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
     G = Xn @ Xn.T
     want = {(f"img{i:04d}.jpg", f"img{j:04d}.jpg") for i, j in zip(*np.nonzero(np.triu(G >= 0.99, 1)))}
@@ -107,14 +112,26 @@ def test_missing_faiss_is_one_line_naming_the_extra(monkeypatch, tmp_path):
         faiss_module()
     result = runner.invoke(app, ["index", str(tmp_path / "f.parquet"), "-o", str(tmp_path / "ix")])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == ["featx: error: similarity search needs FAISS, which is not installed; pip install 'featx[search]' (faiss-cpu)"]
+    assert result.output.strip().splitlines() == [
+        "featx: error: similarity search needs FAISS, which is not installed; pip install 'featx[search]' (faiss-cpu)"
+    ]
 
 
 def test_config_from_provenance_needs_the_weights_file():
     from featx.extract.describer import config_from_provenance
 
-    prov = {"settings": {"model": "vgg16", "layer": "fc7", "scales": [256], "flip": True, "aggregate": "mean",
-                         "precision": "fp32", "bucket": 0, "weights": {"kind": "file", "file": "mine.pth", "sha256": "ab" * 32}}}
+    prov = {
+        "settings": {
+            "model": "vgg16",
+            "layer": "fc7",
+            "scales": [256],
+            "flip": True,
+            "aggregate": "mean",
+            "precision": "fp32",
+            "bucket": 0,
+            "weights": {"kind": "file", "file": "mine.pth", "sha256": "ab" * 32},
+        }
+    }
     with pytest.raises(MissingData, match="mine.pth.*--weights FILE"):
         config_from_provenance(prov)
 
@@ -138,8 +155,21 @@ def test_cli_an_image_from_the_collection_finds_itself_first(samples, samples_fi
     assert "12 rows × 4096, flat index" in result.output
     query = samples / "crab" / "image_0002.jpg"
     out = tmp_path / "n.csv"
-    result = runner.invoke(app, ["neighbours", str(ix), str(query), str(samples / "anchor"), "-k", "3",
-                                 "-o", str(out), "--sheet", str(tmp_path / "sheet.png")])
+    result = runner.invoke(
+        app,
+        [
+            "neighbours",
+            str(ix),
+            str(query),
+            str(samples / "anchor"),
+            "-k",
+            "3",
+            "-o",
+            str(out),
+            "--sheet",
+            str(tmp_path / "sheet.png"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out)
     assert list(table.columns) == ["query", "rank", "path", "label", "score"] and len(table) == 4 * 3
@@ -164,17 +194,23 @@ def test_cli_index_queries_by_feature_file_and_lists_duplicates(tmp_path):
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     prov = {"settings_hash": "f" * 16, "dim": 16, "model": "vgg16", "weights": {"kind": "random", "seed": 0}}
     paths = [f"c/{i:02d}.jpg" for i in range(40)]
-    store.write_atomic(store.rows_table(store.feature_schema(16, prov), paths, ["c"] * 40, [1] * 40, [1] * 40, X),
-                       tmp_path / "f.parquet")
+    store.write_atomic(
+        store.rows_table(store.feature_schema(16, prov), paths, ["c"] * 40, [1] * 40, [1] * 40, X),
+        tmp_path / "f.parquet",
+    )
     result = runner.invoke(app, ["index", str(tmp_path / "f.parquet"), "-o", str(tmp_path / "ix"), "--kind", "hnsw"])
     assert result.exit_code == 0, result.output
     assert "recall@10 against exact search: 1.000 (40 of the rows as queries" in result.output
-    result = runner.invoke(app, ["neighbours", str(tmp_path / "ix"), str(tmp_path / "f.parquet"), "-k", "2",
-                                 "-o", str(tmp_path / "n.parquet")])
+    result = runner.invoke(
+        app,
+        ["neighbours", str(tmp_path / "ix"), str(tmp_path / "f.parquet"), "-k", "2", "-o", str(tmp_path / "n.parquet")],
+    )
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(tmp_path / "n.parquet")
     first = table[table["rank"] == 1]
-    assert len(first) == 40 and ((first["query"] == first["path"]) | first["query"].isin(["c/03.jpg", "c/30.jpg"])).all()
+    assert (
+        len(first) == 40 and ((first["query"] == first["path"]) | first["query"].isin(["c/03.jpg", "c/30.jpg"])).all()
+    )
     result = runner.invoke(app, ["neighbours", str(tmp_path / "ix"), "--duplicates", "0.999"])
     assert result.exit_code == 0 and "c/03.jpg c/30.jpg" in " ".join(result.output.split())
     result = runner.invoke(app, ["neighbours", str(tmp_path / "ix"), "--duplicates", "2"])

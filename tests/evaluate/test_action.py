@@ -105,10 +105,23 @@ def test_end_to_end_image_and_box_beats_image(voc, tmp_path):
     pipeline.write_text(PIPELINE)
     out = tmp_path / "out"
     out.mkdir()
-    r = CliRunner().invoke(app, [
-        "evaluate", "--pipeline", str(pipeline), "--root", str(root), "--cache-dir", str(tmp_path / "cache"),
-        "--results", str(tmp_path / "results"), "--report", str(out / "action.json"), "--quiet",
-    ])
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--pipeline",
+            str(pipeline),
+            "--root",
+            str(root),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--results",
+            str(tmp_path / "results"),
+            "--report",
+            str(out / "action.json"),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "PASCAL VOC 2012 action" in r.stdout and "79.2" in r.stdout and "84.0" in r.stdout
     report = json.loads((out / "action.json").read_text())
@@ -117,7 +130,9 @@ def test_end_to_end_image_and_box_beats_image(voc, tmp_path):
     # Image-only scores tie for the three persons of an image, whose actions differ.
     assert box > image + 10 and box > 90, (image, box)
     assert set(by["image"]["splits"][0]["per_class"]) == set(ACTIONS)
-    assert report["settings"]["image_box"]["mAP"] == box and set(report["settings"]["image"]["per_action"]) == set(ACTIONS)
+    assert report["settings"]["image_box"]["mAP"] == box and set(report["settings"]["image"]["per_action"]) == set(
+        ACTIONS
+    )
     assert report["config"]["n_persons"] == {"train": 24, "val": 24}
     notes = " ".join(report["config"]["notes"])
     assert "test-server" in notes and "24 of 3134 train persons" in notes and "not comparable" in notes
@@ -130,10 +145,14 @@ def test_end_to_end_image_and_box_beats_image(voc, tmp_path):
         lines = [line.split() for line in files[0].read_text().splitlines()]
         assert [(i, int(o)) for i, o, _ in lines] == list(zip(val.ids, val.objects))
         assert all(float(s) == float(s) for _, _, s in lines)
-    image_scores = [float(line.split()[2]) for line in (tmp_path / "results" / "image" / files[0].name).read_text().splitlines()]
+    image_scores = [
+        float(line.split()[2]) for line in (tmp_path / "results" / "image" / files[0].name).read_text().splitlines()
+    ]
     assert image_scores[0] == image_scores[1] == image_scores[2]  # one image, one score
-    print(f"\nmAP image {image:.1f}, image and box {box:.1f}; "
-          f"{report['config']['extract_seconds_per_person']:.3f} s per person to extract")
+    print(
+        f"\nmAP image {image:.1f}, image and box {box:.1f}; "
+        f"{report['config']['extract_seconds_per_person']:.3f} s per person to extract"
+    )
 
 
 def test_test_server_persons_come_from_test_txt_and_the_xml(voc, tmp_path):
@@ -147,8 +166,13 @@ def test_test_server_persons_come_from_test_txt_and_the_xml(voc, tmp_path):
     # As in the test archive: persons listed by image id and object index, boxes in the XML.
     (copy / "ImageSets" / "Action" / "test.txt").write_text("2011_000009 3\n2011_000009 2\n2011_000010\n")
     test = load_test_persons(copy)
-    assert list(zip(test.ids, test.objects)) == [("2011_000009", 2), ("2011_000009", 3),
-                                                  ("2011_000010", 2), ("2011_000010", 3), ("2011_000010", 4)]
+    assert list(zip(test.ids, test.objects)) == [
+        ("2011_000009", 2),
+        ("2011_000009", 3),
+        ("2011_000010", 2),
+        ("2011_000010", 3),
+        ("2011_000010", 4),
+    ]
     assert tuple(test.boxes[0]) == ACTION_PERSON_BOXES[0] and not test.labels.any()
 
 
@@ -156,7 +180,7 @@ def test_test_server_persons_come_from_test_txt_and_the_xml(voc, tmp_path):
 def test_test_server_trains_on_trainval_and_writes_the_test_files(voc, tmp_path):
     import shutil
 
-    root, year = voc
+    root, _year = voc
     copy = tmp_path / "data"
     shutil.copytree(root / "VOCdevkit", copy / "VOCdevkit")
     # The test archive adds its persons (by image id and object index) and their XML/JPEGs.
@@ -170,10 +194,24 @@ def test_test_server_trains_on_trainval_and_writes_the_test_files(voc, tmp_path)
     )
     pipeline = tmp_path / "action.toml"
     pipeline.write_text(PIPELINE)
-    r = CliRunner().invoke(app, [
-        "evaluate", "--pipeline", str(pipeline), "--root", str(copy), "--cache-dir", str(tmp_path / "cache"),
-        "--test-server", "--results", str(tmp_path / "results"), "--report", str(tmp_path / "r.json"), "--quiet",
-    ])
+    r = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--pipeline",
+            str(pipeline),
+            "--root",
+            str(copy),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--test-server",
+            "--results",
+            str(tmp_path / "results"),
+            "--report",
+            str(tmp_path / "r.json"),
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["test_server"] and report["config"]["n_persons"] == {"trainval": 48, "test": 6}
@@ -188,5 +226,7 @@ def test_the_shipped_experiment_runs_from_the_cli_and_says_what_is_missing(tmp_p
     assert r.exit_code == 2 and "PASCAL VOC 2012 action not found" in r.output and "--download" in r.output
     r = CliRunner().invoke(app, ["evaluate", "--dataset", "voc2012-action", "--root", str(tmp_path), "--test-server"])
     assert r.exit_code == 2 and "--results" in r.output
-    r = CliRunner().invoke(app, ["evaluate", "--dataset", "voc2007", "--root", str(tmp_path), "--results", str(tmp_path)])
+    r = CliRunner().invoke(
+        app, ["evaluate", "--dataset", "voc2007", "--root", str(tmp_path), "--results", str(tmp_path)]
+    )
     assert r.exit_code == 2 and "voc2012-action only" in r.output

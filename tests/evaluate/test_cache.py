@@ -26,7 +26,9 @@ from featx.store.paths import default_cache_dir
 from tests.fake_datasets import jpeg
 
 # pool5 at Q = 32 on a random vgg11: a second per image set.
-TINY = ExtractConfig(model="vgg11", weights="random", layer="pool5", scales=(32,), flip=False, precision="fp32", workers=0)
+TINY = ExtractConfig(
+    model="vgg11", weights="random", layer="pool5", scales=(32,), flip=False, precision="fp32", workers=0
+)
 
 
 def _images(folder, seeds=(1, 2, 3)):
@@ -149,7 +151,8 @@ def test_cache_ls_loads_no_heavy_library(made):
     code = (
         "import sys, json; from featx.cli import app\n"
         "try:\n    app(['cache', 'ls', '--cache-dir', sys.argv[1]])\nexcept SystemExit:\n    pass\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'sklearn', 'scipy'))), file=sys.stderr)"
+        "heavy = ('torch', 'torchvision', 'sklearn', 'scipy')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)), file=sys.stderr)"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(cache)], capture_output=True, text=True, timeout=120)
     assert "caltech101-vgg11-" in proc.stdout

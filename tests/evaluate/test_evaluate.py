@@ -1,6 +1,7 @@
 """`featx evaluate` end to end on fake Caltech and VOC trees, with random weights."""
 
 import json
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -52,15 +53,24 @@ def caltech(tmp_path_factory):
     (tmp / "tiny.toml").write_text(TINY_CALTECH)
     # out/ does not exist: featx makes it (issue 13.10). fp32 is asked for explicitly (13.9).
     result = run(
-        "--pipeline", tmp / "tiny.toml", "--root", tmp / "data", "--cache-dir", tmp / "cache",
-        "--report", tmp / "out" / "report.json", "--precision", "fp32", "--quiet",
+        "--pipeline",
+        tmp / "tiny.toml",
+        "--root",
+        tmp / "data",
+        "--cache-dir",
+        tmp / "cache",
+        "--report",
+        tmp / "out" / "report.json",
+        "--precision",
+        "fp32",
+        "--quiet",
     )
     assert result.exit_code == 0, result.output
     return tmp, result
 
 
 def test_caltech_end_to_end_prints_the_table_with_the_weights(caltech):
-    tmp, result = caltech
+    _tmp, result = caltech
     out = result.stdout
     assert "Caltech-101: mean class recall, %" in out
     assert "4 classes, 24 images, 2 splits" in out
@@ -96,8 +106,20 @@ def test_caltech_report_has_the_issues_shape(caltech):
 def test_cached_features_are_reused_and_other_settings_are_not(caltech):
     tmp, _ = caltech
     (cached,) = (tmp / "cache").glob("caltech101-*.parquet")
-    again = run("--pipeline", tmp / "tiny.toml", "--root", tmp / "data", "--cache-dir", tmp / "cache",
-                "--no-background", "--precision", "fp32", "--report", tmp / "out" / "nobg.json", "--quiet")
+    again = run(
+        "--pipeline",
+        tmp / "tiny.toml",
+        "--root",
+        tmp / "data",
+        "--cache-dir",
+        tmp / "cache",
+        "--no-background",
+        "--precision",
+        "fp32",
+        "--report",
+        tmp / "out" / "nobg.json",
+        "--quiet",
+    )
     assert again.exit_code == 0, again.output
     report = json.loads((tmp / "out" / "nobg.json").read_text())
     assert report["config"]["features"][0]["new_rows"] == 0
@@ -109,8 +131,17 @@ def test_features_file_is_evaluated_without_extracting(caltech):
     tmp, _ = caltech
     (cached,) = (tmp / "cache").glob("caltech101-*.parquet")
     first = json.loads((tmp / "out" / "report.json").read_text())
-    result = run("--pipeline", tmp / "tiny.toml", "--features", cached, "--cache-dir", tmp / "nocache",
-                 "--report", tmp / "out" / "from-file.json", "--quiet")
+    result = run(
+        "--pipeline",
+        tmp / "tiny.toml",
+        "--features",
+        cached,
+        "--cache-dir",
+        tmp / "nocache",
+        "--report",
+        tmp / "out" / "from-file.json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp / "out" / "from-file.json").read_text())
     assert not (tmp / "nocache").exists()
@@ -130,8 +161,22 @@ def test_user_errors_are_one_line_and_exit_2(caltech, tmp_path):
     result = run("--pipeline", tmp / "tiny.toml", "--root", tmp / "data", "--report", tmp_path / "file" / "r.json")
     assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
     # The shipped protocol needs 31 images per class; the fake tree has 6.
-    result = run("--dataset", "caltech101", "--root", tmp / "data", "--weights", "random", "--model",
-                 "vgg11", "--scales", "224", "--no-flip", "--cache-dir", tmp / "cache", "--quiet")
+    result = run(
+        "--dataset",
+        "caltech101",
+        "--root",
+        tmp / "data",
+        "--weights",
+        "random",
+        "--model",
+        "vgg11",
+        "--scales",
+        "224",
+        "--no-flip",
+        "--cache-dir",
+        tmp / "cache",
+        "--quiet",
+    )
     assert result.exit_code == 2 and "fewer than n_train + 1 = 31 images" in result.stderr
 
 
@@ -141,8 +186,11 @@ def _synthetic(n_classes=4, per_class=12, dim=6, seed=0):
     X = (rng.normal(size=(len(labels), dim)) + 2 * np.eye(dim)[labels]).astype(np.float32)
     X[:, -1] = np.arange(len(labels))  # the row id, to see which rows a head is fit on
     index = DatasetIndex(
-        name="caltech101", image_dir=None, paths=tuple(map(str, range(len(labels)))),
-        classes=tuple("abcd"[:n_classes]), labels=labels,
+        name="caltech101",
+        image_dir=None,
+        paths=tuple(map(str, range(len(labels)))),
+        classes=tuple("abcd"[:n_classes]),
+        labels=labels,
     )
     return index, X
 
@@ -150,7 +198,7 @@ def _synthetic(n_classes=4, per_class=12, dim=6, seed=0):
 class SpySVC(LinearSVC):
     """A LinearSVC that records which rows (by the id in the last column) it is fit on."""
 
-    fits: list = []
+    fits: ClassVar[list] = []
 
     def fit(self, X, y):
         SpySVC.fits.append(set(X[:, -1].astype(int)))
@@ -195,9 +243,24 @@ def test_voc_end_to_end_with_two_nets_and_their_fusion(tmp_path):
     make_voc(tmp_path / "data", "2007", {"trainval": 10, "test": 8})
     (tmp_path / "out").mkdir()
     result = run(
-        "--dataset", "voc2007", "--root", tmp_path / "data", "--weights", "random",
-        "--model", "vgg11", "--model", "vgg13", "--scales", "224,256", "--no-flip",
-        "--cache-dir", tmp_path / "cache", "--report", tmp_path / "out" / "voc.json", "--quiet",
+        "--dataset",
+        "voc2007",
+        "--root",
+        tmp_path / "data",
+        "--weights",
+        "random",
+        "--model",
+        "vgg11",
+        "--model",
+        "vgg13",
+        "--scales",
+        "224,256",
+        "--no-flip",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--report",
+        tmp_path / "out" / "voc.json",
+        "--quiet",
     )
     assert result.exit_code == 0, result.output
     assert "PASCAL VOC 2007: mAP (11-point AP), %" in result.stdout
@@ -257,7 +320,7 @@ def test_span_coordinates_survive_duplicate_training_rows():
 class SolverSpySVC(LinearSVC):
     """A LinearSVC that records the liblinear solver each fit runs (documented rule of "auto")."""
 
-    solvers: list = []
+    solvers: ClassVar[list] = []
 
     def fit(self, X, y):
         dual = self.dual if isinstance(self.dual, bool) else X.shape[0] < X.shape[1]

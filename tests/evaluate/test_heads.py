@@ -1,5 +1,7 @@
 """Heads: scikit-learn's estimator contract, C chosen on held-out training rows, VOC's 0 ignored."""
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -18,7 +20,7 @@ def test_sklearn_estimator_contract(estimator, check):
 class Spy(ClassifierMixin, BaseEstimator):
     """Records the rows it is fit on; its held-out score prefers C = 1."""
 
-    seen: list = []
+    seen: ClassVar[list] = []
 
     def __init__(self, C=1.0):
         self.C = C

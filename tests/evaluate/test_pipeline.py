@@ -43,8 +43,14 @@ def test_protocols_follow_appendix_b():
 
 def test_overrides_replace_single_fields():
     p = builtin_pipeline("caltech101").override(
-        models=["vgg11"], weights="random", scales=(224,), flip=False, head="logreg", splits=1,
-        seed=4, background=False,
+        models=["vgg11"],
+        weights="random",
+        scales=(224,),
+        flip=False,
+        head="logreg",
+        splits=1,
+        seed=4,
+        background=False,
     )
     assert p.features.models == ("vgg11",) and p.rows() == [("vgg11",)]
     assert (p.features.weights, p.features.scales, p.features.flip) == ("random", (224,), False)

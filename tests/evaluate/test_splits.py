@@ -56,13 +56,13 @@ def test_holdout_is_stratified_twenty_percent():
     fit, val = holdout_split(y, 0.2, seed=0)
     np.testing.assert_array_equal(np.bincount(y[val]), [6, 6, 6])
     assert not set(fit) & set(val) and len(fit) + len(val) == len(y)
-    fit2, val2 = holdout_split(y, 0.2, seed=0)
+    _fit2, val2 = holdout_split(y, 0.2, seed=0)
     np.testing.assert_array_equal(val, val2)
 
 
 def test_holdout_keeps_every_class_in_the_fit_part():
     y = np.array([0, 0, 1, 1, 1, 2])
-    fit, val = holdout_split(y, 0.2, seed=0)
+    fit, _val = holdout_split(y, 0.2, seed=0)
     assert set(y[fit]) == {0, 1, 2}
 
 

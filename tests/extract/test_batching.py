@@ -148,9 +148,26 @@ def test_extract_says_images_per_batch_and_padding(tmp_path):
     # Five 4:3-ish landscapes, 32 x 42-43 at Q=32: one canvas size, so batches of 4 + 1.
     write_images(tmp_path / "in", [(64, 48), (60, 45), (66, 50), (70, 52), (64, 48)])
     out = tmp_path / "f.parquet"
-    result = CliRunner().invoke(app, ["extract", str(tmp_path / "in"), "-o", str(out), "--model", "vgg11",
-                                      "--weights", "random", "--layer", "pool5", "--scales", "32",
-                                      "--batch-size", "4", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(tmp_path / "in"),
+            "-o",
+            str(out),
+            "--model",
+            "vgg11",
+            "--weights",
+            "random",
+            "--layer",
+            "pool5",
+            "--scales",
+            "32",
+            "--batch-size",
+            "4",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     line = result.output.strip().splitlines()[-1]
     assert "; 2.5 images per batch, " in line and line.endswith("% padding"), line
@@ -175,7 +192,9 @@ def test_extract_on_two_devices_equals_one(tmp_path):
     write_images(tmp_path / "in", [(64, 48), (50, 70), (66, 50), (80, 52)])
     settings = dict(model="vgg11", weights="random", layer="pool5", scales=(32, 48), precision="fp32", device="cpu")
     featx.extract_features(tmp_path / "in", tmp_path / "a.parquet", **settings)
-    result = featx.extract_features(tmp_path / "in", tmp_path / "b.parquet", devices="cpu,cpu", batch_size=2, **settings)
+    result = featx.extract_features(
+        tmp_path / "in", tmp_path / "b.parquet", devices="cpu,cpu", batch_size=2, **settings
+    )
     a, b = featx.read_features(tmp_path / "a.parquet"), featx.read_features(tmp_path / "b.parquet")
     assert a["path"].tolist() == b["path"].tolist() and result.rows == 4
     assert np.abs(np.stack(a["feature"]) - np.stack(b["feature"])).max() <= 1e-5

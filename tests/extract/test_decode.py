@@ -92,8 +92,10 @@ def test_truncated_jpeg_is_decoded_or_refused_never_crashes(tmp_path):
         assert d.scaled[224].shape[-2] == 224
 
 
-@pytest.mark.parametrize("w,h,q,expected", [(400, 300, 256, (256, 341)), (300, 400, 256, (341, 256)),
-                                            (1, 1, 224, (224, 224)), (100, 100, 384, (384, 384))])
+@pytest.mark.parametrize(
+    "w,h,q,expected",
+    [(400, 300, 256, (256, 341)), (300, 400, 256, (341, 256)), (1, 1, 224, (224, 224)), (100, 100, 384, (384, 384))],
+)
 def test_smaller_side_is_q_as_torchvision_resize(w, h, q, expected):
     assert scaled_size(w, h, q) == expected
 

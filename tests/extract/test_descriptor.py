@@ -58,17 +58,25 @@ def images(samples):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "aggregate,flip", [("mean", True), ("stack", True), ("mean", False), ("stack", False)]
-)
+@pytest.mark.parametrize("aggregate,flip", [("mean", True), ("stack", True), ("mean", False), ("stack", False)])
 def test_descriptor_equals_the_papers_definition(vgg, images, tmp_path, aggregate, flip):
     out = tmp_path / "f.parquet"
     for name, file in images.items():
         (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "in" / name).write_bytes(file.read_bytes())
     # fp32: the exact definition (the default, "auto", may compute in bf16).
-    featx.extract_features(tmp_path / "in", out, model=MODEL, weights="random", seed=SEED, scales=SCALES,
-                  flip=flip, aggregate=aggregate, batch_size=4, precision="fp32")
+    featx.extract_features(
+        tmp_path / "in",
+        out,
+        model=MODEL,
+        weights="random",
+        seed=SEED,
+        scales=SCALES,
+        flip=flip,
+        aggregate=aggregate,
+        batch_size=4,
+        precision="fp32",
+    )
     df = featx.read_features(out).set_index("path")
     with torch.inference_mode():
         for name, file in images.items():

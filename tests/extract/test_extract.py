@@ -86,8 +86,15 @@ def test_settings_hash_ignores_speed_settings_only():
     base = featx.ExtractConfig(**SETTINGS)
     h = featx.descriptor_hash(base)
     assert featx.descriptor_hash(base.replace(batch_size=32, workers=0, device="cpu")) == h
-    for change in [dict(scales=(256,)), dict(flip=False), dict(aggregate="stack"), dict(layer="fc6"),
-                   dict(model="vgg13"), dict(seed=1), dict(precision="fp16")]:
+    for change in [
+        dict(scales=(256,)),
+        dict(flip=False),
+        dict(aggregate="stack"),
+        dict(layer="fc6"),
+        dict(model="vgg13"),
+        dict(seed=1),
+        dict(precision="fp16"),
+    ]:
         assert featx.descriptor_hash(base.replace(**change)) != h, change
 
 

@@ -36,7 +36,11 @@ def ray_local():
     """One local Ray for the test session: start-up costs seconds, so it is paid once."""
     if not ray.is_initialized():
         ray.init(
-            num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+            num_cpus=2,
+            num_gpus=0,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
             object_store_memory=200 * 1024**2,
         )
     yield ray
@@ -134,8 +138,21 @@ def test_other_settings_are_refused_unless_overwrite(on_ray, folder, tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(scales=\[224\] there, \[256\] now.*--overwrite"):
         ray_engine.extract_ray(folder, out, rows_per_group=PART, **(SETTINGS | {"scales": (256,)}))
     # The CLI says the same in one line, exit code 2.
-    args = ["extract", str(folder), "-o", str(out), "--engine", "ray", "--model", "vgg11",
-            "--weights", "random", "--scales", "256", "--quiet"]
+    args = [
+        "extract",
+        str(folder),
+        "-o",
+        str(out),
+        "--engine",
+        "ray",
+        "--model",
+        "vgg11",
+        "--weights",
+        "random",
+        "--scales",
+        "256",
+        "--quiet",
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "--overwrite" in r.output and "Traceback" not in r.output
 
@@ -195,8 +212,12 @@ def test_info_counts_the_failures_of_a_ray_folder(on_ray):
 @pytest.mark.slow
 def test_regions_on_ray_equal_the_local_engine(ray_local, folder, tmp_path):
     regions = pd.DataFrame(
-        [("dogs/img_000.jpg", "a", 0, 0, 150, 200), ("dogs/img_000.jpg", "b", 100, 20, 300, 225),
-         ("cats/img_001.jpg", "c", 10, 10, 250, 220), ("cats/img_000.jpg", "bad", 0, 0, 999, 10)],
+        [
+            ("dogs/img_000.jpg", "a", 0, 0, 150, 200),
+            ("dogs/img_000.jpg", "b", 100, 20, 300, 225),
+            ("cats/img_001.jpg", "c", 10, 10, 250, 220),
+            ("cats/img_000.jpg", "bad", 0, 0, 999, 10),
+        ],
         columns=["path", "region", "x1", "y1", "x2", "y2"],
     )
     local = featx.extract_features(folder, tmp_path / "local.parquet", regions=regions, **SETTINGS)

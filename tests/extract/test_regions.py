@@ -47,7 +47,11 @@ def test_decode_regions_rescales_the_crop_and_keeps_the_image_size(folder):
 
 
 def test_region_rows_equal_the_hand_cut_crops_extracted_as_images(folder, tmp_path):
-    boxes = [("a/one.png", "p1", 10, 20, 110, 140), ("a/one.png", "p2", 50, 0, 200, 150), ("a/two.png", "x", 5, 5, 100, 170)]
+    boxes = [
+        ("a/one.png", "p1", 10, 20, 110, 140),
+        ("a/one.png", "p2", 50, 0, 200, 150),
+        ("a/two.png", "x", 5, 5, 100, 170),
+    ]
     table = pd.DataFrame(boxes, columns=["path", "region", "x1", "y1", "x2", "y2"])
     table.to_csv(tmp_path / "regions.csv", index=False)
     crops = tmp_path / "crops"
@@ -111,8 +115,9 @@ def test_absolute_paths_inside_the_folder_work_and_outside_is_an_error(folder, t
     featx.extract_features(folder, out, regions=inside, **SETTINGS)
     assert featx.read_features(out)["path"].tolist() == ["a/two.png"]
 
-    outside = pd.DataFrame({"path": ["a/one.png", str(tmp_path / "elsewhere.png"), "../x.png"],
-                            "x1": 0, "y1": 0, "x2": 9, "y2": 9})
+    outside = pd.DataFrame(
+        {"path": ["a/one.png", str(tmp_path / "elsewhere.png"), "../x.png"], "x1": 0, "y1": 0, "x2": 9, "y2": 9}
+    )
     with pytest.raises(BadInput, match="elsewhere.png"):
         featx.extract_features(folder, tmp_path / "o.parquet", regions=outside, **SETTINGS)
     with pytest.raises(BadInput, match="lacks column"):
@@ -144,15 +149,46 @@ def test_resume_after_an_interruption_redoes_only_the_missing_regions(folder, tm
 
 def test_cli_regions(folder, tmp_path):
     regions = tmp_path / "r.parquet"
-    pd.DataFrame({"path": ["a/one.png"], "region": ["p"], "x1": [0], "y1": [0], "x2": [80], "y2": [90]}).to_parquet(regions)
+    pd.DataFrame({"path": ["a/one.png"], "region": ["p"], "x1": [0], "y1": [0], "x2": [80], "y2": [90]}).to_parquet(
+        regions
+    )
     out = tmp_path / "cli.parquet"
-    r = CliRunner().invoke(app, ["extract", str(folder), "-o", str(out), "--regions", str(regions), "--model", "vgg11",
-                                 "--weights", "random", "--layer", "pool5", "--scales", "64", "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(folder),
+            "-o",
+            str(out),
+            "--regions",
+            str(regions),
+            "--model",
+            "vgg11",
+            "--weights",
+            "random",
+            "--layer",
+            "pool5",
+            "--scales",
+            "64",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     df = featx.read_features(out)
     assert df[["region", "x1", "y1", "x2", "y2"]].values.tolist() == [["p", 0, 0, 80, 90]]
-    r = CliRunner().invoke(app, ["extract", str(folder), "-o", str(tmp_path / "x.parquet"), "--regions",
-                                 str(tmp_path / "missing.csv"), "--weights", "random"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(folder),
+            "-o",
+            str(tmp_path / "x.parquet"),
+            "--regions",
+            str(tmp_path / "missing.csv"),
+            "--weights",
+            "random",
+        ],
+    )
     assert r.exit_code == 2 and "missing.csv" in r.output
 
 
@@ -177,8 +213,10 @@ def test_a_changed_image_has_its_regions_described_again(folder, tmp_path):
 
     images = tmp_path / "images"
     shutil.copytree(folder, images)
-    regions = pd.DataFrame([("a/one.png", 0, 0, 64, 64), ("a/one.png", 10, 10, 90, 80), ("a/two.png", 0, 0, 70, 70)],
-                           columns=["path", "x1", "y1", "x2", "y2"])
+    regions = pd.DataFrame(
+        [("a/one.png", 0, 0, 64, 64), ("a/one.png", 10, 10, 90, 80), ("a/two.png", 0, 0, 70, 70)],
+        columns=["path", "x1", "y1", "x2", "y2"],
+    )
     out = tmp_path / "r.parquet"
     featx.extract_features(images, out, regions=regions, **SETTINGS)
     before = featx.read_features(out)

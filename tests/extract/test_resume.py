@@ -19,8 +19,23 @@ from featx.extract.run import Run
 from tests.conftest import assert_same_rows, write_images
 
 SETTINGS = dict(model="vgg11", weights="random", seed=0, layer="pool5", scales=(32,), precision="fp32")
-CLI = ["--model", "vgg11", "--weights", "random", "--layer", "pool5", "--scales", "32", "--precision", "fp32",
-       "--quiet", "--rows-per-group", "2", "--workers", "0"]
+CLI = [
+    "--model",
+    "vgg11",
+    "--weights",
+    "random",
+    "--layer",
+    "pool5",
+    "--scales",
+    "32",
+    "--precision",
+    "fp32",
+    "--quiet",
+    "--rows-per-group",
+    "2",
+    "--workers",
+    "0",
+]
 runner = CliRunner()
 
 
@@ -115,8 +130,9 @@ lock.release()
 
 def test_a_second_run_on_one_output_is_refused_or_waits(images, tmp_path):
     out = tmp_path / "f.parquet"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         refused = extract(images, out)

@@ -73,8 +73,17 @@ def test_strict_exits_1_on_any_failure_and_all_failed_exits_1(mixed, tmp_path):
     assert ok.exit_code == 0 and "1 failures" in ok.output
     strict = runner.invoke(app, ["extract", str(cats), "-o", str(tmp_path / "b.parquet"), "--strict", *CLI])
     assert strict.exit_code == 1 and "--strict" in strict.output
-    none = runner.invoke(app, ["extract", str(folder / "bad" / "empty.jpg"), str(folder / "bad" / "text.png"),
-                               "-o", str(tmp_path / "c.parquet"), *CLI])
+    none = runner.invoke(
+        app,
+        [
+            "extract",
+            str(folder / "bad" / "empty.jpg"),
+            str(folder / "bad" / "text.png"),
+            "-o",
+            str(tmp_path / "c.parquet"),
+            *CLI,
+        ],
+    )
     assert none.exit_code == 1 and "no image could be described" in none.output
     assert not (tmp_path / "c.parquet").exists() and (tmp_path / "c.errors.parquet").exists()
 
@@ -97,7 +106,9 @@ def test_one_images_model_failure_spares_the_rest_of_its_batch(tmp_path, monkeyp
     result = featx.extract_features(tmp_path / "in", out, batch_size=4, **SETTINGS)
     assert (result.rows, result.failures) == (3, 1)
     errors = pq.read_table(tmp_path / "f.errors.parquet").to_pylist()
-    assert errors == [{"path": poison, "stage": "model", "error": "RuntimeError", "message": "simulated device failure"}]
+    assert errors == [
+        {"path": poison, "stage": "model", "error": "RuntimeError", "message": "simulated device failure"}
+    ]
     a, b = features_by_path(ref), features_by_path(out)
     for p in b:
         np.testing.assert_allclose(b[p], a[p], atol=2e-6)
@@ -135,10 +146,28 @@ def _sigint_as_on_a_terminal() -> None:
 
 
 def start(inp: Path, out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "featx", "extract", str(inp), "-o", str(out), "--rows-per-group", "2",
-           "--batch-size", "1", *CLI]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"}, preexec_fn=_sigint_as_on_a_terminal)
+    cmd = [
+        sys.executable,
+        "-m",
+        "featx",
+        "extract",
+        str(inp),
+        "-o",
+        str(out),
+        "--rows-per-group",
+        "2",
+        "--batch-size",
+        "1",
+        *CLI,
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        preexec_fn=_sigint_as_on_a_terminal,
+    )
 
 
 def wait_for(predicate, proc, timeout=120.0):
@@ -228,8 +257,12 @@ def test_changed_settings_refused_for_unfinished_run_too(kill_input, tmp_path):
     store.partial_dir(out).mkdir()
     state = store.partial_dir(out) / "settings.json"
     store.write_json({"settings_hash": "0" * 16, "settings": {"model": "vgg16"}}, state)
-    for change, name in [({"model": "vgg13"}, "model"), ({"scales": (256,)}, "scales"),
-                         ({"precision": "bf16"}, "precision"), ({"aggregate": "stack"}, "aggregate")]:
+    for change, name in [
+        ({"model": "vgg13"}, "model"),
+        ({"scales": (256,)}, "scales"),
+        ({"precision": "bf16"}, "precision"),
+        ({"aggregate": "stack"}, "aggregate"),
+    ]:
         with pytest.raises(ValueError, match=f"{name}=.*--overwrite"):
             featx.extract_features(inp, out, **(SETTINGS | change))
     assert json.loads(state.read_text())["settings_hash"] == "0" * 16
@@ -276,8 +309,20 @@ def test_weights_for_another_architecture_or_corrupt(tmp_path, samples):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x80\x04 definitely not a checkpoint")
     for file, message in [(other, "does not fit vgg16"), (corrupt, "cannot read it as a torch state dict")]:
-        result = runner.invoke(app, ["extract", str(samples / "crab"), "-o", str(tmp_path / "x.parquet"),
-                                     "--weights", str(file), "--scales", "224", "--quiet"])
+        result = runner.invoke(
+            app,
+            [
+                "extract",
+                str(samples / "crab"),
+                "-o",
+                str(tmp_path / "x.parquet"),
+                "--weights",
+                str(file),
+                "--scales",
+                "224",
+                "--quiet",
+            ],
+        )
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "x.parquet").exists()
         assert not store.partial_dir(tmp_path / "x.parquet").exists()
@@ -304,8 +349,14 @@ def test_sigkill_during_finalisation_keeps_the_previous_file_and_rerun_completes
     with pq.ParquetWriter(out, schema) as w:
         for start_row in range(0, n_old, 1000):
             paths = [f"old/{i:05d}.jpg" for i in range(start_row, start_row + 1000)]
-            rows = store.rows_table(store.feature_schema(4096, prov), paths, ["old"] * 1000, [1] * 1000,
-                                    [1] * 1000, rng.random((1000, 4096), dtype=np.float32))
+            rows = store.rows_table(
+                store.feature_schema(4096, prov),
+                paths,
+                ["old"] * 1000,
+                [1] * 1000,
+                [1] * 1000,
+                rng.random((1000, 4096), dtype=np.float32),
+            )
             rows = rows.append_column("file_size", pa.array([st.st_size] * 1000, pa.int64()))
             rows = rows.append_column("file_mtime_ns", pa.array([st.st_mtime_ns] * 1000, pa.int64()))
             w.write_table(rows.cast(schema))

@@ -61,8 +61,10 @@ def test_the_local_engine_keeps_only_its_shard(tmp_path):
     write_images(tmp_path / "in", [(230, 224)] * 6, seed=3, label="a")
     config = featx.ExtractConfig(model="vgg11", weights="random", scales=(224,))
     every = [it.path for it in Run([tmp_path / "in"], tmp_path / "x.parquet", config, False, False).items]
-    chosen = [[it.path for it in Run([tmp_path / "in"], tmp_path / "x.parquet", config, False, False, shard=f"{k}/2").items]
-              for k in range(2)]
+    chosen = [
+        [it.path for it in Run([tmp_path / "in"], tmp_path / "x.parquet", config, False, False, shard=f"{k}/2").items]
+        for k in range(2)
+    ]
     assert sorted(chosen[0] + chosen[1]) == every and not set(chosen[0]) & set(chosen[1])
     result = featx.extract_features(tmp_path / "in", tmp_path / "s1.parquet", config, shard="1/2")
     assert featx.read_features(result.output)["path"].tolist() == chosen[1] == shard(every, 1, 2)
@@ -74,7 +76,9 @@ def test_cli_shard_errors_are_one_line(tmp_path):
     from featx.cli import app
 
     write_images(tmp_path / "in", [(230, 224)], seed=3, label="a")
-    r = CliRunner().invoke(app, ["extract", str(tmp_path / "in"), "-o", str(tmp_path / "f.parquet"),
-                                 "--weights", "random", "--shard", "2/2"])
+    r = CliRunner().invoke(
+        app,
+        ["extract", str(tmp_path / "in"), "-o", str(tmp_path / "f.parquet"), "--weights", "random", "--shard", "2/2"],
+    )
     assert r.exit_code == 2 and "--shard '2/2' is not K/N with 0 <= K < N" in r.output
     assert "Traceback" not in r.output

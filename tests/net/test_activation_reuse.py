@@ -12,22 +12,36 @@ from torch import nn
 from featx.net.accel import Plan, onednn_prepack_works
 from featx.net.model import DenseVGG
 
-DTYPES = [pytest.param(dtype, id=str(dtype).split(".")[1], marks=pytest.mark.skipif(
-    not onednn_prepack_works(dtype), reason=f"no packed oneDNN path in {dtype}")) for dtype in (torch.float32, torch.bfloat16)]
+DTYPES = [
+    pytest.param(
+        dtype,
+        id=str(dtype).split(".")[1],
+        marks=pytest.mark.skipif(not onednn_prepack_works(dtype), reason=f"no packed oneDNN path in {dtype}"),
+    )
+    for dtype in (torch.float32, torch.bfloat16)
+]
 
 
 def net() -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         trunk = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
             nn.Identity(),  # hands back its input: the next conv must not write into that buffer
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2),
             nn.Conv2d(16, 128, 3, padding=1),  # no ReLU: oneDNN's in-place form without a post-op
-            nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),  # Winograd on the packed path
-            nn.Conv2d(128, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(128, 128, 3, padding=1),
+            nn.ReLU(),  # Winograd on the packed path
+            nn.Conv2d(128, 64, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(3, 2, ceil_mode=True),  # not VGG's pool: run as its module
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2))
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2),
+        )
         head = nn.Sequential(nn.Conv2d(64, 32, 5), nn.ReLU(), nn.Conv2d(32, 24, 1), nn.ReLU())
         return DenseVGG(trunk, head).eval()
 
@@ -59,8 +73,13 @@ def test_reused_buffers_give_the_fresh_numbers_across_changing_shapes(dtype):
     assert fresh.activations is None
     # Large, then small (a buffer larger than needed), then larger still (buffers regrown),
     # then mixed batches whose padding must stay zero in the reused memory.
-    calls = [images(1, (90, 70), (90, 70)), images(2, (40, 48)), images(3, (100, 120)),
-             images(4, (66, 90), (90, 66), (45, 45)), images(5, (70, 90))]
+    calls = [
+        images(1, (90, 70), (90, 70)),
+        images(2, (40, 48)),
+        images(3, (100, 120)),
+        images(4, (66, 90), (90, 66), (45, 45)),
+        images(5, (70, 90)),
+    ]
     with torch.inference_mode():
         for parts in calls:
             x, sizes = batch(parts, dtype)

@@ -17,7 +17,9 @@ def trimmer_with(monkeypatch, rss_values: list[int]):
 
 def test_trims_only_past_the_margin_over_the_first_batch(monkeypatch):
     # first batch 1000 MB; 1080 (within 100): no trim; 1150: trim, 1020 stays -> next limit 1120
-    trim, trims = trimmer_with(monkeypatch, [1000 * MB, 1080 * MB, 1150 * MB, 1020 * MB, 1110 * MB, 1130 * MB, 1050 * MB])
+    trim, trims = trimmer_with(
+        monkeypatch, [1000 * MB, 1080 * MB, 1150 * MB, 1020 * MB, 1110 * MB, 1130 * MB, 1050 * MB]
+    )
     trim()
     trim()
     assert trims == []

@@ -29,8 +29,9 @@ RANDOM = Weights({"kind": "random", "seed": 0}, None)
 
 def images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
-    return torch.stack([torch.from_numpy(np.array(smooth_image(rng, width, height))).permute(2, 0, 1)
-                        for _ in range(n)])
+    return torch.stack(
+        [torch.from_numpy(np.array(smooth_image(rng, width, height))).permute(2, 0, 1) for _ in range(n)]
+    )
 
 
 def tiny_net(layer: str = "fc7", bn: bool = False, seed: int = 0) -> DenseVGG:
@@ -38,8 +39,15 @@ def tiny_net(layer: str = "fc7", bn: bool = False, seed: int = 0) -> DenseVGG:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         norm = [nn.BatchNorm2d(8)] if bn else []
-        trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *norm, nn.ReLU(inplace=True), nn.MaxPool2d(2, 2),
-                              nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2))
+        trunk = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            *norm,
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, 2),
+        )
         head = [nn.Conv2d(16, 32, 7), nn.ReLU(inplace=True), nn.Conv2d(32, 24, 1), nn.ReLU(inplace=True)]
         if bn:  # running statistics and affine far from identity, so folding them is tested
             norm[0].running_mean.uniform_(-0.5, 0.5), norm[0].running_var.uniform_(0.5, 2.0)
@@ -184,9 +192,26 @@ def test_auto_precision_is_resolved_per_device_and_hashed_resolved():
 def test_metadata_records_resolved_precision_and_bucket(tmp_path):
     write_images(tmp_path / "in", [(70, 50), (90, 60)])
     out = tmp_path / "f.parquet"
-    result = CliRunner().invoke(app, ["extract", str(tmp_path / "in"), "-o", str(out), "--model", "vgg11",
-                                      "--weights", "random", "--layer", "pool5", "--scales", "32",
-                                      "--bucket", "16", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            str(tmp_path / "in"),
+            "-o",
+            str(out),
+            "--model",
+            "vgg11",
+            "--weights",
+            "random",
+            "--layer",
+            "pool5",
+            "--scales",
+            "32",
+            "--bucket",
+            "16",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     meta = featx.read_provenance(out)
     assert meta["precision"] == meta["settings"]["precision"] == auto_precision("cpu")
@@ -201,6 +226,11 @@ def test_auto_precision_is_fp32_when_onednn_is_capped_below_bf16():
 
     code = "from featx.net.device import auto_precision; print(auto_precision('cpu'))"
     for isa, expected in [("AVX2", "fp32"), ("AVX512_CORE", "fp32")]:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                             env=os.environ | {"ONEDNN_MAX_CPU_ISA": isa})
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ | {"ONEDNN_MAX_CPU_ISA": isa},
+        )
         assert out.stdout.strip() == expected, out.stderr

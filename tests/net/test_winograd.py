@@ -31,14 +31,24 @@ def direct(x, weight, bias, relu):
 
 def winograd_conv(x, weight, bias, relu, packed: bool, workspace=None, algorithm=winograd.F2, compiled=True):
     u = winograd.transform_weight(weight, algorithm).to(x.dtype)
-    return winograd.conv3x3(x, winograd.pack(u) if packed else u, bias.to(x.dtype), relu,
-                            workspace or winograd.Workspace(), algorithm, compiled=compiled)
+    return winograd.conv3x3(
+        x,
+        winograd.pack(u) if packed else u,
+        bias.to(x.dtype),
+        relu,
+        workspace or winograd.Workspace(),
+        algorithm,
+        compiled=compiled,
+    )
 
 
 # Each algorithm with its transforms by torch ops and by featx.net.winograd_kernels' compiled
 # one-pass kernels (where a C compiler builds them; else the torch path runs twice over).
-ALGORITHMS = [pytest.param(alg, compiled, id=f"{name}-{'compiled' if compiled else 'torch'}")
-              for alg, name in ((winograd.F2, "F2x2"), (winograd.F4, "F4x4")) for compiled in (True, False)]
+ALGORITHMS = [
+    pytest.param(alg, compiled, id=f"{name}-{'compiled' if compiled else 'torch'}")
+    for alg, name in ((winograd.F2, "F2x2"), (winograd.F4, "F4x4"))
+    for compiled in (True, False)
+]
 
 
 def rel_err(got, expected) -> float:
@@ -46,8 +56,10 @@ def rel_err(got, expected) -> float:
     return float((got.float() - expected).abs().max() / expected.abs().max())
 
 
-GEMMS = [pytest.param(False, id="torch.mm"),
-         pytest.param(True, id="onednn-packed", marks=pytest.mark.skipif(not PACKED, reason="no oneDNN"))]
+GEMMS = [
+    pytest.param(False, id="torch.mm"),
+    pytest.param(True, id="onednn-packed", marks=pytest.mark.skipif(not PACKED, reason="no oneDNN")),
+]
 
 
 @pytest.mark.parametrize("algorithm,compiled", ALGORITHMS)
@@ -103,8 +115,11 @@ def test_an_image_in_a_zero_padded_batch_gets_its_own_numbers(algorithm, compile
 def test_f4_is_what_fp32_runs_and_f2_what_bf16_runs():
     # F(4x4)'s transform coefficients (up to 8) cost bf16 5x F(2x2)'s error per layer: the plan keeps it for fp32.
     net = wide_net()
-    kinds = {dtype: [s.algorithm for s in Plan(net, torch.device("cpu"), dtype).trunk if isinstance(s, WinogradConv)]
-             for dtype in (torch.float32, torch.bfloat16) if onednn_prepack_works(dtype)}
+    kinds = {
+        dtype: [s.algorithm for s in Plan(net, torch.device("cpu"), dtype).trunk if isinstance(s, WinogradConv)]
+        for dtype in (torch.float32, torch.bfloat16)
+        if onednn_prepack_works(dtype)
+    }
     assert kinds.get(torch.float32, [winograd.F4]) == [winograd.F4]
     assert kinds.get(torch.bfloat16, [winograd.F2]) == [winograd.F2]
 
@@ -124,9 +139,17 @@ def wide_net(bn: bool = False) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         norm = [nn.BatchNorm2d(256)] if bn else []
-        trunk = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
-                              nn.Conv2d(16, 128, 3, padding=1), nn.ReLU(),
-                              nn.Conv2d(128, 256, 3, padding=1), *norm, nn.ReLU(), nn.MaxPool2d(2, 2))
+        trunk = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(16, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(128, 256, 3, padding=1),
+            *norm,
+            nn.ReLU(),
+            nn.MaxPool2d(2, 2),
+        )
         head = nn.Sequential(nn.Conv2d(256, 32, 7), nn.ReLU(), nn.Conv2d(32, 24, 1), nn.ReLU())
         if bn:  # statistics far from identity, so folding them into the transformed kernel is tested
             norm[0].running_mean.uniform_(-0.5, 0.5), norm[0].running_var.uniform_(0.5, 2.0)

@@ -84,8 +84,13 @@ def test_compiled_bf16_is_no_less_accurate_than_torch_ops():
     xb, u = x.bfloat16(), winograd.transform_weight(weight, winograd.F2).bfloat16()
     expected = direct(xb, weight, bias, True)
     with torch.inference_mode():
-        errors = [rel_err(winograd.conv3x3(xb, u, bias.bfloat16(), True, winograd.Workspace(), winograd.F2,
-                                           compiled=compiled), expected) for compiled in (True, False)]
+        errors = [
+            rel_err(
+                winograd.conv3x3(xb, u, bias.bfloat16(), True, winograd.Workspace(), winograd.F2, compiled=compiled),
+                expected,
+            )
+            for compiled in (True, False)
+        ]
     assert errors[0] <= errors[1] * 1.05 and errors[0] < 3e-2
 
 
@@ -110,7 +115,8 @@ def test_winograd_reaches_down_to_64_channels_only_with_compiled_transforms(fres
     if winograd_kernels.kernels(winograd.F2, torch.bfloat16) is not None:
         assert winograd_channels(torch.bfloat16) == (64, 64, True)
         assert winograd_channels(torch.float32) == (64, 128, True)
-        assert not onednn_prepack_works(torch.float32) or "64 -> 128 channels" in said and "transforms compiled" in said
+        reach = "64 -> 128 channels" in said and "transforms compiled" in said
+        assert not onednn_prepack_works(torch.float32) or reach
     monkeypatch.setenv("CC", "/nonexistent/cc")
     winograd_kernels.kernels.cache_clear()
     assert winograd_channels(torch.bfloat16) == (128, 128, False)

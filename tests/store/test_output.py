@@ -47,8 +47,14 @@ def rows(paths: list[str], value: float, prov: dict = PROV):
     return store.rows_table(schema, paths, ["c"] * n, [1] * n, [1] * n, np.full((n, DIM), value, np.float32))
 
 
-def run(output: store.Output, files: dict[str, Path], value: float, prov: dict = PROV, overwrite=False,
-        interrupt_after: int | None = None) -> tuple[list[str], store.Finished | None]:
+def run(
+    output: store.Output,
+    files: dict[str, Path],
+    value: float,
+    prov: dict = PROV,
+    overwrite=False,
+    interrupt_after: int | None = None,
+) -> tuple[list[str], store.Finished | None]:
     """One run: plan, describe what is left (feature = `value`), finish (unless interrupted)."""
     with output:
         todo = output.begin(prov, files, overwrite)
@@ -150,8 +156,9 @@ HOLD = textwrap.dedent("""
 def held(tmp_path):
     """Another process holding the lock of tmp_path/target."""
     target = tmp_path / "target"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(target)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(target)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     yield target, proc
     if proc.poll() is None:
@@ -164,9 +171,8 @@ def test_a_second_writer_is_refused_naming_the_holder(held, kind, tmp_path):
     target, proc = held
     cls, _ = FLAVOURS[kind]
     # A local run (file) and a Ray run (folder) on one -o take the same lock.
-    with pytest.raises(Locked, match=rf"{target} is being written by pid {proc.pid} on .*--wait"):
-        with cls(target):
-            pass
+    with pytest.raises(Locked, match=rf"{target} is being written by pid {proc.pid} on .*--wait"), cls(target):
+        pass
 
 
 def test_a_waiting_writer_starts_when_the_holder_is_done(held):
@@ -194,6 +200,6 @@ def test_legacy_files_without_stat_columns_are_trusted_by_path(tmp_path):
     files = images(tmp_path / "in", ["a", "b"])
     out = tmp_path / "f.parquet"
     pq.write_table(rows(["a"], 1.0), out)  # as featx wrote before it recorded stats
-    todo, done = run(store.SingleFile(out), files, 2.0)
+    todo, _done = run(store.SingleFile(out), files, 2.0)
     assert todo == ["b"] and content(out) == {"a": 1.0, "b": 2.0}
     assert pq.read_schema(out).names[-2:] == ["file_size", "file_mtime_ns"]

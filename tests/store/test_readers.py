@@ -71,7 +71,7 @@ def test_read_features_file_folder_columns_filters(feats, one):
     assert df["feature"][0].dtype == np.float32 and df["feature"][0].shape == (DIM,)
     # A folder: every feature file in it, never the errors files beside them.
     both = featx.read_features(feats)
-    assert both["path"].tolist() == df["path"].tolist() + ["c/img_000.jpg", "c/img_001.jpg"]
+    assert both["path"].tolist() == [*df["path"].tolist(), "c/img_000.jpg", "c/img_001.jpg"]
     assert featx.read_features(feats, columns=["path"]).columns.tolist() == ["path"]
     # Filters as DNF tuples or as a pyarrow expression, on columns that need not be read.
     only_a = featx.read_features(feats, columns=["path"], filters=[("label", "=", "a")])
@@ -105,9 +105,16 @@ def _write_features(path, n: int, dim: int, rows_per_group: int) -> None:
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, n, rows_per_group):
             rows = min(rows_per_group, n - start)
-            writer.write_table(store.rows_table(
-                schema, [f"x/{i}.jpg" for i in range(start, start + rows)], ["x"] * rows,
-                [1] * rows, [1] * rows, rng.standard_normal((rows, dim), dtype=np.float32)))
+            writer.write_table(
+                store.rows_table(
+                    schema,
+                    [f"x/{i}.jpg" for i in range(start, start + rows)],
+                    ["x"] * rows,
+                    [1] * rows,
+                    [1] * rows,
+                    rng.standard_normal((rows, dim), dtype=np.float32),
+                )
+            )
 
 
 def _peak(fn):
@@ -194,8 +201,11 @@ def _copy_with_settings(src, dst, settings_hash: str, dim: int | None = None) ->
     prov = featx.read_provenance(src) | {"settings_hash": settings_hash}
     if dim is not None:
         X = featx.load_xy(src)[0]
-        table = table.set_column(4, "feature", pa.FixedSizeListArray.from_arrays(
-            pa.array(np.tile(X, (1, dim // X.shape[1])).reshape(-1)), dim))
+        table = table.set_column(
+            4,
+            "feature",
+            pa.FixedSizeListArray.from_arrays(pa.array(np.tile(X, (1, dim // X.shape[1])).reshape(-1)), dim),
+        )
     pq.write_table(table.replace_schema_metadata({store.METADATA_KEY: json.dumps(prov)}), dst)
 
 
