@@ -4,7 +4,7 @@ An entry is keyed by the descriptor's settings hash (Simonyan & Zisserman, arXiv
 Appendix B: net, weights, layer, scales, flip, aggregation, precision) AND a fingerprint of
 the files it describes: their paths (relative to the folder given), sizes and modification
 times. Two different copies of a dataset, or a copy in which an image was added, removed or
-replaced, never share an entry. Entries live in a per-user folder (`default_cache_dir`), each
+replaced, never share an entry. Entries live in a per-user folder (`featx.userdirs.cache_dir`), each
 as `NAME-MODEL-SETTINGS-FILES.parquet` (a plain feature file) with `.json` beside it saying
 what it holds. Listing and removing entries loads neither torch nor the net.
 """
@@ -26,7 +26,7 @@ from featx.errors import BadInput, MissingData
 from featx.extract.config import ExtractConfig
 from featx.extract.discover import Item, discover
 from featx.store.lock import lock_path
-from featx.store.paths import default_cache_dir
+from featx.userdirs import cache_dir as default_cache_dir
 
 
 def resolve_cache_dir(cache_dir: str | Path | None) -> Path:

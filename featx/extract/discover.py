@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from PIL import Image
@@ -30,9 +31,20 @@ class Item:
         return (self.path, self.region)
 
 
+@cache
 def image_extensions() -> frozenset[str]:
+    """Every file extension Pillow registers a format for (".jpg", ".png", ".webp", ...)."""
     Image.init()
     return frozenset(Image.registered_extensions())
+
+
+def has_image_extension(path: str | Path) -> bool:
+    """The one rule for "is this named like an image": an extension Pillow registers.
+
+    Discovery also takes extension-less files whose header Pillow recognises (Caltech ships
+    some); this is the cheap test by name alone.
+    """
+    return Path(path).suffix.lower() in image_extensions()
 
 
 def _is_hidden(rel: Path) -> bool:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from featx.store.paths import default_cache_dir
+from featx.userdirs import cache_dir
 
 # C types of the dtypes the kernels handle, with load/store expressions (x: an element).
 _TYPES = {
@@ -202,7 +202,7 @@ def _compile(source: str) -> Path | None:
         return None
     march = _march()
     key = hashlib.sha256((source + _cpu_key() + compiler + march).encode()).hexdigest()[:20]
-    target = default_cache_dir() / "kernels" / f"winograd-{key}.so"
+    target = cache_dir() / "kernels" / f"winograd-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,14 +13,6 @@ from pathlib import Path
 from featx.errors import BadInput
 
 
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/featx`, else `~/.cache/featx` (the XDG base directory rule)."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    # The XDG spec ignores a relative value: it would depend on the working folder.
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "featx"
-
-
 def _nearest_existing(path: Path) -> Path:
     for parent in [path, *path.parents]:
         if parent.exists():

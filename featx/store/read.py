@@ -13,7 +13,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from featx.errors import BadInput, MissingData
-from featx.store.schema import METADATA_KEY, row_keys
+from featx.store.schema import METADATA_KEY, differing, row_keys
 
 
 def feature_files(path: Path) -> list[Path]:
@@ -33,6 +33,23 @@ def feature_files(path: Path) -> list[Path]:
     if not files:
         raise MissingData(f"{path}: no .parquet files in this folder; give a featx output")
     return files
+
+
+def is_feature_source(path: str | Path) -> bool:
+    """The one rule for "is this features, not images": a .parquet file, or a folder whose
+    files (hidden ones aside) are all Parquet, at least one of them."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix.lower() == ".parquet"
+    if not path.is_dir():
+        return False
+    has_parquet = False
+    for f in path.rglob("*"):
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts):
+            if f.suffix.lower() != ".parquet":
+                return False
+            has_parquet = True
+    return has_parquet
 
 
 def _schema_provenance(path: Path) -> dict:
@@ -57,13 +74,9 @@ def read_provenance(path: str | Path) -> dict:
     for other in files[1:]:
         prov = _schema_provenance(other)
         if prov.get("settings_hash") != first.get("settings_hash"):
-            a, b = first.get("settings", {}), prov.get("settings", {})
-            diff = "; ".join(
-                f"{k}={a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
-            )
             raise BadInput(
                 f"{path} mixes descriptors: {files[0].name} and {other.relative_to(path)} differ "
-                f"({diff or 'settings hash'}); read them separately or move one out"
+                f"({differing(first, prov)}); read them separately or move one out"
             )
     return first
 

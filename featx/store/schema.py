@@ -70,7 +70,7 @@ def row_keys(table: pa.Table) -> list[tuple[str, str | None]]:
 
 def differing(old: dict, new: dict) -> str:
     """Name the descriptor settings in which two provenances differ, for a refusal message."""
-    a, b = old.get("settings", {}), new["settings"]
+    a, b = old.get("settings", {}), new.get("settings", {})
     keys = list(b) + [k for k in a if k not in b]  # e.g. a regions table there, none now
     diffs = [f"{k}={a.get(k)!r} there, {b.get(k)!r} now" for k in keys if a.get(k) != b.get(k)]
     return "; ".join(diffs) or "settings hash differs"

@@ -22,7 +22,7 @@ from featx.evaluate.cache import (
 )
 from featx.extract.config import ExtractConfig
 from featx.extract.discover import discover
-from featx.store.paths import default_cache_dir
+from featx.userdirs import cache_dir as default_cache_dir
 from tests.fake_datasets import jpeg
 
 # pool5 at Q = 32 on a random vgg11: a second per image set.
