@@ -93,8 +93,8 @@ def child_naive(job: dict) -> dict:
     from PIL import Image, ImageOps
 
     from featx.extract.discover import discover
+    from featx.net.backbones import get_backbone
     from featx.net.device import resolve_device
-    from featx.net.model import build
     from featx.net.weights import resolve
 
     s = job["settings"]
@@ -103,7 +103,7 @@ def child_naive(job: dict) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t = time.perf_counter()
     weights = resolve(s["model"], s["weights"], s.get("seed", 0), s["layer"])
-    net = build(s["model"], weights, s["layer"]).to(device).eval()  # fp32, NCHW
+    net = get_backbone(s["model"]).build(weights, s["layer"]).to(device).eval()  # fp32, NCHW
     setup = time.perf_counter() - t
     rows = []
     with torch.inference_mode():
@@ -153,11 +153,11 @@ def conv_peak(precision: str, device_name: str, seconds: float = 3.0) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from featx.net.accel import onednn_prepack_works
-    from featx.net.device import DTYPES, resolve_device
+    from featx.net.device import resolve_device, torch_dtype
+    from featx.net.plan import onednn_prepack_works
 
     device = resolve_device(device_name)
-    dtype = DTYPES[precision]
+    dtype = torch_dtype(precision)
     n, c, h, w = 2, 256, 96, 128
     flops = 2 * c * c * 9 * h * w * n
     gen = torch.Generator().manual_seed(0)
@@ -278,11 +278,11 @@ def main(argv=None) -> int:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from featx.extract.config import ExtractConfig, resolved_precision
+    from featx.extract.config import ExtractConfig
     from featx.extract.discover import discover
-    from featx.net.accel import conv_kernels
-    from featx.net.device import DTYPES, resolve_device
-    from featx.net.model import build
+    from featx.net.backbones import get_backbone
+    from featx.net.device import resolve_device, resolve_precision, torch_dtype
+    from featx.net.plan import conv_kernels
     from featx.net.weights import Weights
 
     scales = tuple(int(q) for q in args.scales.split(","))
@@ -300,19 +300,19 @@ def main(argv=None) -> int:
         workers=args.workers,
     )
     config = ExtractConfig(**settings)
-    precision = resolved_precision(config)
+    precision = resolve_precision(config.precision, config.device)
     items = discover([args.folder])
     large = subset(items, args.images or len(items))
     mid = subset(large, args.mid or max(1, len(large) // 2))
     small = subset(large, args.small or min(12, max(4, len(large) // 4)))
     with torch_device_meta():
-        net = build(args.model, Weights({"kind": "random", "seed": 0}, None), args.layer)  # shapes only
+        net = get_backbone(args.model).build(Weights({"kind": "random", "seed": 0}, None), args.layer)  # shapes only
     report: dict = {
         "machine": machine(),
         "folder": str(args.folder),
         "settings": config.to_dict() | {"precision_resolved": precision, "scales": list(scales)},
         "load_average_start": os.getloadavg(),
-        "conv_kernels": conv_kernels(resolve_device(config.device), DTYPES[precision]),
+        "conv_kernels": conv_kernels(resolve_device(config.device), torch_dtype(precision)),
     }
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 

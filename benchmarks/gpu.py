@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from featx.extract.decode import decode
     from featx.extract.describer import make_describer
     from featx.extract.discover import discover
-    from featx.net.device import DTYPES, resolve_device, resolve_precision
+    from featx.net.device import resolve_device, resolve_precision, torch_dtype
 
     device = resolve_device(args.device)
     precision = resolve_precision("auto", device)
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         f"Q={list(scales)}, {len(files)} images from {args.folder}"
     )
 
-    dtype = DTYPES[precision]
+    dtype = torch_dtype(precision)
     mm = matmul_peak(device, dtype, 1024 if args.quick else (8192 if device.type == "cuda" else 2048), seconds)
     conv = conv_peak(device, dtype, seconds)
     peak = max(mm, conv)

@@ -2,11 +2,11 @@
 
     python benchmarks/layers.py [--model vgg16] [--sizes 256x341,384x512,512x683] [--precision auto] [--images 1]
 
-Runs featx's own plan (featx.net.accel.Plan, the path `featx extract` takes) on --images images
+Runs featx's own plan (featx.net.plan.Plan, the path `featx extract` takes) on --images images
 and their flips at each size, times every trunk step and the fc6/fc7 head (best of
 --repeats), and prints each layer's milliseconds, GFLOP/s, and share of the forward pass, beside
 the same plan with oneDNN's direct kernel for every conv (no Winograd). GFLOP/s count a direct
-convolution's FLOPs (featx.net.model.layer_table) for both, so Winograd's show as "effective".
+convolution's FLOPs (featx.net.backbones.vgg.layer_table) for both, so Winograd's show as "effective".
 `ONEDNN_MAX_CPU_ISA=AVX2` in front emulates an AVX2-only CPU (precision auto is then fp32).
 """
 
@@ -23,8 +23,7 @@ def main() -> None:
 
     from featx.extract.config import ExtractConfig
     from featx.extract.describer import make_describer
-    from featx.net.accel import Plan
-    from featx.net.model import layer_table
+    from featx.net.backbones.vgg import layer_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vgg16")
@@ -47,11 +46,10 @@ def main() -> None:
     config = ExtractConfig(model=args.model, weights="random", precision=args.precision, device="cpu")
     describer = make_describer(config)
     reuse = not args.fresh_outputs
+    device, dtype = describer.device, describer.dtype
     plans = {
-        "featx": describer.plan
-        if reuse
-        else Plan(describer.net, describer.device, describer.dtype, reuse_activations=False),
-        "direct": Plan(describer.net, describer.device, describer.dtype, fast_conv=False, reuse_activations=reuse),
+        "featx": describer.plan if reuse else describer.net.lower(device, dtype, reuse_activations=False),
+        "direct": describer.net.lower(device, dtype, fast_conv=False, reuse_activations=reuse),
     }
     print(
         f"{args.model}, {describer.precision}, {cpu_name()} ({cpu_isa()}), "
@@ -85,7 +83,7 @@ def main() -> None:
                 times[kind] = rows
         rows, direct = times["featx"], times["direct"]
         kinds = [type(step).__name__.replace("Conv", " conv").strip() for step in plans["featx"].trunk] + ["head"]
-        # FLOPs from featx's one counter (featx.net.model.layer_table), x2 for the flips.
+        # FLOPs from featx's one counter (featx.net.backbones.vgg.layer_table), x2 for the flips.
         table = layer_table(describer.net, h, w)
         trunk = [r for r in table if r.name.startswith(("conv", "pool"))]
         head = [r for r in table if r.name.startswith("fc")]

@@ -13,7 +13,9 @@ from typing import Annotated
 import typer
 
 from featx.errors import FeatxError
-from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, MODELS
+from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES
+from featx.net.backbones import NAMES, TAP_NAMES, get_backbone
+from featx.net.device import PRECISIONS
 
 app = typer.Typer(
     help="The very deep features of Simonyan & Zisserman (arXiv 1409.1556, Appendix B).",
@@ -22,25 +24,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Model = Enum("Model", {m: m for m in MODELS}, type=str)
-
-
-class Layer(str, Enum):
-    fc7 = "fc7"
-    fc6 = "fc6"
-    pool5 = "pool5"
+# Choices from the one list of each: backbones and their taps (featx.net.backbones), precisions
+# (featx.net.device). A layer that the chosen model lacks is refused by ExtractConfig.
+Model = Enum("Model", {m: m for m in NAMES}, type=str)
+Layer = Enum("Layer", {t: t for t in TAP_NAMES}, type=str)
+Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
 
 
 class Aggregate(str, Enum):
     mean = "mean"
     stack = "stack"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 class Engine(str, Enum):
@@ -388,22 +381,8 @@ def model(
             raise ValueError
     except ValueError:
         fail(f"--size {size!r} is not HxW; give e.g. --size 224x224")
-    from featx.net.model import model_summary
-
-    s = call(model_summary, name.value, height, width, layer.value)
-    typer.echo(f"{s['model']} made dense (arXiv 1409.1556, Sec. 3.2), input 3x{height}x{width}, up to {s['layer']}")
-    typer.echo(f"{'layer':<9}{'kind':<24}{'output':>16}{'parameters':>14}{'GFLOPs':>9}")
-    for r in s["rows"]:
-        shape = "x".join(map(str, r.shape))
-        typer.echo(f"{r.name:<9}{r.kind:<24}{shape:>16}{r.params:>14,}{r.flops / 1e9:>9.2f}")
-    c, h, w = s["rows"][-1].shape
-    typer.echo(f"{'mean':<9}{'over ' + str(h * w) + ' positions':<24}{c:>16}{0:>14,}{0:>9.2f}")
-    typer.echo(f"total: {s['params']:,} parameters, {s['flops'] / 1e9:.2f} GFLOPs per image")
-    typer.echo(
-        f"torchvision counts {s['torchvision_params']:,} parameters: these plus the classifier's "
-        f"fc8 ({s['classifier_params']:,}), which the descriptor does not use"
-        + ("" if s["layer"] == "fc7" else f", and the fc layers after {s['layer']}")
-    )
+    for line in call(get_backbone(name.value).summary_lines, height, width, layer.value):
+        typer.echo(line)
 
 
 def _last_run(run: dict | None) -> str:

@@ -1,8 +1,9 @@
-"""`VGGFeatures`: the paper's descriptor as a scikit-learn transformer, images in, [n, D] out.
+"""`Features` (and its VGG name `VGGFeatures`): the paper's descriptor as a scikit-learn transformer.
 
-Paper: Simonyan & Zisserman, arXiv 1409.1556, Appendix B. The numbers are `featx extract`'s
-for the same settings: the same decoding (featx.extract.decode), the same dense net (featx.net.model,
-featx.net.weights) and the same pooling, flip and aggregation (featx.extract.descriptor).
+Paper: Simonyan & Zisserman, arXiv 1409.1556, Appendix B. Images in, [n, D] out; the numbers
+are `featx extract`'s for the same settings: the same decoding (featx.extract.decode), the same
+dense net (featx.net.backbones, featx.net.weights) and the same pooling, flip and aggregation
+(featx.extract.descriptor).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from sklearn.utils.validation import check_is_fitted
 
 from featx.errors import BadInput, MissingData
 from featx.extract import describer as factory
+from featx.extract import provenance
 from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, ExtractConfig
 from featx.extract.decode import Decoded, ImageError, crop_box, decode_image, open_upright, upright_rgb
-from featx.extract.descriptor import DenseDescriber, combine, pooled_per_scale
+from featx.extract.describer import DenseDescriber
+from featx.extract.descriptor import combine, pooled_per_scale
 from featx.extract.regions import as_pixel
 from featx.net.device import resolve_device
 
-__all__ = ["VGGFeatures", "clear_net_cache", "describe_decoded"]
+__all__ = ["Features", "VGGFeatures", "clear_net_cache", "describe_decoded"]
 
 # Images decoded at a time: bounds memory (a 512-scale image is ~1 MB of uint8 per scale)
 # and, as `featx extract`'s row groups, is the window within which same-shape images batch.
@@ -63,7 +66,7 @@ def _upright(x, i: int) -> Image.Image:
             )
         return Image.fromarray(x)  # HxWx3 uint8 is RGB
     raise BadInput(
-        f"X[{i}] is a {type(x).__name__}; VGGFeatures takes image paths, PIL images, HxWx3 uint8 "
+        f"X[{i}] is a {type(x).__name__}; Features takes image paths, PIL images, HxWx3 uint8 "
         f"arrays, or (image, (x1, y1, x2, y2)) pairs"
     )
 
@@ -108,7 +111,7 @@ def _samples(X) -> list:
         if len(columns) != 1:
             raise BadInput(
                 f"X is a table with columns {list(columns)}; pass one column of image paths, "
-                f"e.g. df['path'] or ColumnTransformer([('vgg', VGGFeatures(), ['path'])])"
+                f"e.g. df['path'] or ColumnTransformer([('features', Features(), ['path'])])"
             )
         return list(X.iloc[:, 0])
     if not isinstance(X, Iterable):
@@ -116,8 +119,8 @@ def _samples(X) -> list:
     return list(X)
 
 
-class VGGFeatures(TransformerMixin, BaseEstimator):
-    """The very deep features of images: paths, PIL images or HxWx3 uint8 arrays -> float32 [n, D].
+class Features(TransformerMixin, BaseEstimator):
+    """The paper's descriptor of images: paths, PIL images or HxWx3 uint8 arrays -> float32 [n, D].
 
     A sample may also be an (image, (x1, y1, x2, y2)) pair: the features of that box, equal to
     `featx extract --regions` for the same box.
@@ -176,7 +179,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         """Load the net (or take it from the cache); X and y are ignored: the net is pre-trained."""
         config = self._config()
         device = resolve_device(config.device)
-        identity = factory.weights_identity(config)
+        identity = provenance.weights_identity(config)
         self._describer = factory.make_describer(config, device, cache=True)
         # What transform runs: parameters set after fit take effect at the next fit.
         self.config_ = config
@@ -185,7 +188,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         self.precision_ = self._describer.precision  # "auto" resolved for the device
         self.n_features_out_ = config.dim
         # Equal to `featx.read_provenance(file)["settings_hash"]` of a file with these features.
-        self.settings_hash_ = factory.descriptor_hash(config)
+        self.settings_hash_ = provenance.descriptor_hash(config)
         return self
 
     def transform(self, X) -> np.ndarray:
@@ -204,7 +207,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         return out
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
-        """`fc7_0` ... for aggregate="mean"; `fc7_q256_0` ... per scale for "stack"."""
+        """The tap's name and index: `fc7_0` ... for aggregate="mean"; `fc7_q256_0` ... per scale for "stack"."""
         check_is_fitted(self)
         config = self.config_
         per_scale = self.n_features_out_ // (len(config.scales) if config.aggregate == "stack" else 1)
@@ -221,7 +224,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         # Unpickled: the net did not travel (see __getstate__); take it from the cache again,
         # provided the weights are still the ones it was fitted with.
         config = self.config_
-        identity = factory.weights_identity(config)
+        identity = provenance.weights_identity(config)
         if identity != self.weights_:
             raise BadInput(
                 f"weights {self.weights!r} are not the ones this transformer was fitted with "
@@ -245,3 +248,11 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         # The output is float32 whatever the input is.
         tags.transformer_tags.preserves_dtype = []
         return tags
+
+
+class VGGFeatures(Features):
+    """`Features` under the name featx gave it first, when VGG was its only backbone (same parameters).
+
+    A class of its own rather than a bare alias, so that pipelines keep naming its step
+    `vggfeatures` (make_pipeline) and its repr stays `VGGFeatures(...)`.
+    """

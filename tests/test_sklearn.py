@@ -24,6 +24,7 @@ from sklearn.utils.estimator_checks import check_estimator, parametrize_with_che
 
 import featx
 from featx.extract import describer as factory
+from featx.extract import provenance
 from featx.sklearn import VGGFeatures
 from tests.conftest import smooth_image, write_images
 
@@ -204,7 +205,7 @@ def test_unpickled_transformer_refuses_other_weights(sample_paths, monkeypatch):
     vgg = VGGFeatures(**TINY).fit()
     blob = pickle.dumps(vgg)
     # As if the weights file had been rewritten between pickling and loading.
-    monkeypatch.setattr(factory, "weights_identity", lambda config: {"kind": "file", "sha256": "0" * 64})
+    monkeypatch.setattr(provenance, "weights_identity", lambda config: {"kind": "file", "sha256": "0" * 64})
     with pytest.raises(ValueError, match="call fit again"):
         pickle.loads(blob).transform(sample_paths[0][:1])
 
@@ -212,8 +213,8 @@ def test_unpickled_transformer_refuses_other_weights(sample_paths, monkeypatch):
 def test_grid_search_loads_the_net_once(sample_paths, monkeypatch):
     paths, labels = sample_paths
     builds = []
-    real_build = factory.build
-    monkeypatch.setattr(factory, "build", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+    real_build = factory.build_net
+    monkeypatch.setattr(factory, "build_net", lambda *a, **k: builds.append(a) or real_build(*a, **k))
     # A seed no other test uses: a net not in the cache yet.
     pipe = make_pipeline(VGGFeatures(**TINY, seed=7, flip=False), LinearSVC())
     grid = GridSearchCV(pipe, {"vggfeatures__scales": [(32,), (48,)], "linearsvc__C": [0.1, 1.0]}, cv=3).fit(

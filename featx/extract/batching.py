@@ -1,7 +1,7 @@
 """Which images share a forward pass: mixed sizes, ordered by aspect, capped, few shapes.
 
 Images of one scale Q but different sizes share a batch: each sits top-left in a zero-padded
-canvas and featx.net.accel.Plan keeps the padding out of every image's numbers, so a batch
+canvas and featx.net.plan.Plan keeps the padding out of every image's numbers, so a batch
 is exact whatever it holds (arXiv 1409.1556, Sec. 3.2: the net is applied densely to each
 whole image). Planning only decides speed: images are ordered by aspect ratio within the
 window (a row group, so memory stays flat), a batch closes at `max_images` images or
@@ -25,9 +25,9 @@ GRID = 16
 # apart. 0.05: 5-7 images per batch at 4-5% padding on those images; 0.10: 7-12 at 7-10%.
 MAX_MIXING_WASTE = 0.05
 # Padded pixels per batch (before the flip doubles it) when --batch-pixels is 0 (auto).
-# CPU: the trunk runs in passes of its own size anyway (featx.net.accel.CPU_PASS_PIXELS);
+# CPU: the trunk runs in passes of its own size anyway (featx.net.plan.plan.CPU_PASS_PIXELS);
 # a larger batch feeds the head GEMMs more rows. CUDA: ~22 images at 512x512 per batch, with
-# their flips one trunk pass (accel.CUDA_PASS_PIXELS): a few GB of activations in bf16.
+# their flips one trunk pass (plan.CUDA_PASS_PIXELS): a few GB of activations in bf16.
 BATCH_PIXELS = {"cpu": 4_000_000, "cuda": 5_767_168}
 
 

@@ -14,18 +14,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from featx.errors import BadInput
+from featx.net.backbones import NAMES, get_backbone
+from featx.net.device import check_precision, resolve_precision
 
-MODELS = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
-LAYERS = ("fc7", "fc6", "pool5")
+# The backbones and their taps come from featx.net.backbones, precisions from featx.net.device.
+MODELS = NAMES
 AGGREGATES = ("mean", "stack")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The paper's Caltech setting (Appendix B); VOC uses 256..768 with aggregate="mean".
 DEFAULT_SCALES = (256, 384, 512)
 # Pillow's own decompression-bomb limit: larger images are refused before decoding.
 DEFAULT_MAX_PIXELS = 89_478_485
-# fc6 is a 7x7 conv over pool5 (stride 32), so the smaller side must give a 7x7 pool5 map.
-MIN_SCALE_DENSE = 224
-MIN_SCALE_POOL5 = 32
 
 # The settings whose change changes the numbers in the feature column.
 DESCRIPTOR_FIELDS = (
@@ -47,7 +45,7 @@ class ExtractConfig:
     model: str = "vgg16"
     # "default" (torchvision IMAGENET1K_V1), a torchvision weights name, "random", or a file.
     weights: str = "default"
-    layer: Literal["fc7", "fc6", "pool5"] = "fc7"
+    layer: str = "fc7"  # a tap of the model (featx.net.backbones): pool5, fc6, fc7 for VGG
     scales: tuple[int, ...] = DEFAULT_SCALES
     flip: bool = True
     aggregate: Literal["mean", "stack"] = "mean"
@@ -70,30 +68,24 @@ class ExtractConfig:
     batch_pixels: int = 0
     workers: int = 2
     rows_per_group: int = 64
-    compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(int(q) for q in self.scales))
         self.validate()
 
     def validate(self) -> None:
-        if self.model not in MODELS:
-            raise BadInput(f"unknown --model {self.model!r}; choose one of {', '.join(MODELS)}")
-        if self.layer not in LAYERS:
-            raise BadInput(f"unknown --layer {self.layer!r}; choose one of {', '.join(LAYERS)}")
+        tap = get_backbone(self.model).tap(self.layer)
         if self.aggregate not in AGGREGATES:
             raise BadInput(f"unknown --aggregate {self.aggregate!r}; choose mean or stack")
-        if self.precision not in PRECISIONS:
-            raise BadInput(f"unknown --precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if not self.scales:
             raise BadInput("--scales is empty; give at least one scale, e.g. --scales 256,384,512")
         if len(set(self.scales)) != len(self.scales):
             raise BadInput(f"--scales {list(self.scales)} repeats a scale; give each Q once")
-        low = MIN_SCALE_POOL5 if self.layer == "pool5" else MIN_SCALE_DENSE
-        if min(self.scales) < low:
+        if min(self.scales) < tap.min_scale:
             raise BadInput(
-                f"--scales {min(self.scales)} is below {low}: {self.layer} needs a smaller side of "
-                f"at least {low} pixels (fc6 is a 7x7 conv over pool5); use larger scales"
+                f"--scales {min(self.scales)} is below {tap.min_scale}: {self.layer} needs a smaller side of "
+                f"at least {tap.min_scale} pixels ({tap.why}); use larger scales"
             )
         if self.batch_size < 1:
             raise BadInput(f"--batch-size {self.batch_size} must be at least 1")
@@ -113,7 +105,7 @@ class ExtractConfig:
 
     @property
     def dim(self) -> int:
-        per_scale = 512 if self.layer == "pool5" else 4096
+        per_scale = get_backbone(self.model).tap(self.layer).channels
         return per_scale * (len(self.scales) if self.aggregate == "stack" else 1)
 
     def to_dict(self) -> dict:
@@ -126,19 +118,10 @@ def descriptor_settings(config: ExtractConfig, weights_id: dict, normalize: dict
     """The settings that define the numbers, with the weights resolved to their identity."""
     settings = {name: getattr(config, name) for name in DESCRIPTOR_FIELDS}
     settings["scales"] = list(config.scales)
-    settings["precision"] = resolved_precision(config)
+    settings["precision"] = resolve_precision(config.precision, config.device)
     settings["weights"] = weights_id
     settings["normalize"] = normalize
     return settings
-
-
-def resolved_precision(config: ExtractConfig) -> str:
-    """The precision the run computes in: "auto" resolved for `config.device` (needs torch)."""
-    if config.precision != "auto":
-        return config.precision
-    from featx.net.device import auto_precision
-
-    return auto_precision(config.device)
 
 
 def settings_hash(settings: dict) -> str:

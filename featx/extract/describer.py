@@ -1,61 +1,210 @@
-"""From an ExtractConfig to a ready describer and the provenance its rows carry.
+"""The describer: a dense net on a device that turns batches of images into pooled maps, and
+the one factory that builds it from an ExtractConfig.
 
-The one factory every engine uses (featx extract, --engine ray, VGGFeatures): weights are
-resolved (featx.net.weights), the dense net built (featx.net.model), device and precision
-resolved (featx.net.device), and the describer made. `provenance` is what a feature file
-records; its `settings_hash` decides whether existing features can be resumed or reused.
+Every engine uses the factory (featx extract, --engine ray, featx.sklearn): weights are resolved
+(featx.net.weights), the backbone's dense net built (featx.net.backbones), device and precision
+resolved (featx.net.device), and the net lowered to its fast form (featx.net.plan). What a
+feature file records about all this is featx.extract.provenance.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import threading
 from collections import OrderedDict
-from pathlib import Path
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
-import torchvision
 
-from featx import __version__
-from featx.errors import BadInput, MissingData, SettingsMismatch
-from featx.extract.config import ExtractConfig, descriptor_settings, settings_hash
-from featx.extract.decode import RESIZE
-from featx.extract.descriptor import DenseDescriber
-from featx.net.accel import conv_kernels
-from featx.net.device import DTYPES, resolve_device, resolve_precision
-from featx.net.model import DenseVGG, build
-from featx.net.weights import Weights, identify, normalization, resolve
+from featx.errors import BadInput
+from featx.extract.config import ExtractConfig
 
+# config_from_provenance, descriptor_hash, provenance: re-exported for the engines and downstream,
+# which import them from here (issue 21 moved them to featx.extract.provenance; dropped at merge).
+from featx.extract.provenance import (  # noqa: F401
+    config_from_provenance,
+    descriptor_hash,
+    forget_file_hashes,
+    provenance,
+    weights_identity,
+)
+from featx.net.backbones import DenseNet, get_backbone
+from featx.net.device import resolve_device, resolve_precision, torch_dtype
+from featx.net.plan.heap import HeapTrimmer
+from featx.net.weights import Weights, resolve
+
+
+@dataclass
+class Staged:
+    """A batch on its way to the device: uint8 canvas [n, 3, H, W], valid sizes, copy event."""
+
+    pixels: torch.Tensor
+    sizes: list[tuple[int, int]]
+    ready: object = None  # a torch.cuda.Event on CUDA
+
+
+class DenseDescriber:
+    """Runs a dense net on a batch of uint8 images of any sizes; returns flip-averaged means.
+
+    One code path for CPU and GPU: images are padded (uint8, top-left) into one canvas in
+    host memory (pinned on CUDA, copied non-blocking on a side stream so the copy of batch
+    n+1 overlaps the compute of batch n), normalised on the device in fp32, the padding set
+    to zero after normalising, flipped per image (each flip anchored top-left too), then run
+    channels-last in the model's precision through the net's forward_pooled, lowered to its
+    fast form (VGG: a featx.net.plan.Plan), which keeps the padding out of every image's
+    numbers. On a CPU with oneDNN the Plan packs every weight once and fuses ReLU
+    (`prepack=False` runs the plain F.conv2d/F.linear kernels CUDA uses); `lower=False` runs
+    the net's own forward_pooled (the reference the lowering is tested against).
+    """
+
+    def __init__(
+        self,
+        net: DenseNet,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+        precision: str = "fp32",
+        flip: bool = True,
+        *,
+        prepack: bool = True,
+        pass_pixels: int | None = None,
+        head_rows: int | None = None,
+        lower: bool = True,
+    ):
+        device = torch.device(device)
+        self.device, self.flip = device, flip
+        self.precision = resolve_precision(precision, device)
+        self.dtype = torch_dtype(self.precision)
+        # In place, as before: callers that share one net across describers find it moved.
+        # Cast first, then lower: the transient copies are then in the (smaller) dtype.
+        self.net = net.eval().to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
+        options = {"prepack": prepack, "pass_pixels": pass_pixels, "head_rows": head_rows}
+        # What runs a batch: (B, 3, H, W) channels-last, valid sizes -> fp32 [B, C].
+        self.plan = self.net.lower(device, self.dtype, **options) if lower else self.net.forward_pooled
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
+        self.cuda = device.type == "cuda"
+        self.copies = torch.cuda.Stream(device) if self.cuda else None
+        # CUDA's caching allocator keeps its memory; on a CPU glibc's heap is trimmed now and then.
+        self.heap = None if self.cuda else HeapTrimmer()
+
+    @property
+    def prepacked(self) -> bool:
+        """Whether the convolutions run oneDNN's pre-packed kernels."""
+        return bool(getattr(self.plan, "packed", False))
+
+    @property
+    def channels(self) -> int:
+        return self.net.channels
+
+    def release_freed_memory(self) -> None:
+        """After a batch: give freed heap pages back to the OS once they add up (CPU; see HeapTrimmer)."""
+        if self.heap is not None:
+            self.heap()
+
+    def stage(self, images: torch.Tensor | list[torch.Tensor], canvas: tuple[int, int] | None = None) -> Staged:
+        """Pad uint8 [3, h, w] images top-left into one canvas (default: the largest h and w)
+        and start its copy to the device."""
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            host, sizes = images, [tuple(images.shape[2:])] * images.shape[0]
+        else:
+            sizes = [(int(t.shape[1]), int(t.shape[2])) for t in images]
+            h, w = canvas or (max(h for h, _ in sizes), max(w for _, w in sizes))
+            if any(hi > h or wi > w for hi, wi in sizes):
+                raise BadInput(f"canvas {h}x{w} is smaller than an image of the batch ({sizes})")
+            host = torch.zeros(len(sizes), 3, h, w, dtype=torch.uint8, pin_memory=self.cuda)
+            for i, t in enumerate(images):
+                host[i, :, : sizes[i][0], : sizes[i][1]] = t
+        if not self.cuda:
+            return Staged(host, sizes)
+        host = host if host.is_pinned() else host.pin_memory()
+        with torch.cuda.stream(self.copies):
+            pixels = host.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copies)
+        return Staged(pixels, sizes, ready)
+
+    def run(self, staged: Staged, rezero: bool = True) -> torch.Tensor:
+        """The batch's [n, C] fp32 descriptors, left on the device (asynchronous on CUDA)."""
+        with torch.inference_mode(), self._cuda_flags():
+            return self._run(staged, rezero)
+
+    @contextmanager
+    def _cuda_flags(self):
+        """On CUDA: cuDNN autotuning (the planner keeps batch shapes few) and, in fp32, no TF32
+        (its 10-bit mantissa would make fp32 inexact). Restored afterwards; nothing on a CPU."""
+        if not self.cuda:
+            yield
+            return
+        fp32 = self.dtype == torch.float32
+        matmul = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = matmul and not fp32
+            with torch.backends.cudnn.flags(
+                enabled=True, benchmark=True, deterministic=torch.backends.cudnn.deterministic, allow_tf32=not fp32
+            ):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+
+    def _run(self, staged: Staged, rezero: bool) -> torch.Tensor:
+        if staged.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(staged.ready)
+            staged.pixels.record_stream(torch.cuda.current_stream(self.device))
+        u8, sizes = staged.pixels, staged.sizes
+        n, (height, width) = len(sizes), u8.shape[2:]
+        x = (u8.to(self.device, torch.float32) - self.mean) / self.std
+        batch = torch.empty(
+            n * (2 if self.flip else 1),
+            3,
+            height,
+            width,
+            device=self.device,
+            dtype=self.dtype,
+            memory_format=torch.channels_last,
+        ).zero_()
+        # Padding after normalising (raw zeros would be -mean/std); each flip flips the image
+        # itself, so it is anchored top-left like the image.
+        for i, (h, w) in enumerate(sizes):
+            batch[i, :, :h, :w] = x[i, :, :h, :w]
+            if self.flip:
+                batch[n + i, :, :h, :w] = x[i, :, :h, :w].flip(-1)
+        pooled = self.plan(batch, sizes * (2 if self.flip else 1), rezero)
+        if self.flip:
+            pooled = (pooled[:n] + pooled[n:]) / 2
+        return pooled
+
+    def __call__(
+        self, images: torch.Tensor | list[torch.Tensor], canvas: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """uint8 [B, 3, h, w] (or a list of [3, h_i, w_i]) -> float32 [B, C] on the CPU:
+        position-averaged map, flip-averaged, each image exactly as if it ran alone."""
+        pooled = self.run(self.stage(images, canvas)).cpu()
+        self.release_freed_memory()
+        return pooled
+
+
+# -- the factory ---------------------------------------------------------------------------
 # Nets kept alive between calls with cache=True, so that clone() and GridSearchCV reuse one
 # instead of loading VGG (0.5 GB for vgg16) per candidate and fold. Each entry also keeps its
 # DenseDescribers (one per `flip`): making one packs the weights for the CPU kernels, which
 # costs as much as a forward pass.
 NET_CACHE_SIZE = 2
-_NETS: OrderedDict[tuple, tuple[DenseVGG, tuple, tuple, dict[bool, DenseDescriber]]] = OrderedDict()
+_NETS: OrderedDict[tuple, tuple[DenseNet, tuple, tuple, dict[bool, DenseDescriber]]] = OrderedDict()
 _NETS_LOCK = threading.Lock()
-# Weights files are identified by their sha256; hashing 0.5 GB per call would cost more than
-# the call, so the hash is remembered while the file's size and mtime stay the same.
-_FILE_IDS: dict[tuple, dict] = {}
 
 
 def clear_cache() -> None:
     """Forget the cached nets and weights-file hashes."""
     with _NETS_LOCK:
         _NETS.clear()
-        _FILE_IDS.clear()
+        forget_file_hashes()
 
 
-def weights_identity(config: ExtractConfig) -> dict:
-    """The identity of `config.weights` (a file's sha256 is remembered while it is unchanged)."""
-    path = Path(config.weights).expanduser()
-    if config.weights not in ("default", "random") and path.is_file():
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, config.model, config.layer)
-        if key not in _FILE_IDS:
-            _FILE_IDS[key] = identify(config.model, config.weights, config.seed, config.layer)
-        return _FILE_IDS[key]
-    return identify(config.model, config.weights, config.seed, config.layer)
+def build_net(config: ExtractConfig, weights: Weights) -> DenseNet:
+    """The dense net of `config.model` up to `config.layer` with `weights` (on the CPU, fp32)."""
+    return get_backbone(config.model).build(weights, config.layer)
 
 
 def make_describer(
@@ -76,14 +225,14 @@ def make_describer(
     precision = resolve_precision(config.precision, device)
     if not cache:
         weights = weights or resolve(config.model, config.weights, config.seed, config.layer)
-        net = build(config.model, weights, config.layer)
+        net = build_net(config, weights)
         return DenseDescriber(net, weights.mean, weights.std, device, precision, config.flip)
     identity = weights.identity if weights is not None else weights_identity(config)
     key = (config.model, json.dumps(identity, sort_keys=True), config.layer, precision, str(device))
     with _NETS_LOCK:
         if key not in _NETS:
             weights = weights or resolve(config.model, config.weights, config.seed, config.layer)
-            _NETS[key] = (build(config.model, weights, config.layer), weights.mean, weights.std, {})
+            _NETS[key] = (build_net(config, weights), weights.mean, weights.std, {})
             while len(_NETS) > NET_CACHE_SIZE:
                 _NETS.popitem(last=False)
         _NETS.move_to_end(key)
@@ -93,116 +242,3 @@ def make_describer(
             # second one (the other flip) finds it there and shares its parameters.
             describers[config.flip] = DenseDescriber(net, mean, std, device, precision, config.flip)
         return describers[config.flip]
-
-
-def _normalize_record(mean, std) -> dict:
-    return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
-
-
-def _preprocess(mean, std) -> dict:
-    return _normalize_record(mean, std) | {"resize": RESIZE}
-
-
-def descriptor_hash(config: ExtractConfig) -> str:
-    """The settings hash of the descriptor `config` defines (weights files are hashed, not loaded)."""
-    mean, std = normalization(config.model, config.weights)
-    return settings_hash(descriptor_settings(config, weights_identity(config), _preprocess(mean, std)))
-
-
-def provenance(
-    config: ExtractConfig, device: torch.device | str, weights_id: dict | None = None, regions: dict | None = None
-) -> dict:
-    """The `featx` metadata of a feature file: what defines the numbers, and how they were run.
-
-    `regions` (featx.extract.regions' identity of a regions table) enters the settings: a file of
-    region features resumes only with the same table.
-    """
-    weights_id = weights_id if weights_id is not None else weights_identity(config)
-    mean, std = normalization(config.model, config.weights)
-    settings = descriptor_settings(config, weights_id, _preprocess(mean, std))
-    if regions is not None:
-        settings["regions"] = regions
-    return {
-        "featx_version": __version__,
-        "settings": settings,
-        "settings_hash": settings_hash(settings),
-        "model": config.model,
-        "weights": weights_id,
-        "layer": config.layer,
-        "scales": list(config.scales),
-        "flip": config.flip,
-        "aggregate": config.aggregate,
-        "precision": settings["precision"],  # "auto" resolved for the device
-        "bucket": config.bucket,
-        "dim": config.dim,
-        "normalize": _normalize_record(mean, std),
-        "resize": RESIZE,
-        "descriptor": (
-            f"{config.layer} map averaged over positions"
-            + (", averaged with the flipped image" if config.flip else "")
-            + f", {config.aggregate} over Q={list(config.scales)}, L2-normalised"
-        ),
-        "device": str(device),
-        "conv_kernels": conv_kernels(torch.device(str(device).split(",")[0]), DTYPES[settings["precision"]]),
-        "batch_size": config.batch_size,
-        "batch_pixels": config.batch_pixels,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def config_from_provenance(
-    prov: dict, *, weights: str | None = None, device: str = "auto", batch_size: int = 8, workers: int = 2
-) -> ExtractConfig:
-    """The ExtractConfig that describes new images as a feature file's rows were described.
-
-    `prov` is the file's `featx` metadata. A weights file is recorded by name and sha256 only,
-    so its path must be given as `weights`. The rebuilt settings must give the file's settings
-    hash: a query described otherwise would not be comparable with the rows.
-    """
-    settings = prov.get("settings") or {}
-    identity = settings.get("weights") or prov.get("weights") or {}
-    kind = identity.get("kind")
-    if weights is None:
-        if kind == "random":
-            weights = "random"
-        elif kind == "torchvision":
-            weights = identity["name"]
-        elif kind == "file":
-            raise MissingData(
-                f"the features were made with the weights file {identity.get('file')} "
-                f"(sha256 {str(identity.get('sha256'))[:12]}…); pass its path with --weights FILE"
-            )
-        else:
-            raise BadInput(f"the feature file records no weights ({identity!r}); it was not written by featx extract")
-    try:
-        config = ExtractConfig(
-            model=settings.get("model", prov.get("model")),
-            weights=weights,
-            layer=settings.get("layer", prov.get("layer")),
-            scales=tuple(settings.get("scales", prov.get("scales", ()))),
-            flip=bool(settings.get("flip", prov.get("flip"))),
-            aggregate=settings.get("aggregate", prov.get("aggregate")),
-            precision=settings.get("precision", prov.get("precision")),
-            bucket=int(settings.get("bucket", prov.get("bucket", 0)) or 0),
-            seed=int(identity.get("seed", 0)) if kind == "random" else 0,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-        )
-    except TypeError as e:  # a field missing from an old or foreign file
-        raise BadInput(f"the feature file's provenance is incomplete ({e}); extract the features again") from None
-    # Region features describe crops with the same descriptor: the regions table is no setting of it.
-    recorded = {k: v for k, v in settings.items() if k != "regions"}
-    want = settings_hash(recorded) if recorded else prov.get("settings_hash")
-    got = descriptor_hash(config)
-    if want is not None and got != want:
-        from featx.store import differing
-
-        new = provenance(config, device="cpu")
-        raise SettingsMismatch(
-            f"the rebuilt descriptor settings do not match the feature file's "
-            f"({differing(prov, new)}); pass the weights the features were made with"
-        )
-    return config

@@ -1,3 +1,4 @@
-"""The net: torchvision's VGG made dense (fc6 a 7x7 conv, fc7 a 1x1 conv), its weights,
-where and in what precision it runs, and the fused CPU/GPU plan that runs it fast.
+"""The net: backbones made dense (featx.net.backbones: VGG, fc6 a 7x7 conv and fc7 a 1x1 conv),
+their weights, where and in what precision they run (device), and the lowered plans that run
+them fast (featx.net.plan).
 """

@@ -1,8 +1,9 @@
-"""Where and in what precision the net runs: the one resolver for every engine.
+"""Where and in what precision the net runs: the one device and precision resolver for every engine.
 
 `device="auto"` is the first CUDA GPU when there is one, else the CPU; `precision="auto"` is
 bf16 where the device computes it natively (CUDA since Ampere, CPUs with AVX512-BF16/AMX),
 fp16 on older GPUs, fp32 elsewhere. The resolved precision is part of the descriptor.
+Importing this module imports no torch: ExtractConfig checks a precision before torch loads.
 """
 
 from __future__ import annotations
@@ -10,21 +11,55 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from featx.errors import BadInput
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# The values --precision takes, "auto" first; each other one names a torch dtype (see `dtype`).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def resolve_device(device: str) -> torch.device:
+def check_precision(precision: str) -> str:
+    """`precision` if it is one of PRECISIONS, else the one-line BadInput that names them."""
+    if precision not in PRECISIONS:
+        raise BadInput(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of a resolved precision (fp32, bf16, fp16)."""
+    import torch
+
+    if precision == "auto":
+        raise BadInput("precision 'auto' has no dtype until it is resolved for a device (resolve_precision)")
+    return getattr(torch, _DTYPE_NAMES[check_precision(precision)])
+
+
+def _parse_device(device: str | torch.device) -> torch.device:
+    """A torch.device for a device string ("auto" is CUDA when visible, else the CPU), unchecked."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
+        return torch.device(device)
     except RuntimeError:
         raise BadInput(f"unknown --device {device!r}; use auto, cpu or cuda[:N]") from None
+
+
+def resolve_device(device: str) -> torch.device:
+    """`--device` as a torch.device that exists here: auto, cpu, or a visible cuda[:N]."""
+    import torch
+
+    dev = _parse_device(device)
+    if device == "auto":
+        return dev
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"--device {device}: no CUDA GPU is visible here; use --device cpu or auto")
     if dev.type not in ("cpu", "cuda"):
@@ -36,6 +71,8 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_devices(spec: str) -> list[torch.device]:
     """`--devices`: "all" (every visible GPU) or a comma list such as cuda:0,cuda:1, one type."""
+    import torch
+
     if spec.strip() == "all":
         if not torch.cuda.is_available():
             raise BadInput("--devices all: no CUDA GPU is visible here; use --device cpu")
@@ -51,18 +88,31 @@ def resolve_devices(spec: str) -> list[torch.device]:
     return devices
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """fp32/bf16/fp16 as given; "auto" per device (featx.net.accel.auto_precision)."""
-    if precision == "auto":
-        return auto_precision(device)
-    if precision not in DTYPES:
-        raise BadInput(f"unknown --precision {precision!r}; choose auto, {', '.join(DTYPES)}")
-    return precision
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """fp32/bf16/fp16 as given; "auto" what the device (a torch.device, or a device string
+    such as "auto", "cpu", "cuda:1") computes natively and fast:
+
+    CPU: bf16 with AVX512-BF16/AMX (~2x fp32; centred cosine to fp32 >= 0.995 per image,
+    see benchmarks/extract.py), fp32 otherwise (emulated bf16 is slower than fp32).
+    CUDA: bf16 on GPUs that have it (Ampere and later), fp16 before.
+    A device string is only parsed (a feature file made on a GPU is named the same here).
+    """
+    if check_precision(precision) != "auto":
+        return precision
+    import torch
+
+    if _parse_device(device).type == "cuda":
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+            return "fp16"
+        return "bf16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 @cache
 def cpu_has_native_bf16() -> bool:
     """True where the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
+    import torch
+
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
@@ -81,23 +131,3 @@ _ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX51
 def _onednn_capped_below_bf16() -> bool:
     """True when ONEDNN_MAX_CPU_ISA keeps oneDNN off its bf16 kernels (e.g. AVX2 emulation)."""
     return os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ISAS_WITHOUT_BF16
-
-
-def auto_precision(device: torch.device | str) -> str:
-    """What precision="auto" means on `device`: bf16 where it is native and fast, else fp32/fp16.
-
-    CPU: bf16 with AVX512-BF16/AMX (~2x fp32; centred cosine to fp32 >= 0.995 per image,
-    see benchmarks/extract.py), fp32 otherwise (emulated bf16 is slower than fp32).
-    CUDA: bf16 on GPUs that have it (Ampere and later), fp16 before.
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BadInput(f"unknown --device {device!r}; use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda":
-        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
-            return "fp16"
-        return "bf16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 
 from featx.errors import BadInput, MissingData, Unreachable
+from featx.net.backbones import get_backbone
 
 # torchvision's ImageNet statistics, used when the weights carry none (file, random).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -28,20 +28,12 @@ class Weights:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
-    @property
-    def is_random(self) -> bool:
-        return self.identity["kind"] == "random"
-
-
-def _enum(model: str):
-    return getattr(torchvision.models, model.upper() + "_Weights")
-
 
 def _torchvision_weights(model: str, name: str):
-    enum = _enum(model)
-    if name == "default":
-        return enum.IMAGENET1K_V1
-    member = name.split(".")[-1]
+    """The member of the backbone's torchvision weights enum that `name` names ('default': the backbone's)."""
+    backbone = get_backbone(model)
+    enum = backbone.weights_enum()
+    member = backbone.default_weights if name == "default" else name.split(".")[-1]
     try:
         return enum[member]
     except KeyError:

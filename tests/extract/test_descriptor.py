@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import featx
-from featx.net.model import torchvision_vgg
+from featx.net.backbones.vgg import torchvision_model
 from featx.net.weights import IMAGENET_MEAN, IMAGENET_STD, Weights
 
 MODEL = "vgg11"
@@ -24,7 +24,7 @@ SCALES = (224, 288)
 
 @pytest.fixture(scope="module")
 def vgg():
-    return torchvision_vgg(MODEL, Weights({"kind": "random", "seed": SEED}, None))
+    return torchvision_model(MODEL, Weights({"kind": "random", "seed": SEED}, None))
 
 
 def reference_map_mean(vgg, img: torch.Tensor) -> torch.Tensor:

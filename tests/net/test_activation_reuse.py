@@ -1,4 +1,4 @@
-"""The plan's reused activation buffers (featx.net.accel.Activations) change no number: every
+"""The plan's reused activation buffers (featx.net.plan.steps.Activations) change no number: every
 trunk output written into one of two kept buffers equals it allocated afresh, across calls of
 changing shapes, inside mixed batches, over several passes, through a conv without ReLU, a
 Winograd conv, a module that hands back its input, and a non-VGG pool."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from featx.net.accel import Plan, onednn_prepack_works
-from featx.net.model import DenseVGG
+from featx.net.backbones.vgg import DenseVGG
+from featx.net.plan import Plan, onednn_prepack_works
 
 DTYPES = [
     pytest.param(

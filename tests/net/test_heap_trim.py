@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from featx.net import accel
+from featx.net.plan import heap
 
 MB = 1 << 20
 
@@ -10,9 +10,9 @@ MB = 1 << 20
 def trimmer_with(monkeypatch, rss_values: list[int]):
     trims: list[int] = []
     values = iter(rss_values)
-    monkeypatch.setattr(accel, "_glibc", lambda: trims.append)
-    monkeypatch.setattr(accel, "resident_bytes", lambda: next(values))
-    return accel.HeapTrimmer(margin_mb=100), trims
+    monkeypatch.setattr(heap, "glibc_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(heap, "resident_bytes", lambda: next(values))
+    return heap.HeapTrimmer(margin_mb=100), trims
 
 
 def test_trims_only_past_the_margin_over_the_first_batch(monkeypatch):
@@ -42,13 +42,13 @@ def test_live_memory_that_stays_raises_the_limit(monkeypatch):
 
 
 def test_no_glibc_no_trim(monkeypatch):
-    monkeypatch.setattr(accel, "_glibc", lambda: None)
-    monkeypatch.setattr(accel, "resident_bytes", lambda: 10**12)
-    t = accel.HeapTrimmer(margin_mb=1)
+    monkeypatch.setattr(heap, "glibc_malloc_trim", lambda: None)
+    monkeypatch.setattr(heap, "resident_bytes", lambda: 10**12)
+    t = heap.HeapTrimmer(margin_mb=1)
     t(), t()  # nothing to call, nothing raised
     assert t.limit is None
 
 
 def test_resident_bytes_reads_this_process():
-    rss = accel.resident_bytes()
+    rss = heap.resident_bytes()
     assert rss is None or 10 * MB < rss < 1 << 40

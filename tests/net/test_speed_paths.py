@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 
 import featx
 from featx.cli import app
-from featx.extract.config import ExtractConfig, resolved_precision
-from featx.extract.descriptor import DenseDescriber
-from featx.net.accel import max_pool_2x2, onednn_prepack_works
-from featx.net.device import auto_precision, resolve_precision
-from featx.net.model import DenseVGG, build
+from featx.extract.config import ExtractConfig, descriptor_settings
+from featx.extract.describer import DenseDescriber
+from featx.net.backbones.vgg import DenseVGG, build
+from featx.net.device import resolve_precision
+from featx.net.plan import onednn_prepack_works
+from featx.net.plan.steps import max_pool_2x2
 from featx.net.weights import IMAGENET_MEAN, IMAGENET_STD, Weights
 from tests.conftest import smooth_image, write_images
 
@@ -104,6 +105,13 @@ def test_vgg11_fp32_fast_path_equals_the_module(vgg11, dense_images, dense_refer
     assert_rel_close(d(dense_images), dense_reference, 1e-5)
 
 
+def test_vgg11_reference_forward_equals_the_module(vgg11, dense_images, dense_reference):
+    # What the Plan lowers: forward_features, then forward_head averaged over valid positions.
+    d = describer(vgg11, "fp32", lower=False)
+    assert d.plan == d.net.forward_pooled
+    assert_rel_close(d(dense_images), dense_reference, 1e-5)
+
+
 def test_vgg11_bf16_keeps_the_centred_cosine_to_exact_fp32(vgg11, dense_images, dense_reference):
     fast = describer(vgg11, "bf16")(dense_images)
     assert fast.dtype == torch.float32 and fast.shape == dense_reference.shape
@@ -175,18 +183,18 @@ def test_flop_counter_counts_every_conv_of_the_shape_run():
 
 
 def test_auto_precision_is_resolved_per_device_and_hashed_resolved():
-    resolved = auto_precision("cpu")
+    resolved = resolve_precision("auto", "cpu")
     assert resolved in ("bf16", "fp32")
     assert resolve_precision("auto", CPU) == resolved
     auto = ExtractConfig(model="vgg11", weights="random", device="cpu")
-    assert auto.precision == "auto" and resolved_precision(auto) == resolved
+    assert auto.precision == "auto" and descriptor_settings(auto, {}, {})["precision"] == resolved
     assert featx.descriptor_hash(auto) == featx.descriptor_hash(auto.replace(precision=resolved))
     other = "fp32" if resolved == "bf16" else "bf16"
     assert featx.descriptor_hash(auto) != featx.descriptor_hash(auto.replace(precision=other))
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp8", CPU)
     with pytest.raises(ValueError, match="device"):
-        auto_precision("tpu")
+        resolve_precision("auto", "tpu")
 
 
 def test_metadata_records_resolved_precision_and_bucket(tmp_path):
@@ -214,7 +222,7 @@ def test_metadata_records_resolved_precision_and_bucket(tmp_path):
     )
     assert result.exit_code == 0, result.output
     meta = featx.read_provenance(out)
-    assert meta["precision"] == meta["settings"]["precision"] == auto_precision("cpu")
+    assert meta["precision"] == meta["settings"]["precision"] == resolve_precision("auto", "cpu")
     assert meta["bucket"] == meta["settings"]["bucket"] == 16
 
 
@@ -224,7 +232,7 @@ def test_auto_precision_is_fp32_when_onednn_is_capped_below_bf16():
     import subprocess
     import sys
 
-    code = "from featx.net.device import auto_precision; print(auto_precision('cpu'))"
+    code = "from featx.net.device import resolve_precision; print(resolve_precision('auto', 'cpu'))"
     for isa, expected in [("AVX2", "fp32"), ("AVX512_CORE", "fp32")]:
         out = subprocess.run(
             [sys.executable, "-c", code],

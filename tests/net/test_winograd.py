@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featx.net import winograd
-from featx.net.accel import Plan, WinogradConv, onednn_prepack_works
+from featx.net.plan import Plan, onednn_prepack_works, winograd
+from featx.net.plan.steps import WinogradConv
 
 PACKED = onednn_prepack_works(torch.float32)
 
@@ -42,7 +42,7 @@ def winograd_conv(x, weight, bias, relu, packed: bool, workspace=None, algorithm
     )
 
 
-# Each algorithm with its transforms by torch ops and by featx.net.winograd_kernels' compiled
+# Each algorithm with its transforms by torch ops and by featx.net.plan.winograd_kernels' compiled
 # one-pass kernels (where a C compiler builds them; else the torch path runs twice over).
 ALGORITHMS = [
     pytest.param(alg, compiled, id=f"{name}-{'compiled' if compiled else 'torch'}")
@@ -134,7 +134,7 @@ def test_bf16_stays_close_to_fp32():
 
 def wide_net(bn: bool = False) -> nn.Module:
     """conv 3->16, pool, conv 16->128 (direct), conv 128->256 [+ BN] (Winograd), pool: pool5-like output."""
-    from featx.net.model import DenseVGG
+    from featx.net.backbones.vgg import DenseVGG
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""featx.net.winograd_kernels: bf16 rounded to nearest even once per value, the same numbers on
+"""featx.net.plan.winograd_kernels: bf16 rounded to nearest even once per value, the same numbers on
 one thread or several, and a clean fall back to torch ops where no C compiler builds them.
 (tests/net/test_winograd.py holds both transform paths to the direct convolution.)"""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from featx.net import winograd, winograd_kernels
+from featx.net.plan import winograd, winograd_kernels
 from tests.net.test_winograd import case, direct, rel_err
 
 
@@ -109,7 +109,8 @@ def test_without_a_working_compiler_the_torch_path_runs(fresh_build, monkeypatch
 def test_winograd_reaches_down_to_64_channels_only_with_compiled_transforms(fresh_build, monkeypatch):
     # Measured: with torch-op transforms Winograd loses below 128 input channels (VGG's conv1_2,
     # conv2_1); compiled, bf16's F(2x2) wins from 64 -> 64 and fp32's F(4x4) from 64 -> 128.
-    from featx.net.accel import conv_kernels, onednn_prepack_works, winograd_channels
+    from featx.net.plan import conv_kernels, onednn_prepack_works
+    from featx.net.plan.plan import winograd_channels
 
     said = conv_kernels(torch.device("cpu"), torch.float32)  # provenance, where oneDNN runs the plan
     if winograd_kernels.kernels(winograd.F2, torch.bfloat16) is not None:

@@ -1,6 +1,6 @@
 """Winograd's tile transforms as C kernels: one pass each, generated from an Algorithm's matrices.
 
-featx.net.winograd runs the input transform (V = B' d B) and the output transform
+featx.net.plan.winograd runs the input transform (V = B' d B) and the output transform
 (y = A' M A) as strided torch adds: for F(2x2, 3x3) that is ~20 passes over a layer's input
 and output, memory-bound, 12-35% of a VGG conv layer on a 2-core CPU. Here each transform is
 one loop nest: a tile's t x t inputs are read once (zero outside the image), combined in
@@ -15,7 +15,7 @@ and called through ctypes. The loops run on OpenMP threads: libgomp is loaded on
 process, so they are torch's own intra-op threads (Python threads beside torch's spinning
 OpenMP workers were ~5% slower); built without OpenMP, featx splits each call over
 torch.get_num_threads() Python threads instead (ctypes releases the GIL). Without a compiler,
-or if the build fails, `kernels()` returns None and featx.net.winograd keeps its torch path
+or if the build fails, `kernels()` returns None and featx.net.plan.winograd keeps its torch path
 (the same numbers to rounding).
 """
 

@@ -13,8 +13,8 @@ F(2x2) per layer at 1.8% error: not used.
 
 Lavin & Gray benchmarked it on VGG: on a CPU the GEMMs dominate where channels are many. With
 the transforms as torch ops their memory traffic costs more than the saved products below 128
-input channels; with featx.net.winograd_kernels' one-pass transforms Winograd pays from 64 (VGG's
-conv1_2 on); featx.net.accel picks per layer (WINOGRAD_MIN_CHANNELS).
+input channels; with featx.net.plan.winograd_kernels' one-pass transforms Winograd pays from 64 (VGG's
+conv1_2 on); featx.net.plan.plan picks per layer (WINOGRAD_MIN_CHANNELS).
 
 Tiles are processed in bands of tile rows holding at most BAND_BYTES of transformed input
 and GEMM output, in a workspace reused across layers and calls: memory stays bounded (about
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from featx.net import winograd_kernels
+from featx.net.plan import winograd_kernels
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def conv3x3(
     """3x3 conv, stride 1, padding 1, of a channels-last batch `x` [N, C, H, W] -> channels-last
     [N, K, H, W] (+ bias, ReLU if asked), written into `out` if given. `weights`: U from
     transform_weight(weight, algorithm) for torch.mm (any device), or pack(U) for oneDNN's GEMMs (CPU).
-    `compiled`: run the transforms by featx.net.winograd_kernels where they can be built (CPU,
+    `compiled`: run the transforms by featx.net.plan.winograd_kernels where they can be built (CPU,
     fp32/bf16; per layer 1.11-1.31x in bf16 F(2x2), 1.07-1.11x in fp32 F(4x4) over the torch
     ops on a 2-core Zen); False, or where they cannot, by torch ops."""
     n, c, h, w = x.shape

@@ -5,23 +5,27 @@ import torch
 from typer.testing import CliRunner
 
 from featx.cli import app
-from featx.net.model import build, layer_table, model_summary, torchvision_vgg
+from featx.net.backbones import get_backbone
+from featx.net.backbones.vgg import build, layer_table, model_summary, torchvision_model
 from featx.net.weights import Weights
 
 
 @pytest.mark.parametrize("name", ["vgg16", "vgg11_bn"])
 def test_dense_fc7_at_224_equals_torchvision_classifier(name):
     weights = Weights({"kind": "random", "seed": 3}, None)
-    vgg = torchvision_vgg(name, weights)
-    dense = build(name, weights, "fc7")
+    backbone = get_backbone(name)  # through the registry, as the describer builds it
+    vgg = backbone.torchvision_model(weights)
+    dense = backbone.build(weights)  # the default tap: fc7
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = vgg.classifier[:5](torch.flatten(vgg.avgpool(vgg.features(x)), 1))
         got = dense(x)
+        pooled = dense.forward_pooled(x)
     assert got.shape == (2, 4096, 1, 1)
     got = got.flatten(1)
     assert expected.abs().max() > 0  # a dead net would prove nothing
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    torch.testing.assert_close(pooled, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_dense_fc6_and_pool5_shapes_grow_with_the_input():
@@ -42,7 +46,7 @@ def test_same_seed_same_net_other_seed_other_net():
 
 def test_forward_features_then_head_is_the_classifier_and_layers_are_methods():
     weights = Weights({"kind": "random", "seed": 4}, None)
-    vgg, dense = torchvision_vgg("vgg11", weights), build("vgg11", weights, "fc7")
+    vgg, dense = torchvision_model("vgg11", weights), build("vgg11", weights, "fc7")
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         pool5 = dense.forward_features(x)

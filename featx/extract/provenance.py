@@ -1,0 +1,157 @@
+"""What a feature file records about how its numbers were made, and the settings hash that names them.
+
+`provenance` is a feature file's `featx` metadata; its `settings_hash` (of the settings that
+define the descriptor, weights resolved to their identity) decides whether existing features
+can be resumed or reused; `config_from_provenance` rebuilds the ExtractConfig that describes
+new images as a file's rows were described.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+import torchvision
+
+from featx import __version__
+from featx.errors import BadInput, MissingData, SettingsMismatch
+from featx.extract.config import ExtractConfig, descriptor_settings, settings_hash
+from featx.extract.decode import RESIZE
+from featx.net.device import torch_dtype
+from featx.net.plan import conv_kernels
+from featx.net.weights import identify, normalization
+
+# Weights files are identified by their sha256; hashing 0.5 GB per call would cost more than
+# the call, so the hash is remembered while the file's size and mtime stay the same.
+_FILE_IDS: dict[tuple, dict] = {}
+
+
+def forget_file_hashes() -> None:
+    """Forget the remembered weights-file hashes."""
+    _FILE_IDS.clear()
+
+
+def weights_identity(config: ExtractConfig) -> dict:
+    """The identity of `config.weights` (a file's sha256 is remembered while it is unchanged)."""
+    path = Path(config.weights).expanduser()
+    if config.weights not in ("default", "random") and path.is_file():
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, config.model, config.layer)
+        if key not in _FILE_IDS:
+            _FILE_IDS[key] = identify(config.model, config.weights, config.seed, config.layer)
+        return _FILE_IDS[key]
+    return identify(config.model, config.weights, config.seed, config.layer)
+
+
+def _normalize_record(mean, std) -> dict:
+    return {"mean": [round(float(m), 6) for m in mean], "std": [round(float(s), 6) for s in std]}
+
+
+def _preprocess(mean, std) -> dict:
+    return _normalize_record(mean, std) | {"resize": RESIZE}
+
+
+def descriptor_hash(config: ExtractConfig) -> str:
+    """The settings hash of the descriptor `config` defines (weights files are hashed, not loaded)."""
+    mean, std = normalization(config.model, config.weights)
+    return settings_hash(descriptor_settings(config, weights_identity(config), _preprocess(mean, std)))
+
+
+def provenance(
+    config: ExtractConfig, device: torch.device | str, weights_id: dict | None = None, regions: dict | None = None
+) -> dict:
+    """The `featx` metadata of a feature file: what defines the numbers, and how they were run.
+
+    `regions` (featx.extract.regions' identity of a regions table) enters the settings: a file of
+    region features resumes only with the same table.
+    """
+    weights_id = weights_id if weights_id is not None else weights_identity(config)
+    mean, std = normalization(config.model, config.weights)
+    settings = descriptor_settings(config, weights_id, _preprocess(mean, std))
+    if regions is not None:
+        settings["regions"] = regions
+    return {
+        "featx_version": __version__,
+        "settings": settings,
+        "settings_hash": settings_hash(settings),
+        "model": config.model,
+        "weights": weights_id,
+        "layer": config.layer,
+        "scales": list(config.scales),
+        "flip": config.flip,
+        "aggregate": config.aggregate,
+        "precision": settings["precision"],  # "auto" resolved for the device
+        "bucket": config.bucket,
+        "dim": config.dim,
+        "normalize": _normalize_record(mean, std),
+        "resize": RESIZE,
+        "descriptor": (
+            f"{config.layer} map averaged over positions"
+            + (", averaged with the flipped image" if config.flip else "")
+            + f", {config.aggregate} over Q={list(config.scales)}, L2-normalised"
+        ),
+        "device": str(device),
+        "conv_kernels": conv_kernels(torch.device(str(device).split(",")[0]), torch_dtype(settings["precision"])),
+        "batch_size": config.batch_size,
+        "batch_pixels": config.batch_pixels,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def config_from_provenance(
+    prov: dict, *, weights: str | None = None, device: str = "auto", batch_size: int = 8, workers: int = 2
+) -> ExtractConfig:
+    """The ExtractConfig that describes new images as a feature file's rows were described.
+
+    `prov` is the file's `featx` metadata. A weights file is recorded by name and sha256 only,
+    so its path must be given as `weights`. The rebuilt settings must give the file's settings
+    hash: a query described otherwise would not be comparable with the rows.
+    """
+    settings = prov.get("settings") or {}
+    identity = settings.get("weights") or prov.get("weights") or {}
+    kind = identity.get("kind")
+    if weights is None:
+        if kind == "random":
+            weights = "random"
+        elif kind == "torchvision":
+            weights = identity["name"]
+        elif kind == "file":
+            raise MissingData(
+                f"the features were made with the weights file {identity.get('file')} "
+                f"(sha256 {str(identity.get('sha256'))[:12]}…); pass its path with --weights FILE"
+            )
+        else:
+            raise BadInput(f"the feature file records no weights ({identity!r}); it was not written by featx extract")
+    try:
+        config = ExtractConfig(
+            model=settings.get("model", prov.get("model")),
+            weights=weights,
+            layer=settings.get("layer", prov.get("layer")),
+            scales=tuple(settings.get("scales", prov.get("scales", ()))),
+            flip=bool(settings.get("flip", prov.get("flip"))),
+            aggregate=settings.get("aggregate", prov.get("aggregate")),
+            precision=settings.get("precision", prov.get("precision")),
+            bucket=int(settings.get("bucket", prov.get("bucket", 0)) or 0),
+            seed=int(identity.get("seed", 0)) if kind == "random" else 0,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+        )
+    except TypeError as e:  # a field missing from an old or foreign file
+        raise BadInput(f"the feature file's provenance is incomplete ({e}); extract the features again") from None
+    # Region features describe crops with the same descriptor: the regions table is no setting of it.
+    recorded = {k: v for k, v in settings.items() if k != "regions"}
+    want = settings_hash(recorded) if recorded else prov.get("settings_hash")
+    got = descriptor_hash(config)
+    if want is not None and got != want:
+        from featx.store import differing
+
+        new = provenance(config, device="cpu")
+        raise SettingsMismatch(
+            f"the rebuilt descriptor settings do not match the feature file's "
+            f"({differing(prov, new)}); pass the weights the features were made with"
+        )
+    return config

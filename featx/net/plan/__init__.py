@@ -1,0 +1,13 @@
+"""Lowerings that make a backbone's dense net fast on a device and dtype (a backbone without one
+runs its own forward_pooled).
+
+plan: VGG's Plan (oneDNN packed convs with fused ReLU, Winograd for the wide 3x3 convs, fc6/fc7
+as GEMMs over pool5 windows); steps: the fused steps it runs; winograd, winograd_kernels: 3x3
+convs by Winograd and their compiled tile transforms; onednn: whether this torch build runs
+oneDNN's packed ops; heap: giving freed heap pages back between batches.
+"""
+
+from featx.net.plan.onednn import onednn_prepack_works
+from featx.net.plan.plan import Plan, conv_kernels
+
+__all__ = ["Plan", "conv_kernels", "onednn_prepack_works"]
