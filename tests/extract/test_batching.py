@@ -59,6 +59,26 @@ def test_plain_unmasked_padding_would_fail(layer):
     assert (l2(masked) - l2(alone)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("layer", ["fc7", "fc6", "pool5"])
+@pytest.mark.parametrize("bn", [False, True], ids=["conv", "conv-bn"])
+def test_the_reference_forward_batches_exactly_and_the_plan_is_its_lowering(layer, bn):
+    """The net's own forward_pooled (forward_features, then forward_head over the valid positions)
+    keeps each image of a mixed batch as it is alone; the Plan gives its numbers on either path."""
+    net = tiny_net(layer, bn)
+    reference = describer(net, "fp32", lower=False)
+    assert not reference.prepacked
+    imgs = mixed_images(seed=11)
+    alone = torch.cat([reference([x]) for x in imgs])
+    mixed = reference(imgs, (64, 96))
+    assert (l2(mixed) - l2(alone)).abs().max() <= 1e-5
+    for prepack in (True, False):
+        lowered = describer(net, "fp32", prepack=prepack)(imgs, (64, 96))
+        assert (l2(lowered) - l2(mixed)).abs().max() <= 1e-5, prepack
+    # ... and the check can fail: without re-zeroing the padding the border positions leak.
+    leaky = reference.run(reference.stage(imgs, (64, 96)), rezero=False)
+    assert (l2(leaky) - l2(alone)).abs().max() > 1e-3
+
+
 def test_mixed_batch_in_bf16_is_within_rounding():
     d = describer(tiny_net(), "bf16")
     imgs = mixed_images(seed=7)

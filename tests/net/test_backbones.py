@@ -1,0 +1,107 @@
+"""The backbone registry: one list of names and taps, declarations that match the nets, and
+refusals of unknown names and taps in one line before torch loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from featx.extract.config import MODELS, ExtractConfig
+from featx.net.backbones import BACKBONES, NAMES, TAP_NAMES, get_backbone
+from featx.net.weights import Weights, identify
+
+VGG = ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn")
+
+
+def test_names_and_taps_are_one_list_each():
+    assert NAMES == VGG == MODELS
+    assert TAP_NAMES == ("pool5", "fc6", "fc7")  # in order from the input, as every backbone lists them
+    for name, b in BACKBONES.items():
+        assert b.name == name and b.tap_names == TAP_NAMES and b.default_tap == "fc7"
+        assert b.default_tap in b.tap_names
+    from featx.cli import Layer, Model
+
+    assert tuple(m.value for m in Model) == NAMES and tuple(t.value for t in Layer) == TAP_NAMES
+
+
+@pytest.mark.parametrize("name", ["vgg11", "vgg16_bn"])
+def test_declared_taps_are_what_the_net_gives(name):
+    backbone = get_backbone(name)
+    with torch.device("meta"):
+        net = backbone.build(Weights({"kind": "random", "seed": 0}, None))
+    for tap in backbone.taps:
+        dense = net.up_to(tap.name)
+        assert dense.channels == tap.channels == ExtractConfig(model=name, layer=tap.name, scales=(512,)).dim
+        # Stride: pool5 (under every tap) is 1/stride of the input, floored at each pool.
+        assert dense.trunk_size(32 * 11, 32 * 13 + 31) == (11, 13)
+        # The least scale gives the tap one position; one pixel less gives none (and is refused).
+        rows = backbone.summary(tap.min_scale, tap.min_scale, tap.name)["rows"]
+        assert rows[-1].shape[1:] == (1, 1), tap
+        with pytest.raises(ValueError, match="smaller than"):
+            backbone.summary(tap.min_scale - 1, tap.min_scale - 1, tap.name)
+
+
+def test_a_tap_is_looked_up_or_refused_by_its_backbone():
+    vgg16 = get_backbone("vgg16")
+    assert vgg16.tap("pool5").channels == 512 and vgg16.tap("fc7").min_scale == 224
+    with pytest.raises(ValueError, match=r"^unknown --layer 'fc8' for vgg16; choose one of pool5, fc6, fc7$"):
+        vgg16.tap("fc8")
+    with pytest.raises(ValueError, match=r"^unknown --model 'resnet50'; choose one of vgg11, .*vgg19_bn$"):
+        get_backbone("resnet50")
+
+
+def test_weights_come_from_torchvisions_registry_of_the_backbone():
+    import torchvision
+
+    assert get_backbone("vgg16_bn").weights_enum() is torchvision.models.VGG16_BN_Weights
+    assert identify("vgg16", "default")["name"] == "VGG16_Weights.IMAGENET1K_V1"  # the paper-era weights
+    assert identify("vgg19", "VGG19_Weights.IMAGENET1K_V1")["url"].endswith(".pth")
+    with pytest.raises(ValueError, match=r"unknown --weights 'V9' for vgg16; use 'default', one of IMAGENET1K_V1"):
+        identify("vgg16", "V9")
+
+
+PROBE = """
+import json, sys
+from featx.extract.config import ExtractConfig
+errors = []
+for kw in {cases}:
+    try:
+        ExtractConfig(**kw)
+    except ValueError as e:
+        errors.append(str(e))
+print(json.dumps([errors, "torch" in sys.modules]))
+"""
+
+
+def test_unknown_names_and_taps_are_refused_in_one_line_before_torch_loads():
+    cases = [
+        {"model": "resnet50"},
+        {"layer": "fc8"},
+        {"model": "vgg11_bn", "layer": "conv5_3"},
+        {"layer": "fc6", "scales": (223,)},
+        {"layer": "pool5", "scales": (31,)},
+        {"precision": "fp8"},
+    ]
+    code = PROBE.replace("{cases}", repr(cases))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    errors, torch_loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not torch_loaded, errors
+    assert [e.count("\n") for e in errors] == [0] * len(cases), errors
+    assert errors[0].startswith("unknown --model 'resnet50'; choose one of vgg11")
+    assert errors[1] == "unknown --layer 'fc8' for vgg16; choose one of pool5, fc6, fc7"
+    assert errors[2] == "unknown --layer 'conv5_3' for vgg11_bn; choose one of pool5, fc6, fc7"
+    assert errors[3].startswith("--scales 223 is below 224: fc6 needs")
+    assert errors[4].startswith("--scales 31 is below 32: pool5 needs")
+    assert errors[5] == "unknown --precision 'fp8'; choose one of auto, fp32, bf16, fp16"
+
+
+def test_the_probe_sees_torch_when_a_net_is_built():
+    """The check above can fail: building a net does import torch."""
+    code = "import sys; from featx.net.backbones import get_backbone; get_backbone('vgg11').module(); "
+    code += "print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "True", proc.stderr
