@@ -21,7 +21,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 _LAZY = {
     "ExtractConfig": "featx.extract.config",
     "ExtractResult": "featx.extract.run",
-    "descriptor_hash": "featx.extract.describer",
+    "descriptor_hash": "featx.extract.provenance",
     "extract_features": "featx.extract.run",
     "load_xy": "featx.store.read",
     "read_features": "featx.store.read",
