@@ -25,7 +25,7 @@ from sklearn.utils.estimator_checks import check_estimator, parametrize_with_che
 import featx
 from featx.extract import describer as factory
 from featx.extract import provenance
-from featx.sklearn import VGGFeatures
+from featx.sklearn import Features, VGGFeatures
 from tests.conftest import smooth_image, write_images
 
 # Precision explicit: the comparison is of fp32 numbers whatever the defaults become.
@@ -120,6 +120,16 @@ def sample_paths(tmp_path_factory):
         root, [(48, 32)] * 3, seed=6, label="b"
     )
     return [str(f) for f in files], [f.parent.name for f in files]
+
+
+def test_features_is_the_general_name_and_vggfeatures_its_vgg_name(sample_paths):
+    general, vgg = Features(**TINY).fit(), VGGFeatures(**TINY).fit()
+    assert isinstance(vgg, Features) and vgg.get_params() == general.get_params()
+    np.testing.assert_array_equal(general.transform(sample_paths[0][:2]), vgg.transform(sample_paths[0][:2]))
+    # Named by the tap (here fc6), each transformer under its own name in a pipeline.
+    fc6 = Features(**dict(TINY, layer="fc6", scales=(224,))).fit()
+    assert fc6.get_feature_names_out()[[0, 4095]].tolist() == ["fc6_0", "fc6_4095"]
+    assert [name for name, _ in make_pipeline(Features(), VGGFeatures()).steps] == ["features", "vggfeatures"]
 
 
 def test_fit_returns_self_and_transform_needs_fit(sample_paths):
