@@ -305,74 +305,12 @@ def info(
     json_out: Annotated[bool, typer.Option("--json", help="Print the provenance as JSON.")] = False,
 ) -> None:
     """Rows, dimension, labels, failures and provenance of a feature file or folder."""
-    import pyarrow.parquet as pq
+    from featx.store import feature_info, read_provenance
 
-    from featx.store import errors_path, feature_files, read_last_run, read_provenance, read_table
-
-    prov = call(read_provenance, path)
     if json_out:
-        typer.echo(json.dumps(prov, indent=2, sort_keys=True))
+        typer.echo(json.dumps(call(read_provenance, path), indent=2, sort_keys=True))
         return
-    files = call(feature_files, path) if path.is_dir() else [path]
-    counts = call(read_table, path, ["label"]).column("label").value_counts().to_pylist()
-    rows = sum(c["counts"] for c in counts)
-    # Beside each file (local engine) and beside the folder itself (--engine ray).
-    error_files = sorted({e for e in map(errors_path, [*files, path]) if e.exists() and e not in files})
-    failures = sum(pq.ParquetFile(e).metadata.num_rows for e in error_files)
-    size = sum(f.stat().st_size for f in files)
-
-    w = prov.get("weights", {})
-    weights = {
-        "random": f"RANDOM (seed {w.get('seed')}): for tests only, not for recognition",
-        "file": f"{w.get('file')} (sha256 {str(w.get('sha256'))[:12]}…)",
-    }.get(w.get("kind"), w.get("name"))
-    norm, resize = prov.get("normalize", {}), prov.get("resize", {})
-    named = sorted((c for c in counts if c["values"] is not None), key=lambda c: (-c["counts"], c["values"]))
-    unlabelled = sum(c["counts"] for c in counts if c["values"] is None)
-    labels = ", ".join(f"{c['values']} ({c['counts']})" for c in named[:12])
-    if len(named) > 12:
-        labels += f", and {len(named) - 12} more"
-    if unlabelled:
-        labels += (
-            ", and " if labels else "none: "
-        ) + f"{_plural(unlabelled, 'image')} given as files, not in a class folder"
-
-    scales = prov.get("scales", [])
-    combined = ("stacked" if prov.get("aggregate") == "stack" else "averaged") if len(scales) > 1 else ""
-    flip = "with its flipped image" if prov.get("flip") else "no flip"
-    listed = ", ".join(str(e) for e in error_files[:2]) + (
-        f" and {len(error_files) - 2} more" if len(error_files) > 2 else ""
-    )
-    where = f" in {len(files)} files" if path.is_dir() else ""
-    typer.echo(f"{path}: {_plural(rows, 'row')} × {prov.get('dim')} float32{where}, {_size(size)}")
-    # One fact per line, named as the options that set it, so two files can be compared by eye.
-    for name, value in [
-        ("model", f"{prov.get('model')}, weights {weights}"),
-        ("layer", f"{prov.get('layer')} map averaged over all positions, {flip}"),
-        (
-            "scales",
-            f"Q = {', '.join(map(str, scales))}"
-            + (f", {combined}" if combined else "")
-            + ", L2-normalised"
-            + (f"; longer side snapped to multiples of {prov['bucket']}" if prov.get("bucket") else ""),
-        ),
-        (
-            "input",
-            f"upright RGB, smaller side to Q ({resize.get('interpolation', '?')}"
-            + (", antialiased" if resize.get("antialias") else "")
-            + f"), mean {norm.get('mean')} std {norm.get('std')}",
-        ),
-        ("precision", f"{prov.get('precision')} on {prov.get('device')}"),
-        ("settings", f"hash {prov.get('settings_hash')} (equal hash: same descriptor, comparable rows)"),
-        (
-            "software",
-            f"featx {prov.get('featx_version')}, torch {prov.get('torch')}, torchvision {prov.get('torchvision')}",
-        ),
-        ("labels", f"{len(named)}: {labels}" if named else labels or "none"),
-        ("failures", f"{_plural(failures, 'image')}, listed in {listed}" if failures else "none"),
-        ("run", _last_run(read_last_run(path))),
-    ]:
-        typer.echo(f"  {name:<10} {value}")
+    typer.echo("\n".join(call(feature_info, path).lines()))
 
 
 @app.command()
@@ -406,25 +344,10 @@ def model(
     )
 
 
-def _last_run(run: dict | None) -> str:
-    if not run:
-        return "not recorded"
-    return (
-        f"the last one added {run['added']}, replaced {run['replaced']} (changed since), "
-        f"dropped {run['dropped']} (gone since); finished {run['finished']}"
-    )
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit in ("bytes", "KiB") else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
+    from featx.store.text import size_text
+
+    return size_text(n)
 
 
 def main() -> None:  # pragma: no cover - console entry point
