@@ -203,8 +203,6 @@ def extract(
 ) -> None:
     """Describe every image with the paper's dense multi-scale VGG descriptor; write Parquet."""
     from featx.extract.config import ExtractConfig
-    from featx.extract.shard import parse_shard
-    from featx.store.paths import check_output
 
     warnings.showwarning = _warn_one_line
     # Everything the arguments alone can refute is refuted before torch loads (seconds).
@@ -227,6 +225,40 @@ def extract(
         rows_per_group=rows_per_group,
         bucket=bucket,
     )
+    _check_extract_arguments(paths, output, engine, devices, shard, ray_address, ray_actors)
+    from featx.extract.run import extract_features  # torch loads here
+
+    result = call(
+        extract_features,
+        paths,
+        output,
+        config,
+        engine=engine.value,
+        address=ray_address,
+        actors=ray_actors,
+        shard=shard,
+        overwrite=overwrite,
+        progress=not quiet,
+        wait=wait,
+        regions=regions,
+    )
+    if result.interrupted:
+        typer.echo(f"featx: {result.resume_hint(overwrite)}", err=True)
+        raise typer.Exit(130)
+    typer.echo(result.summary())
+    for line in result.profile() if profile else []:
+        typer.echo(line)
+    if result.rows == 0:
+        fail("no image could be described; see the errors file for why", code=1)
+    if strict and result.failures:
+        fail(f"{result.failures} images failed (--strict)", code=1)
+
+
+def _check_extract_arguments(paths, output, engine, devices, shard, ray_address, ray_actors) -> None:
+    """What `featx extract`'s arguments alone refute, in one line each, before any work."""
+    from featx.extract.shard import parse_shard
+    from featx.store.paths import check_output
+
     if engine is Engine.ray and devices:
         fail("--devices is for the local engine; with --engine ray, Ray places one model actor per GPU (--ray-actors)")
     call(check_output, output, "-o", folder=engine is Engine.ray)
@@ -237,66 +269,6 @@ def extract(
     for path in paths:
         if not path.expanduser().exists():
             fail(f"{path}: no such file or folder; check the PATH")
-    from featx.extract.run import extract_features as run_extract
-
-    if engine is Engine.ray:
-        from featx.extract.ray_engine import extract_ray
-
-        result = call(
-            extract_ray,
-            paths,
-            output,
-            config,
-            address=ray_address,
-            actors=ray_actors,
-            shard=shard,
-            overwrite=overwrite,
-            progress=not quiet,
-            wait=wait,
-            regions=regions,
-        )
-    else:
-        result = call(
-            run_extract,
-            paths,
-            output,
-            config,
-            overwrite=overwrite,
-            progress=not quiet,
-            shard=shard,
-            wait=wait,
-            regions=regions,
-        )
-    if result.interrupted:
-        typer.echo(
-            f"featx: interrupted after {result.new_rows} new images; they are kept in "
-            f"{output if engine is Engine.ray else f'{output}.partial'} — rerun the same command"
-            f"{' (with --overwrite or without)' if overwrite else ''} to resume",
-            err=True,
-        )
-        raise typer.Exit(130)
-    rate = result.images_per_second
-    changes = result.changes
-    changed = (
-        f", {changes.replaced} replaced, {changes.dropped} dropped"
-        if changes and (changes.replaced or changes.dropped)
-        else ""
-    )
-    unit = "regions" if regions is not None else "images"
-    typer.echo(
-        f"{result.output}: {result.rows} {unit} ({result.new_rows} new{changed}), {result.failures} failures, "
-        f"{result.seconds:.1f} s, {rate:.2f} {unit}/s"
-        + (f"; {batches.summary()}" if (batches := getattr(result, "batches", None)) and batches.batches else "")
-        + (f"; failures listed in {result.errors_file}" if result.errors_file else "")
-    )
-    if profile:
-        total = sum(result.stage_seconds.values()) or 1.0
-        for stage, s in result.stage_seconds.items():
-            typer.echo(f"  {stage:<9} {s:8.2f} s  {100 * s / total:5.1f}%")
-    if result.rows == 0:
-        fail("no image could be described; see the errors file for why", code=1)
-    if strict and result.failures:
-        fail(f"{result.failures} images failed (--strict)", code=1)
 
 
 @app.command()
