@@ -3,7 +3,7 @@ processes, on this machine.
 
     python benchmarks/decoding.py [FOLDER] [--images 48] [--scales 256,384,512] [--workers 2]
 
-featx decodes in threads beside the model (featx/extract/run.py): Pillow's JPEG decoder and
+featx decodes in threads beside the model (featx/extract/local.py): Pillow's JPEG decoder and
 torchvision's resize release the GIL, and a thread hands the model its tensors without a
 copy. Processes must send every rescaled image back through a pipe (~2 MB per image at the
 Caltech scales). This prints images/s for each (pools started and warmed before timing: a

@@ -26,7 +26,6 @@ import torch
 
 import featx
 from featx.extract.config import DEFAULT_SCALES
-from featx.extract.ray_engine import extract_ray
 
 
 def main() -> None:
@@ -61,7 +60,7 @@ def main() -> None:
                     precision = featx.read_provenance(r.output)["precision"]  # "auto" resolved
                     decode_per_image = r.stage_seconds["decode"] / max(r.new_rows, 1)
                 else:
-                    r = extract_ray(args.folder, out, actors=n, **settings)
+                    r = featx.extract_features(args.folder, out, engine="ray", actors=n, **settings)
                 seconds = time.perf_counter() - t
                 got = featx.read_features(r.output).sort_values("path")
                 X = np.stack(got["feature"])

@@ -20,7 +20,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 # public name -> the module that defines it
 _LAZY = {
     "ExtractConfig": "featx.extract.config",
-    "ExtractResult": "featx.extract.run",
+    "ExtractResult": "featx.extract.job",
     "descriptor_hash": "featx.extract.provenance",
     "extract_features": "featx.extract.run",
     "load_xy": "featx.store.read",

@@ -196,8 +196,6 @@ def extract(
 ) -> None:
     """Describe every image with the paper's dense multi-scale VGG descriptor; write Parquet."""
     from featx.extract.config import ExtractConfig
-    from featx.extract.shard import parse_shard
-    from featx.store.paths import check_output
 
     warnings.showwarning = _warn_one_line
     # Everything the arguments alone can refute is refuted before torch loads (seconds).
@@ -220,6 +218,40 @@ def extract(
         rows_per_group=rows_per_group,
         bucket=bucket,
     )
+    _check_extract_arguments(paths, output, engine, devices, shard, ray_address, ray_actors)
+    from featx.extract.run import extract_features  # torch loads here
+
+    result = call(
+        extract_features,
+        paths,
+        output,
+        config,
+        engine=engine.value,
+        address=ray_address,
+        actors=ray_actors,
+        shard=shard,
+        overwrite=overwrite,
+        progress=not quiet,
+        wait=wait,
+        regions=regions,
+    )
+    if result.interrupted:
+        typer.echo(f"featx: {result.resume_hint(overwrite)}", err=True)
+        raise typer.Exit(130)
+    typer.echo(result.summary())
+    for line in result.profile() if profile else []:
+        typer.echo(line)
+    if result.rows == 0:
+        fail("no image could be described; see the errors file for why", code=1)
+    if strict and result.failures:
+        fail(f"{result.failures} images failed (--strict)", code=1)
+
+
+def _check_extract_arguments(paths, output, engine, devices, shard, ray_address, ray_actors) -> None:
+    """What `featx extract`'s arguments alone refute, in one line each, before any work."""
+    from featx.extract.shard import parse_shard
+    from featx.store.paths import check_output
+
     if engine is Engine.ray and devices:
         fail("--devices is for the local engine; with --engine ray, Ray places one model actor per GPU (--ray-actors)")
     call(check_output, output, "-o", folder=engine is Engine.ray)
@@ -230,66 +262,6 @@ def extract(
     for path in paths:
         if not path.expanduser().exists():
             fail(f"{path}: no such file or folder; check the PATH")
-    from featx.extract.run import extract_features as run_extract
-
-    if engine is Engine.ray:
-        from featx.extract.ray_engine import extract_ray
-
-        result = call(
-            extract_ray,
-            paths,
-            output,
-            config,
-            address=ray_address,
-            actors=ray_actors,
-            shard=shard,
-            overwrite=overwrite,
-            progress=not quiet,
-            wait=wait,
-            regions=regions,
-        )
-    else:
-        result = call(
-            run_extract,
-            paths,
-            output,
-            config,
-            overwrite=overwrite,
-            progress=not quiet,
-            shard=shard,
-            wait=wait,
-            regions=regions,
-        )
-    if result.interrupted:
-        typer.echo(
-            f"featx: interrupted after {result.new_rows} new images; they are kept in "
-            f"{output if engine is Engine.ray else f'{output}.partial'} — rerun the same command"
-            f"{' (with --overwrite or without)' if overwrite else ''} to resume",
-            err=True,
-        )
-        raise typer.Exit(130)
-    rate = result.images_per_second
-    changes = result.changes
-    changed = (
-        f", {changes.replaced} replaced, {changes.dropped} dropped"
-        if changes and (changes.replaced or changes.dropped)
-        else ""
-    )
-    unit = "regions" if regions is not None else "images"
-    typer.echo(
-        f"{result.output}: {result.rows} {unit} ({result.new_rows} new{changed}), {result.failures} failures, "
-        f"{result.seconds:.1f} s, {rate:.2f} {unit}/s"
-        + (f"; {batches.summary()}" if (batches := getattr(result, "batches", None)) and batches.batches else "")
-        + (f"; failures listed in {result.errors_file}" if result.errors_file else "")
-    )
-    if profile:
-        total = sum(result.stage_seconds.values()) or 1.0
-        for stage, s in result.stage_seconds.items():
-            typer.echo(f"  {stage:<9} {s:8.2f} s  {100 * s / total:5.1f}%")
-    if result.rows == 0:
-        fail("no image could be described; see the errors file for why", code=1)
-    if strict and result.failures:
-        fail(f"{result.failures} images failed (--strict)", code=1)
 
 
 @app.command()
@@ -298,74 +270,12 @@ def info(
     json_out: Annotated[bool, typer.Option("--json", help="Print the provenance as JSON.")] = False,
 ) -> None:
     """Rows, dimension, labels, failures and provenance of a feature file or folder."""
-    import pyarrow.parquet as pq
+    from featx.store import feature_info, read_provenance
 
-    from featx.store import errors_path, feature_files, read_last_run, read_provenance, read_table
-
-    prov = call(read_provenance, path)
     if json_out:
-        typer.echo(json.dumps(prov, indent=2, sort_keys=True))
+        typer.echo(json.dumps(call(read_provenance, path), indent=2, sort_keys=True))
         return
-    files = call(feature_files, path) if path.is_dir() else [path]
-    counts = call(read_table, path, ["label"]).column("label").value_counts().to_pylist()
-    rows = sum(c["counts"] for c in counts)
-    # Beside each file (local engine) and beside the folder itself (--engine ray).
-    error_files = sorted({e for e in map(errors_path, [*files, path]) if e.exists() and e not in files})
-    failures = sum(pq.ParquetFile(e).metadata.num_rows for e in error_files)
-    size = sum(f.stat().st_size for f in files)
-
-    w = prov.get("weights", {})
-    weights = {
-        "random": f"RANDOM (seed {w.get('seed')}): for tests only, not for recognition",
-        "file": f"{w.get('file')} (sha256 {str(w.get('sha256'))[:12]}…)",
-    }.get(w.get("kind"), w.get("name"))
-    norm, resize = prov.get("normalize", {}), prov.get("resize", {})
-    named = sorted((c for c in counts if c["values"] is not None), key=lambda c: (-c["counts"], c["values"]))
-    unlabelled = sum(c["counts"] for c in counts if c["values"] is None)
-    labels = ", ".join(f"{c['values']} ({c['counts']})" for c in named[:12])
-    if len(named) > 12:
-        labels += f", and {len(named) - 12} more"
-    if unlabelled:
-        labels += (
-            ", and " if labels else "none: "
-        ) + f"{_plural(unlabelled, 'image')} given as files, not in a class folder"
-
-    scales = prov.get("scales", [])
-    combined = ("stacked" if prov.get("aggregate") == "stack" else "averaged") if len(scales) > 1 else ""
-    flip = "with its flipped image" if prov.get("flip") else "no flip"
-    listed = ", ".join(str(e) for e in error_files[:2]) + (
-        f" and {len(error_files) - 2} more" if len(error_files) > 2 else ""
-    )
-    where = f" in {len(files)} files" if path.is_dir() else ""
-    typer.echo(f"{path}: {_plural(rows, 'row')} × {prov.get('dim')} float32{where}, {_size(size)}")
-    # One fact per line, named as the options that set it, so two files can be compared by eye.
-    for name, value in [
-        ("model", f"{prov.get('model')}, weights {weights}"),
-        ("layer", f"{prov.get('layer')} map averaged over all positions, {flip}"),
-        (
-            "scales",
-            f"Q = {', '.join(map(str, scales))}"
-            + (f", {combined}" if combined else "")
-            + ", L2-normalised"
-            + (f"; longer side snapped to multiples of {prov['bucket']}" if prov.get("bucket") else ""),
-        ),
-        (
-            "input",
-            f"upright RGB, smaller side to Q ({resize.get('interpolation', '?')}"
-            + (", antialiased" if resize.get("antialias") else "")
-            + f"), mean {norm.get('mean')} std {norm.get('std')}",
-        ),
-        ("precision", f"{prov.get('precision')} on {prov.get('device')}"),
-        ("settings", f"hash {prov.get('settings_hash')} (equal hash: same descriptor, comparable rows)"),
-        (
-            "software",
-            f"featx {prov.get('featx_version')}, torch {prov.get('torch')}, torchvision {prov.get('torchvision')}",
-        ),
-        ("labels", f"{len(named)}: {labels}" if named else labels or "none"),
-        ("failures", f"{_plural(failures, 'image')}, listed in {listed}" if failures else "none"),
-        ("run", _last_run(read_last_run(path))),
-    ]:
-        typer.echo(f"  {name:<10} {value}")
+    typer.echo("\n".join(call(feature_info, path).lines()))
 
 
 @app.command()
@@ -385,25 +295,10 @@ def model(
         typer.echo(line)
 
 
-def _last_run(run: dict | None) -> str:
-    if not run:
-        return "not recorded"
-    return (
-        f"the last one added {run['added']}, replaced {run['replaced']} (changed since), "
-        f"dropped {run['dropped']} (gone since); finished {run['finished']}"
-    )
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit in ("bytes", "KiB") else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
+    from featx.store.text import size_text
+
+    return size_text(n)
 
 
 def main() -> None:  # pragma: no cover - console entry point

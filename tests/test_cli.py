@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import featx
 from featx.cli import app
-from featx.net.model import torchvision_vgg
+from featx.net.backbones.vgg import torchvision_model as torchvision_vgg
 from featx.net.weights import Weights
 
 runner = CliRunner()

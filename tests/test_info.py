@@ -42,7 +42,9 @@ def lines(result) -> dict[str, str]:
 def test_info_of_a_file(folder):
     shown = lines(runner.invoke(app, ["info", str(folder / "a.parquet")]))
     assert shown[""].endswith("a.parquet: 3 rows × 512 float32, " + shown[""].rsplit(", ", 1)[1])
-    assert shown["model"] == "vgg11, weights RANDOM (seed 0): for tests only, not for recognition"
+    assert shown["model"] == (
+        "vgg11, weights random (seed 0) — RANDOM WEIGHTS: for tests and smoke runs only, not for recognition"
+    )
     assert shown["layer"] == "pool5 map averaged over all positions, with its flipped image"
     assert shown["scales"] == "Q = 32, L2-normalised"
     assert "bilinear, antialiased" in shown["input"] and "[0.485, 0.456, 0.406]" in shown["input"]

@@ -405,7 +405,7 @@ def describe_images(
     from featx.extract.decode import ImageError
     from featx.extract.describer import config_from_provenance, make_describer
     from featx.extract.discover import Item
-    from featx.extract.stages import decode_item, describe_group
+    from featx.extract.rowgroup import decode_item, describe_group
 
     config = config_from_provenance(provenance, weights=weights, device=device, batch_size=batch_size)
     describer = make_describer(config, cache=True)

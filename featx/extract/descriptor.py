@@ -27,7 +27,7 @@ from featx.extract.batching import (
 )
 from featx.extract.describer import DenseDescriber, Staged
 
-__all__ = ["DenseDescriber", "combine", "pooled_per_scale"]  # DenseDescriber: stages.py, run.py import it here
+__all__ = ["combine", "pooled_per_scale"]
 
 
 def pooled_per_scale(

@@ -1,14 +1,15 @@
-"""`featx extract --engine ray`: the same descriptor on a Ray cluster, into a Parquet folder.
+"""`featx extract --engine ray`: a planned Job described on a Ray cluster, into a Parquet folder.
 
-    discover (driver) -> parts of <= rows_per_group images -> decode/rescale (Ray tasks, CPUs)
-      -> batch by shape + dense VGG (actor pool: one actor per GPU, or CPU actors)
+    the job's todo (driver) -> parts of <= rows_per_group images -> decode/rescale (Ray tasks,
+      CPUs) -> batch by shape + dense VGG (actor pool: one actor per GPU, or CPU actors)
       -> one Parquet file per part, written by the driver through store.DatasetFolder
 
-Every stage is the local engine's own code (featx.extract.stages: decode, describe, rows;
-featx.extract.describer: the net and provenance), so a folder written here holds the same rows,
-schema and `featx` metadata as `featx extract` writes to one file. A part appears complete or
-not at all; a rerun computes only the images no part holds yet (or that changed since), and
-the folder takes the same lock, resume and settings checks as a local run's file (featx.store).
+Every stage is the local engine's own code (featx.extract.job: the plan and what is left;
+featx.extract.rowgroup: decode, describe, rows; featx.extract.describer: the net and
+provenance), so a folder written here holds the same rows, schema and `featx` metadata as
+`featx extract` writes to one file. A part appears complete or not at all; a rerun computes
+only the images no part holds yet (or that changed since), and the folder takes the same lock,
+resume and settings checks as a local run's file (featx.store).
 """
 
 from __future__ import annotations
@@ -19,26 +20,19 @@ import math
 import pickle
 import socket
 import time
-from pathlib import Path
 
 import torch
 
 from featx import store
 from featx.errors import BadInput, Unreachable
+from featx.extract.batching import BatchStats
 from featx.extract.config import ExtractConfig
 from featx.extract.decode import ImageError
-from featx.extract.describer import make_describer, provenance
-from featx.extract.discover import discover
-from featx.extract.live import progress_bar, sigterm_as_interrupt
-from featx.extract.run import ExtractResult, expand_regions, recorded_files
-from featx.extract.shard import take_shard
-from featx.extract.stages import (
-    STAGES,
-    decode_items,
-    describe_group,
-    error_record,
-    group_rows,
-)
+from featx.extract.describer import make_describer
+from featx.extract.job import STAGES, ExtractResult, Job, Tally, writing
+from featx.extract.progress import progress_bar, sigterm_as_interrupt
+from featx.extract.provenance import provenance
+from featx.extract.rowgroup import decode_items, describe_group, error_record, group_rows
 from featx.net.device import resolve_precision
 from featx.net.weights import Weights, resolve
 from featx.store.paths import make_parent
@@ -97,15 +91,16 @@ class _DescribeParts:
         payload = pickle.loads(row["payload"])
         decoded, errors, seconds = payload["decoded"], payload["errors"], payload["seconds"]
         rows = self.schema.empty_table()
+        batches = BatchStats()
         if decoded:
 
             def on_batch(images: int, s: float) -> None:
                 seconds["model"] += s
 
-            features, failed = describe_group(self.describer, [d for _, d in decoded], self.config, on_batch)
+            features, failed = describe_group(self.describer, [d for _, d in decoded], self.config, on_batch, batches)
             errors += [error_record(decoded[i][0], e) for i, e in failed.items()]
             rows = group_rows(self.schema, decoded, features, failed)
-        result = {"rows": rows, "errors": errors, "seconds": seconds}
+        result = {"rows": rows, "errors": errors, "seconds": seconds, "batches": batches}
         return {"part": row["part"], "result": pickle.dumps(result, protocol=5)}
 
 
@@ -192,139 +187,82 @@ def _pin_precision(ray, config: ExtractConfig, device: str, actor_resources: dic
     return config.replace(precision=ray.get(probe.remote(device)))
 
 
-def extract_ray(
-    paths,
-    output,
-    config: ExtractConfig | None = None,
+def run_on_ray(
+    job: Job,
+    folder: store.DatasetFolder,
     *,
-    address: str | None = None,
-    actors: int | None = None,
-    shard: str | tuple[int, int] | None = None,
     overwrite: bool = False,
     progress: bool = False,
-    wait: bool = False,
-    regions=None,
-    **settings,
+    address: str | None = None,
+    actors: int | None = None,
 ) -> ExtractResult:
-    """Describe every image under `paths` on a Ray cluster into the Parquet folder `output`.
+    """Describe a planned Job on the Ray cluster at `address` (default: a local Ray) into `folder`.
 
-    Same settings, rows and `featx` metadata as featx.extract; one file per part of
-    at most `rows_per_group` images; `regions` as featx.extract. Paper: arXiv 1409.1556, Appendix B.
+    Same rows and `featx` metadata as the local engine; one file per part of at most
+    `rows_per_group` images. Paper: arXiv 1409.1556, Appendix B.
     """
-    t0 = time.perf_counter()
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    config = (config or ExtractConfig()).replace(**settings) if settings else (config or ExtractConfig())
-    folder = _output_folder(output, wait)
-    items = discover(list(paths))
-    if not items:
-        raise BadInput(f"no images found under {', '.join(map(str, paths))}; check the PATH")
-    region_errors, region_id = [], None
-    discovered = {it.path: it.file for it in items}
-    if regions is not None:
-        items, region_errors, region_id = expand_regions(regions, items, list(paths), shard)
-    elif shard is not None:
-        items = take_shard(items, shard)
-
     ray = _import_ray()
+    make_parent(folder.target, "-o")  # a new output folder is made, not refused
     with folder:  # the same lock a local run on this -o takes
-        started = _connect(ray, address)
+        started = time.perf_counter()
+        connected = _connect(ray, address)
         try:
-            files = recorded_files(items, region_errors, discovered, Path(paths[0]).expanduser())
-            return _run(ray, items, folder, config, actors, overwrite, progress, t0, files, region_errors, region_id)
+            return _run(ray, job, folder, overwrite, progress, actors, started)
         finally:
-            if started:
+            if connected:
                 ray.shutdown()
 
 
-def _output_folder(output, wait: bool) -> store.DatasetFolder:
-    root = Path(output).expanduser()
-    if root.is_file():
-        raise BadInput(
-            f"-o {root} is a file; --engine ray writes a folder of Parquet parts, give e.g. {root.with_suffix('')}"
-        )
-    make_parent(root, "-o")  # a new output folder is made, not refused
-    return store.DatasetFolder(root, wait=wait)
-
-
 def _run(
-    ray,
-    items,
-    folder: store.DatasetFolder,
-    config,
-    actors,
-    overwrite,
-    progress,
-    t0,
-    files: dict[str, Path],
-    region_errors: list[dict],
-    region_id: dict | None,
+    ray, job: Job, folder: store.DatasetFolder, overwrite: bool, progress: bool, actors: int | None, started: float
 ) -> ExtractResult:
-    device, n_actors, actor_resources, threads = _actor_plan(ray, config, actors)
-    config = _pin_precision(ray, config, device, actor_resources)
-    prov = provenance(config, torch.device(device), regions=region_id)
-
-    keys = [it.key for it in items] if region_id is not None else None
-    todo_keys = set(folder.begin(prov, files, overwrite, keys=keys))
-    todo = [it for it in items if (it.key if keys is not None else it.path) in todo_keys]
+    device, n_actors, actor_resources, threads = _actor_plan(ray, job.config, actors)
+    config = _pin_precision(ray, job.config, device, actor_resources)
+    prov = provenance(config, torch.device(device), regions=job.regions)
+    todo = job.todo(folder, prov, overwrite)
+    tally = Tally()
     if folder.up_to_date:
-        return ExtractResult(folder.target, folder.rows(), 0, 0, time.perf_counter() - t0, prov["settings_hash"])
-    if region_errors:  # regions no image can answer, recorded again each run as other failures are
-        folder.add(None, list(region_errors), index=folder.next_index())
+        return job.result(folder, prov, started, tally)
+    if job.region_errors:  # regions no image can answer, recorded again each run as other failures are
+        with writing(folder.target):
+            folder.add(None, list(job.region_errors), index=folder.next_index())
+        tally.failures += len(job.region_errors)
     first = folder.next_index()
     size = max(1, min(config.rows_per_group, math.ceil(len(todo) / (PARTS_PER_ACTOR * n_actors))))
     parts = [(first + i, todo[s : s + size]) for i, s in enumerate(range(0, len(todo), size))]
-
-    stage_seconds = dict.fromkeys(STAGES, 0.0)
-    new_rows = 0
-    interrupted = False
     if parts:
         weights = resolve(config.model, config.weights, config.seed, config.layer)
         weights_ref = [ray.put(weights)]  # in a list: the actors fetch it, Ray does not inline it
         del weights
         ds = _dataset(ray, parts, config, prov, weights_ref, n_actors, actor_resources, threads)
-        try:
-            with progress_bar(len(todo), progress) as advance, sigterm_as_interrupt():
-                for row in ds.iter_rows():
-                    result = pickle.loads(row["result"])
-                    t = time.perf_counter()
-                    folder.add(result["rows"], result["errors"], index=int(row["part"]))
-                    stage_seconds["write"] += time.perf_counter() - t
-                    for stage, s in result["seconds"].items():
-                        stage_seconds[stage] += s
-                    new_rows += result["rows"].num_rows
-                    advance(result["rows"].num_rows + len(result["errors"]))
-        except KeyboardInterrupt:
-            interrupted = True
-        except OSError as e:
-            raise BadInput(f"cannot write {folder.target} ({e.strerror or e}); check the -o folder") from None
+        with writing(folder.target):
+            _write_parts(ds, folder, len(todo), progress, tally)
+    if tally.interrupted:
+        return job.result(folder, prov, started, tally)
+    t = time.perf_counter()
+    with writing(folder.target):
+        finished = folder.finish()
+    tally.stage_seconds["write"] += time.perf_counter() - t
+    return job.result(folder, prov, started, tally, finished)
 
-    if interrupted:
-        return ExtractResult(
-            folder.target,
-            folder.rows(),
-            new_rows,
-            0,
-            time.perf_counter() - t0,
-            prov["settings_hash"],
-            interrupted=True,
-            stage_seconds=stage_seconds,
-        )
+
+def _write_parts(ds, folder: store.DatasetFolder, total: int, progress: bool, tally: Tally) -> None:
+    """Persist each part as the actors finish it; Ctrl-C (or SIGTERM) keeps the parts written."""
     try:
-        done = folder.finish()
-    except OSError as e:
-        raise BadInput(f"cannot write {folder.target} ({e.strerror or e}); check the -o folder") from None
-    return ExtractResult(
-        folder.target,
-        done.rows,
-        new_rows,
-        done.failures,
-        time.perf_counter() - t0,
-        prov["settings_hash"],
-        errors_file=done.errors_file,
-        stage_seconds=stage_seconds,
-        changes=done.changes,
-    )
+        with progress_bar(total, progress) as advance, sigterm_as_interrupt():
+            for row in ds.iter_rows():
+                result = pickle.loads(row["result"])
+                t = time.perf_counter()
+                folder.add(result["rows"], result["errors"], index=int(row["part"]))
+                tally.stage_seconds["write"] += time.perf_counter() - t
+                for stage, s in result["seconds"].items():
+                    tally.stage_seconds[stage] += s
+                tally.batches.merge(result["batches"])
+                tally.new_rows += result["rows"].num_rows
+                tally.failures += len(result["errors"])
+                advance(result["rows"].num_rows + len(result["errors"]))
+    except KeyboardInterrupt:
+        tally.interrupted = True
 
 
 def _dataset(ray, parts, config, prov, weights_ref, n_actors, actor_resources, threads):

@@ -1,28 +1,18 @@
 """Storage: the Parquet schema and provenance, one locked and resumable output, readers.
 
-Both engines (local and Ray) write through `output` (a single file or a dataset folder);
-downstream code reads through `read`.
+Both engines (local and Ray) write through an `output.Output` (`single_file.SingleFile` or
+`dataset_folder.DatasetFolder`); downstream code reads through `read`; `info` says what a
+feature file or folder holds.
 """
 
 from featx.store.atomic import fsync_dir, write_atomic, write_json
+from featx.store.dataset_folder import DatasetFolder
+from featx.store.info import FeatureInfo, feature_info, read_last_run
 from featx.store.lock import OutputLock
-from featx.store.output import (
-    LAST_RUN_KEY,
-    STAT_COLUMNS,
-    Changes,
-    DatasetFolder,
-    Finished,
-    Output,
-    SingleFile,
-    partial_dir,
-    read_last_run,
-    with_stats,
-)
+from featx.store.output import LAST_RUN_KEY, STAT_COLUMNS, Changes, Finished, Output, with_stats
 from featx.store.read import (
     feature_files,
     feature_matrix,
-    iter_keys,
-    iter_paths,
     load_xy,
     read_features,
     read_provenance,
@@ -40,6 +30,7 @@ from featx.store.schema import (
     row_keys,
     rows_table,
 )
+from featx.store.single_file import SingleFile, partial_dir
 
 __all__ = [
     "ERROR_COLUMNS",
@@ -50,6 +41,7 @@ __all__ = [
     "STAT_COLUMNS",
     "Changes",
     "DatasetFolder",
+    "FeatureInfo",
     "Finished",
     "Output",
     "OutputLock",
@@ -58,11 +50,10 @@ __all__ = [
     "errors_path",
     "errors_table",
     "feature_files",
+    "feature_info",
     "feature_matrix",
     "feature_schema",
     "fsync_dir",
-    "iter_keys",
-    "iter_paths",
     "load_xy",
     "partial_dir",
     "read_features",

@@ -1,4 +1,5 @@
-"""One output of a run, locked and resumable: a single Parquet file or a dataset folder.
+"""One output of a run, locked and resumable: what a single Parquet file (store.single_file)
+and a dataset folder (store.dataset_folder) share.
 
 Both engines write through an Output, so resume, the settings check, locking and durable
 writes exist once:
@@ -7,6 +8,7 @@ writes exist once:
         todo = output.begin(provenance, files, overwrite)  # refuses other settings; what is left
         output.add(rows, errors)                           # one piece, atomically and durably
         finished = output.finish(schema)                   # the complete output, what changed
+                                                           # (a folder's finish takes no schema)
 
 Resume is a fresh run over the images as they are now. Each row records its file's size and
 mtime (`file_size`, `file_mtime_ns`): an image changed since is described again and replaces
@@ -22,7 +24,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -37,7 +38,6 @@ from featx.store.lock import OutputLock
 from featx.store.schema import (
     ERROR_COLUMNS,
     differing,
-    errors_path,
     errors_table,
     row_keys,
 )
@@ -47,8 +47,6 @@ log = logging.getLogger("featx")
 STAT_COLUMNS = ("file_size", "file_mtime_ns")
 LAST_RUN_KEY = b"featx.last_run"
 STATE = "settings.json"
-# The dataset folder's own bookkeeping; the leading "_" hides it from pyarrow/pandas/Spark.
-WORK = "_featx"
 
 Stat = tuple[int, int]
 # What identifies a row: its path, and for a region (featx extract --regions) the region's id.
@@ -80,18 +78,18 @@ def with_stats(schema: pa.Schema) -> pa.Schema:
     return schema
 
 
-def _stamp(table: pa.Table, stats: Mapping[str, Stat]) -> pa.Table:
+def stamp(table: pa.Table, stats: Mapping[str, Stat]) -> pa.Table:
     """`table` with its stat columns set from `stats`, by path."""
     table = table.drop_columns([c for c in STAT_COLUMNS if c in table.column_names])
-    recorded = [stats[p] for p in table.column("path").to_pylist()]
+    row_stats = [stats[p] for p in table.column("path").to_pylist()]
     for i, name in enumerate(STAT_COLUMNS):
         table = table.append_column(
-            pa.field(name, pa.int64(), nullable=False), pa.array([s[i] for s in recorded], pa.int64())
+            pa.field(name, pa.int64(), nullable=False), pa.array([s[i] for s in row_stats], pa.int64())
         )
     return table
 
 
-def _recorded(source: Path, stats: Mapping[str, Stat]) -> list[tuple[Key, Stat | None]]:
+def recorded(source: Path, stats: Mapping[str, Stat]) -> list[tuple[Key, Stat | None]]:
     """((path, region), recorded stat) of each row of `source`, in order; region None for images.
 
     Files written before featx recorded stats are trusted by path (their stat is taken as now).
@@ -152,7 +150,13 @@ class Output:
     def state_file(self) -> Path:
         return self.state_dir / STATE
 
-    def _check_target(self) -> None: ...
+    @property
+    def kept_in(self) -> Path:
+        """Where an interrupted run's pieces wait for the rerun that resumes them."""
+        raise NotImplementedError
+
+    def check_target(self) -> None:
+        """Refuse a target of the wrong kind (a folder for a file, a file for a folder) in one line."""
 
     def _complete_provenance(self) -> dict | None:
         raise NotImplementedError
@@ -170,12 +174,17 @@ class Output:
         raise NotImplementedError
 
     def _discard(self) -> None:
+        """What a new run (not a resumed one) clears of the work before it."""
         raise NotImplementedError
 
     def pieces(self) -> list[Path]:
         raise NotImplementedError
 
     def error_pieces(self) -> list[Path]:
+        """The pieces that list failures, not rows: a stale record there is no stale row."""
+        raise NotImplementedError
+
+    def rows(self) -> int:
         raise NotImplementedError
 
     # -- the lock ------------------------------------------------------------------------
@@ -203,7 +212,7 @@ class Output:
 
         Reads only: nothing is written before the first piece (or `finish`).
         """
-        self._check_target()
+        self.check_target()
         self.provenance = provenance
         self.stats = file_stats(files)
         state = self._unfinished()
@@ -232,11 +241,12 @@ class Output:
                 )
         done: set[Key] = set()
         stale = False
+        error_lists = set(self.error_pieces())
         for source in self._done_sources():
-            for key, stat in _recorded(source, self.stats):
+            for key, stat in recorded(source, self.stats):
                 if self.stats.get(key[0]) == stat:
                     done.add(key)
-                elif not source.name.startswith("errors-") and not source.name.endswith(".errors.parquet"):
+                elif source not in error_lists:
                     stale = True
         todo = [k for k in (list(files) if keys is None else keys) if as_key(k) not in done]
         self.up_to_date = not (todo or stale or self.resume or self.overwrite)
@@ -277,9 +287,9 @@ class Output:
         self._index = max(self._index, index + 1)
         # Rows first, errors second: a crash in between only costs a retry of the failures.
         if rows is not None and rows.num_rows:
-            atomic.write_atomic(_stamp(rows, self.stats), self._row_piece(index))
+            atomic.write_atomic(stamp(rows, self.stats), self._row_piece(index))
         if errors:
-            atomic.write_atomic(_stamp(errors_table(errors), self.stats), self._error_piece(index))
+            atomic.write_atomic(stamp(errors_table(errors), self.stats), self._error_piece(index))
 
     # -- finish --------------------------------------------------------------------------
     def _failures(self, have_rows: set[Key]) -> list[dict]:
@@ -301,253 +311,3 @@ class Output:
         elif out.exists():
             out.unlink()
             atomic.fsync_dir(out.parent)
-
-
-def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
-class SingleFile(Output):
-    """One Parquet file OUT; an unfinished run keeps its pieces in `OUT.partial/`.
-
-    At the end the pieces (and the rows of OUT that still hold) are merged into OUT through a
-    temporary file and an atomic rename: OUT is always the previous complete file or the new one.
-    """
-
-    @property
-    def state_dir(self) -> Path:
-        return partial_dir(self.target)
-
-    def _check_target(self) -> None:
-        if self.target.is_dir():
-            raise BadInput(f"-o {self.target} is a folder; give a file name such as {self.target / 'features.parquet'}")
-
-    def _complete_provenance(self) -> dict | None:
-        if not self.target.exists():
-            return None
-        from featx.store.read import read_provenance
-
-        return read_provenance(self.target)
-
-    def _unfinished(self) -> dict | None:
-        if self.state_dir.exists() and not self.state_file.is_file():
-            shutil.rmtree(self.state_dir, ignore_errors=True)  # killed before its state: nothing to keep
-        return self.read_state()
-
-    def pieces(self) -> list[Path]:
-        return sorted(self.state_dir.glob("rows-*.parquet"))
-
-    def error_pieces(self) -> list[Path]:
-        return sorted(self.state_dir.glob("errors-*.parquet"))
-
-    def _old(self) -> list[Path]:
-        return [self.target] if self.target.exists() and not self.overwrite else []
-
-    def _done_sources(self) -> list[Path]:
-        return self._old() + (self.pieces() + self.error_pieces() if self.resume else [])
-
-    def _row_piece(self, index: int) -> Path:
-        return self.state_dir / f"rows-{index:06d}-{self.token}.parquet"
-
-    def _error_piece(self, index: int) -> Path:
-        return self.state_dir / f"errors-{index:06d}-{self.token}.parquet"
-
-    def _discard(self) -> None:
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def remove_state(self) -> None:
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def rows(self) -> int:
-        return pq.ParquetFile(self.target).metadata.num_rows
-
-    def finish(self, schema: pa.Schema) -> Finished:
-        """Merge the pieces and OUT's rows that still hold into OUT, atomically; drop the state.
-
-        Memory stays at one row group at a time (plus the paths).
-        """
-        self._start()
-        old = self._old()
-        sources = self.pieces() + old  # this run's rows first: they win over OUT's
-        owner: dict[Key, int] = {}
-        for i, source in enumerate(sources):
-            for key, stat in _recorded(source, self.stats):
-                if self.stats.get(key[0]) == stat:
-                    owner.setdefault(key, i)
-        before = {k for k, _ in _recorded(self.target, self.stats)} if self.target.exists() else set()
-        computed = {p for p, i in owner.items() if sources[i] not in old}
-        changes = Changes.between(before, set(owner), computed)
-        schema = with_stats(schema).with_metadata(
-            (schema.metadata or {}) | {LAST_RUN_KEY: json.dumps(changes.record())}
-        )
-        names = [n for n in schema.names if n not in STAT_COLUMNS]
-        tmp = atomic.temporary(self.state_dir / "final.parquet")
-        rows = 0
-        try:
-            with pq.ParquetWriter(tmp, schema) as writer:
-                for i, source in enumerate(sources):
-                    pf = pq.ParquetFile(source)
-                    for g in range(pf.num_row_groups):
-                        table = pf.read_row_group(g)
-                        keep = [owner.get(k) == i for k in row_keys(table)]
-                        if not all(keep):
-                            table = table.filter(pa.array(keep))
-                        if table.num_rows:
-                            writer.write_table(_stamp(table.select(names), self.stats).cast(schema))
-                            rows += table.num_rows
-            atomic.fsync_file(tmp)
-            failures = self._failures(set(owner))
-            if rows:
-                atomic.publish(tmp, self.target)
-            elif self.target.exists():
-                self.target.unlink()  # every image gone or failing: no rows is the truth now
-                atomic.fsync_dir(self.target.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
-        err = errors_path(self.target)
-        self._write_errors(failures, err)
-        self.remove_state()
-        return Finished(rows, len(failures), changes, err if failures else None)
-
-
-PART = re.compile(r"part-\d{6}(-[0-9a-f]+)?\.parquet")
-
-
-class DatasetFolder(Output):
-    """A Parquet dataset folder: `part-NNNNNN-TOKEN.parquet` rows, `_featx/` settings and errors.
-
-    Each part appears complete or not at all; the folder's failures are listed in
-    `FOLDER.errors.parquet` beside it.
-    """
-
-    @property
-    def state_dir(self) -> Path:
-        return self.target / WORK
-
-    def _check_target(self) -> None:
-        if self.target.is_file():
-            raise BadInput(
-                f"-o {self.target} is a file; --engine ray writes a folder of Parquet parts, "
-                f"give e.g. {self.target.with_suffix('')}"
-            )
-        if not self.target.is_dir():
-            return
-        foreign = sorted(
-            p.name
-            for p in self.target.iterdir()
-            if p.name != WORK and not p.name.startswith(".") and not PART.fullmatch(p.name)
-        )
-        if foreign:
-            raise BadInput(
-                f"-o {self.target} holds files featx did not write ({', '.join(foreign[:3])}); "
-                f"choose a new or empty folder"
-            )
-
-    def _complete_provenance(self) -> dict | None:
-        state = self.read_state()
-        if state is None and self.pieces():
-            raise BadInput(f"{self.target} has parts but no {WORK}/{STATE}; pass --overwrite")
-        return None if state is None else {k: v for k, v in state.items() if k not in ("run", "last_run")}
-
-    def _unfinished(self) -> dict | None:
-        state = self.read_state()
-        return state if state is not None and "run" in state else None
-
-    def pieces(self) -> list[Path]:
-        return sorted(p for p in self.target.glob("part-*.parquet") if PART.fullmatch(p.name))
-
-    def error_pieces(self) -> list[Path]:
-        return sorted(self.state_dir.glob("part-*.errors.parquet"))
-
-    def _done_sources(self) -> list[Path]:
-        if self.overwrite and not self.resume:
-            return []
-        return self.pieces() + (self.error_pieces() if self.resume else [])
-
-    def _row_piece(self, index: int) -> Path:
-        return self.target / f"part-{index:06d}-{self.token}.parquet"
-
-    def _error_piece(self, index: int) -> Path:
-        return self.state_dir / f"part-{index:06d}-{self.token}.errors.parquet"
-
-    def _run_state(self) -> dict:
-        return {"before": [p.name for p in self.pieces()]}
-
-    def _discard(self) -> None:
-        """A new run: failures are retried; --overwrite drops the parts. Rows gone stale go."""
-        before: set[Key] = set()
-        for part in self.pieces():
-            before.update(k for k, _ in _recorded(part, self.stats))
-        atomic.make_dir(self.state_dir)
-        ordered = sorted(before, key=lambda k: (k[0], k[1] or ""))
-        atomic.write_atomic(
-            pa.table(
-                {
-                    "path": pa.array([k[0] for k in ordered], pa.string()),
-                    "region": pa.array([k[1] for k in ordered], pa.string()),
-                }
-            ),
-            self.state_dir / "before.parquet",
-        )
-        for f in self.error_pieces():
-            f.unlink()
-        if self.overwrite:
-            for f in self.pieces():
-                f.unlink()
-        self._drop_stale()
-        atomic.fsync_dir(self.target)
-
-    def _drop_stale(self) -> None:
-        """Rewrite each part without the rows of images gone or changed since (or duplicated)."""
-        seen: set[Key] = set()
-        for part in self.pieces():
-            recorded = _recorded(part, self.stats)
-            keep = [self.stats.get(k[0]) == s and k not in seen for k, s in recorded]
-            seen.update(k for (k, _), kept in zip(recorded, keep) if kept)
-            if all(keep):
-                continue
-            if any(keep):
-                atomic.write_atomic(pq.read_table(part).filter(pa.array(keep)), part)
-            else:
-                part.unlink()
-
-    def rows(self) -> int:
-        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.pieces())
-
-    def finish(self, schema: pa.Schema | None = None) -> Finished:
-        """Drop rows gone stale, list the failures beside the folder, record what changed."""
-        self._start()
-        self._drop_stale()
-        state = self.read_state() or {}
-        run = state.get("run", {})
-        before_parts = set(run.get("before", []))
-        before_file = self.state_dir / "before.parquet"
-        before = set(row_keys(pq.read_table(before_file))) if before_file.exists() else set()
-        after: set[Key] = set()
-        computed: set[Key] = set()
-        for part in self.pieces():
-            keys = {k for k, _ in _recorded(part, self.stats)}
-            after |= keys
-            if part.name not in before_parts:
-                computed |= keys
-        changes = Changes.between(before, after, computed)
-        failures = self._failures(after)
-        err = errors_path(self.target)
-        self._write_errors(failures, err)
-        complete = {k: v for k, v in (state or self.provenance).items() if k != "run"}
-        atomic.write_json(complete | {"last_run": changes.record()}, self.state_file)
-        before_file.unlink(missing_ok=True)
-        return Finished(self.rows(), len(failures), changes, err if failures else None)
-
-
-def read_last_run(path: str | Path) -> dict | None:
-    """What the last finished run did to a feature file or folder: added, replaced, dropped."""
-    path = Path(path)
-    if path.is_dir():
-        state = path / WORK / STATE
-        try:
-            return json.loads(state.read_text()).get("last_run") if state.is_file() else None
-        except (OSError, json.JSONDecodeError):
-            return None
-    meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta[LAST_RUN_KEY]) if LAST_RUN_KEY in meta else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from featx.errors import BadInput, MissingData
-from featx.store.schema import METADATA_KEY, differing, row_keys
+from featx.store.schema import METADATA_KEY, differing
 
 
 def feature_files(path: Path) -> list[Path]:
@@ -131,17 +130,3 @@ def load_xy(path: str | Path, filters=None) -> tuple[np.ndarray, np.ndarray]:
     X = feature_matrix(table.column("feature"))
     y = table.column("label").to_numpy(zero_copy_only=False).astype(object, copy=False)
     return X, y
-
-
-def iter_keys(path: Path) -> Iterator[tuple[str, str | None]]:
-    """(path, region) of every row of a feature file (region None: a whole image's row)."""
-    pf = pq.ParquetFile(path)
-    columns = [c for c in ("path", "region") if c in pf.schema_arrow.names]
-    for g in range(pf.num_row_groups):
-        yield from row_keys(pf.read_row_group(g, columns=columns))
-
-
-def iter_paths(path: Path) -> Iterator[str]:
-    pf = pq.ParquetFile(path)
-    for g in range(pf.num_row_groups):
-        yield from pf.read_row_group(g, columns=["path"]).column("path").to_pylist()

@@ -1,5 +1,5 @@
-"""A feature file's provenance in words: the one wording that `featx info`, the evaluate and
-probe reports and `featx cache ls` print.
+"""A feature file's provenance (and size) in words: the one wording that `featx info`, the
+evaluate and probe reports and `featx cache ls` print.
 """
 
 from __future__ import annotations
@@ -34,3 +34,12 @@ def settings_text(prov: dict) -> str:
     if prov.get("weights", {}).get("kind") in ("random", "file"):
         parts.append("weights " + weights_text(prov))
     return " ".join(parts) + f" ({prov.get('settings_hash', '?')})"
+
+
+def size_text(n: float) -> str:
+    """A byte count for people: '812 bytes', '37 KiB', '4.2 MiB', '1.3 GiB'."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit in ("bytes", "KiB") else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""

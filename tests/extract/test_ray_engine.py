@@ -6,6 +6,7 @@ worker start-up on top of the net, so the runs are shared between tests where th
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -29,6 +30,10 @@ from featx.extract import ray_engine  # noqa: E402
 
 SETTINGS = dict(model="vgg11", weights="random", seed=0, scales=(224,), batch_size=4)
 PART = 2  # rows_per_group: images per part, so five images give several parts
+
+
+def extract_ray(*args, **kwargs) -> featx.ExtractResult:
+    return featx.extract_features(*args, engine="ray", **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +69,7 @@ def local(folder, tmp_path_factory):
 @pytest.fixture(scope="module")
 def on_ray(ray_local, folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("ray") / "features"
-    return ray_engine.extract_ray(folder, out, rows_per_group=PART, **SETTINGS)
+    return extract_ray(folder, out, rows_per_group=PART, **SETTINGS)
 
 
 def by_path(path) -> pd.DataFrame:
@@ -124,7 +129,7 @@ def test_resume_computes_only_the_missing_part(on_ray, folder, tmp_path):
     kept = {p: os.stat(p).st_mtime_ns for p in parts if p != lost}
     lost.unlink()
 
-    result = ray_engine.extract_ray(folder, out, rows_per_group=PART, **SETTINGS)
+    result = extract_ray(folder, out, rows_per_group=PART, **SETTINGS)
     assert result.new_rows == lost_rows and result.rows == 5 and result.failures == 1
     assert {p: os.stat(p).st_mtime_ns for p in kept} == kept  # finished parts untouched
     a, b = by_path(on_ray.output), by_path(out)
@@ -136,7 +141,7 @@ def test_other_settings_are_refused_unless_overwrite(on_ray, folder, tmp_path):
     out = tmp_path / "features"
     shutil.copytree(on_ray.output, out)
     with pytest.raises(ValueError, match=r"other settings \(scales=\[224\] there, \[256\] now.*--overwrite"):
-        ray_engine.extract_ray(folder, out, rows_per_group=PART, **(SETTINGS | {"scales": (256,)}))
+        extract_ray(folder, out, rows_per_group=PART, **(SETTINGS | {"scales": (256,)}))
     # The CLI says the same in one line, exit code 2.
     args = [
         "extract",
@@ -161,11 +166,11 @@ def test_folders_featx_did_not_write_and_files_are_refused(ray_local, folder, tm
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="did not write .*notes.txt"):
-        ray_engine.extract_ray(folder, tmp_path / "mine", overwrite=True, **SETTINGS)
+        extract_ray(folder, tmp_path / "mine", overwrite=True, **SETTINGS)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (tmp_path / "f.parquet").write_bytes(b"")
     with pytest.raises(ValueError, match="is a file; --engine ray writes a folder"):
-        ray_engine.extract_ray(folder, tmp_path / "f.parquet", **SETTINGS)
+        extract_ray(folder, tmp_path / "f.parquet", **SETTINGS)
 
 
 def test_missing_ray_is_one_line_naming_the_extra(monkeypatch):
@@ -221,7 +226,7 @@ def test_regions_on_ray_equal_the_local_engine(ray_local, folder, tmp_path):
         columns=["path", "region", "x1", "y1", "x2", "y2"],
     )
     local = featx.extract_features(folder, tmp_path / "local.parquet", regions=regions, **SETTINGS)
-    on_ray = ray_engine.extract_ray(folder, tmp_path / "ray", regions=regions, rows_per_group=PART, **SETTINGS)
+    on_ray = extract_ray(folder, tmp_path / "ray", regions=regions, rows_per_group=PART, **SETTINGS)
     a = featx.read_features(local.output).sort_values(["path", "region"]).reset_index(drop=True)
     b = featx.read_features(on_ray.output).sort_values(["path", "region"]).reset_index(drop=True)
     assert a["region"].tolist() == ["c", "a", "b"]
@@ -230,5 +235,65 @@ def test_regions_on_ray_equal_the_local_engine(ray_local, folder, tmp_path):
     assert local.failures == on_ray.failures == 1
     errors = pq.read_table(on_ray.errors_file).to_pylist()
     assert [(e["region"], e["error"]) for e in errors] == [("bad", "BoxOutsideImage")]
-    again = ray_engine.extract_ray(folder, tmp_path / "ray", regions=regions, rows_per_group=PART, **SETTINGS)
+    again = extract_ray(folder, tmp_path / "ray", regions=regions, rows_per_group=PART, **SETTINGS)
     assert again.new_rows == 0 and again.rows == 3
+
+
+def test_both_engines_take_the_same_todo_from_one_job(local, on_ray, folder, tmp_path, monkeypatch):
+    from featx.extract.job import Job, plan_job
+    from featx.extract.run import execute, open_output
+
+    # Copies of the images (stats kept) and of both engines' outputs, then one image changed.
+    images = tmp_path / "images"
+    shutil.copytree(folder, images)
+    shutil.copy2(local.output, tmp_path / "f.parquet")
+    shutil.copytree(on_ray.output, tmp_path / "features")
+    changed = images / "dogs" / "img_001.jpg"
+    st = changed.stat()
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    seen, real = {}, Job.todo
+
+    def todo(self, output, provenance, overwrite=False):
+        left = real(self, output, provenance, overwrite)
+        seen[type(output).__name__] = [it.path for it in left]
+        return left
+
+    monkeypatch.setattr(Job, "todo", todo)
+    job = plan_job(images, featx.ExtractConfig(rows_per_group=PART, **SETTINGS))
+    a = execute(job, open_output(tmp_path / "f.parquet", "local"))
+    b = execute(job, open_output(tmp_path / "features", "ray"), engine="ray")
+    # The failed image is retried by every new run; the changed one is described again.
+    assert seen["SingleFile"] == seen["DatasetFolder"] == ["cats/broken.jpg", "dogs/img_001.jpg"]
+    assert (a.rows, a.new_rows, a.failures) == (b.rows, b.new_rows, b.failures) == (5, 1, 1)
+    assert a.changes == b.changes
+    x, y = by_path(a.output), by_path(b.output)
+    pd.testing.assert_frame_equal(x.drop(columns="feature"), y.drop(columns="feature"))
+    assert np.abs(np.stack(x["feature"]) - np.stack(y["feature"])).max() < 1e-5
+
+
+def test_disk_full_on_ray_is_one_line_and_resumable(on_ray, folder, tmp_path, monkeypatch):
+    out = tmp_path / "features"
+    real = store.atomic.write_atomic
+    calls = {"n": 0}
+
+    def fill_up(table, path):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(table, path)
+
+    monkeypatch.setattr(store.atomic, "write_atomic", fill_up)
+    args = ["extract", str(folder), "-o", str(out), "--engine", "ray", "--rows-per-group", str(PART), "--quiet"]
+    args += ["--model", "vgg11", "--weights", "random", "--scales", "224", "--batch-size", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"disk full while writing {out}; free some space and rerun the same command to resume" in result.output
+    assert "Traceback" not in result.output
+    monkeypatch.setattr(store.atomic, "write_atomic", real)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert "5 images" in again.output and "1 failures" in again.output
+    a, b = by_path(on_ray.output), by_path(out)
+    assert a["path"].tolist() == b["path"].tolist()
+    assert np.abs(np.stack(a["feature"]) - np.stack(b["feature"])).max() < 1e-5

@@ -125,12 +125,12 @@ def test_absolute_paths_inside_the_folder_work_and_outside_is_an_error(folder, t
 
 
 def test_resume_after_an_interruption_redoes_only_the_missing_regions(folder, tmp_path, monkeypatch):
-    from featx.extract.run import Run
+    from featx.extract.local import LocalRun
 
     rows = [("a/one.png", i, 10 * i, 0, 10 * i + 64, 64) for i in range(5)]
     regions = pd.DataFrame(rows, columns=["path", "region", "x1", "y1", "x2", "y2"])
     out = tmp_path / "resumed.parquet"
-    real_flush, calls = Run.flush, []
+    real_flush, calls = LocalRun.flush, []
 
     def flush_then_stop(self, *args):
         if calls:
@@ -138,10 +138,10 @@ def test_resume_after_an_interruption_redoes_only_the_missing_regions(folder, tm
         calls.append(1)
         return real_flush(self, *args)
 
-    monkeypatch.setattr(Run, "flush", flush_then_stop)
+    monkeypatch.setattr(LocalRun, "flush", flush_then_stop)
     first = featx.extract_features(folder, out, regions=regions, rows_per_group=2, **SETTINGS)
     assert first.interrupted and first.new_rows == 2
-    monkeypatch.setattr(Run, "flush", real_flush)
+    monkeypatch.setattr(LocalRun, "flush", real_flush)
     second = featx.extract_features(folder, out, regions=regions, rows_per_group=2, **SETTINGS)
     assert second.new_rows == 3 and second.rows == 5
     assert featx.read_features(out)["region"].tolist() == ["0", "1", "2", "3", "4"]

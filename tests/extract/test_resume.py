@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import featx
 from featx import store
 from featx.cli import app
-from featx.extract.run import Run
+from featx.extract.local import LocalRun
 from tests.conftest import assert_same_rows, write_images
 
 SETTINGS = dict(model="vgg11", weights="random", seed=0, layer="pool5", scales=(32,), precision="fp32")
@@ -53,7 +53,7 @@ def extract(images, out, *more):
 
 def interrupt_after(monkeypatch, pieces: int):
     """Ctrl-C once `pieces` row groups are persisted."""
-    real, calls = Run.flush, {"n": 0}
+    real, calls = LocalRun.flush, {"n": 0}
 
     def flush(self, *args):
         if calls["n"] == pieces:
@@ -61,7 +61,7 @@ def interrupt_after(monkeypatch, pieces: int):
         calls["n"] += 1
         return real(self, *args)
 
-    monkeypatch.setattr(Run, "flush", flush)
+    monkeypatch.setattr(LocalRun, "flush", flush)
 
 
 def test_resume_equals_a_fresh_run_and_info_says_what_changed(images, tmp_path):

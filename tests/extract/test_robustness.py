@@ -23,8 +23,9 @@ import featx
 from featx import store
 from featx.cli import app
 from featx.extract.config import ExtractConfig
-from featx.extract.descriptor import DenseDescriber
-from featx.extract.run import Run
+from featx.extract.describer import DenseDescriber
+from featx.extract.job import plan_job
+from featx.extract.run import execute
 from tests.awkward import bad_files, good_files, truncated_jpeg
 from tests.conftest import assert_same_rows, features_by_path, write_images
 
@@ -116,9 +117,9 @@ def test_one_images_model_failure_spares_the_rest_of_its_batch(tmp_path, monkeyp
 
 def test_a_file_vanishing_after_discovery_is_recorded(tmp_path):
     files = write_images(tmp_path / "in", [(80, 60)] * 3)
-    run = Run([tmp_path / "in"], tmp_path / "f.parquet", ExtractConfig(**SETTINGS), False, False)
+    job = plan_job([tmp_path / "in"], ExtractConfig(**SETTINGS))
     files[1].unlink()
-    result = run.run()
+    result = execute(job, store.SingleFile(tmp_path / "f.parquet"))
     assert (result.rows, result.failures) == (2, 1)
     err = pq.read_table(tmp_path / "f.errors.parquet").to_pylist()[0]
     assert err["path"] == "cls/img_001.jpg" and err["stage"] == "read"
@@ -301,7 +302,7 @@ def test_disk_full_is_one_line_and_resumable(kill_input, tmp_path, monkeypatch):
 
 
 def test_weights_for_another_architecture_or_corrupt(tmp_path, samples):
-    from featx.net.model import torchvision_vgg
+    from featx.net.backbones.vgg import torchvision_model as torchvision_vgg
     from featx.net.weights import Weights
 
     other = tmp_path / "vgg11.pth"

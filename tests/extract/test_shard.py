@@ -6,7 +6,7 @@ import pytest
 
 import featx
 from featx.extract.discover import Item
-from featx.extract.run import Run
+from featx.extract.job import plan_job
 from featx.extract.shard import parse_shard, shard, shard_of, take_shard
 from tests.conftest import write_images
 
@@ -60,11 +60,8 @@ def test_an_empty_shard_is_a_user_error():
 def test_the_local_engine_keeps_only_its_shard(tmp_path):
     write_images(tmp_path / "in", [(230, 224)] * 6, seed=3, label="a")
     config = featx.ExtractConfig(model="vgg11", weights="random", scales=(224,))
-    every = [it.path for it in Run([tmp_path / "in"], tmp_path / "x.parquet", config, False, False).items]
-    chosen = [
-        [it.path for it in Run([tmp_path / "in"], tmp_path / "x.parquet", config, False, False, shard=f"{k}/2").items]
-        for k in range(2)
-    ]
+    every = [it.path for it in plan_job([tmp_path / "in"], config).items]
+    chosen = [[it.path for it in plan_job([tmp_path / "in"], config, shard=f"{k}/2").items] for k in range(2)]
     assert sorted(chosen[0] + chosen[1]) == every and not set(chosen[0]) & set(chosen[1])
     result = featx.extract_features(tmp_path / "in", tmp_path / "s1.parquet", config, shard="1/2")
     assert featx.read_features(result.output)["path"].tolist() == chosen[1] == shard(every, 1, 2)

@@ -64,7 +64,9 @@ def run(
             if interrupt_after is not None and i == interrupt_after:
                 return todo, None
             output.add(rows([path], value, prov), [])
-        return todo, output.finish(store.feature_schema(DIM, prov))
+        if isinstance(output, store.SingleFile):
+            return todo, output.finish(store.feature_schema(DIM, prov))
+        return todo, output.finish()
 
 
 def content(target: Path) -> dict[str, float]:

@@ -1,9 +1,10 @@
-"""The per-image stages of a run, shared by the local and the Ray engine.
+"""One row group, image by image: the stages the local and the Ray engine share.
 
 decode_item      file -> upright RGB rescaled to every Q (or an ImageError record)
 decode_items     the items of one file (its regions) -> one decode, each crop rescaled
 describe_group   decoded images -> L2-normalised descriptors, failures isolated per image
 group_rows       the described images -> an Arrow table in the feature file's schema
+error_record     a failed image (or region) -> one row of the errors table
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from featx import store
 from featx.extract.batching import BatchStats
 from featx.extract.config import ExtractConfig
 from featx.extract.decode import Decoded, ImageError, decode, decode_regions
-from featx.extract.descriptor import DenseDescriber, combine, pooled_per_scale
+from featx.extract.describer import DenseDescriber
+from featx.extract.descriptor import combine, pooled_per_scale
 from featx.extract.discover import Item
-
-STAGES = ("decode", "model", "aggregate", "write")
 
 
 def decode_item(item: Item, config: ExtractConfig) -> Decoded | ImageError:

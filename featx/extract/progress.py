@@ -1,4 +1,4 @@
-"""How a run behaves while it runs: a progress bar on stderr, SIGTERM stopping it like Ctrl-C."""
+"""A run while it runs: a progress bar on stderr, and SIGTERM stopping it like Ctrl-C."""
 
 from __future__ import annotations
 

@@ -1,0 +1,144 @@
+"""What `featx info` says about a feature file or folder: its facts, gathered, then as lines."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from featx.store.dataset_folder import WORK
+from featx.store.output import LAST_RUN_KEY, STATE
+from featx.store.read import feature_files, read_provenance, read_table
+from featx.store.schema import errors_path
+from featx.store.text import is_random, size_text, weights_text
+
+# Shown after the weights of a random net, wherever it is seen: such features mean nothing.
+RANDOM_WARNING = " — RANDOM WEIGHTS: for tests and smoke runs only, not for recognition"
+SHOWN_LABELS = 12
+
+
+def read_last_run(path: str | Path) -> dict | None:
+    """What the last finished run did to a feature file or folder: added, replaced, dropped."""
+    path = Path(path)
+    if path.is_dir():
+        state = path / WORK / STATE
+        try:
+            return json.loads(state.read_text()).get("last_run") if state.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            return None
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta[LAST_RUN_KEY]) if LAST_RUN_KEY in meta else None
+
+
+@dataclass
+class FeatureInfo:
+    """The facts of a feature file or folder: rows, labels, failures, size, provenance, last run."""
+
+    path: Path
+    provenance: dict
+    files: list[Path]  # the feature files (one for a file)
+    rows: int
+    labels: dict[str | None, int]  # rows per label; None: images given as files, not in a class folder
+    error_files: list[Path]
+    failures: int
+    size: int  # bytes of the feature files
+    last_run: dict | None
+
+    def lines(self) -> list[str]:
+        """The screen `featx info` prints: a headline, then one fact per line."""
+        prov = self.provenance
+        where = f" in {len(self.files)} files" if self.path.is_dir() else ""
+        head = f"{self.path}: {_plural(self.rows, 'row')} × {prov.get('dim')} float32{where}, {size_text(self.size)}"
+        # One fact per line, named as the options that set it, so two files can be compared by eye.
+        return [head] + [f"  {name:<10} {value}" for name, value in self.facts()]
+
+    def facts(self) -> list[tuple[str, str]]:
+        prov = self.provenance
+        norm, resize = prov.get("normalize", {}), prov.get("resize", {})
+        scales = prov.get("scales", [])
+        combined = ("stacked" if prov.get("aggregate") == "stack" else "averaged") if len(scales) > 1 else ""
+        flip = "with its flipped image" if prov.get("flip") else "no flip"
+        weights = weights_text(prov) + (RANDOM_WARNING if is_random(prov) else "")
+        return [
+            ("model", f"{prov.get('model')}, weights {weights}"),
+            ("layer", f"{prov.get('layer')} map averaged over all positions, {flip}"),
+            (
+                "scales",
+                f"Q = {', '.join(map(str, scales))}"
+                + (f", {combined}" if combined else "")
+                + ", L2-normalised"
+                + (f"; longer side snapped to multiples of {prov['bucket']}" if prov.get("bucket") else ""),
+            ),
+            (
+                "input",
+                f"upright RGB, smaller side to Q ({resize.get('interpolation', '?')}"
+                + (", antialiased" if resize.get("antialias") else "")
+                + f"), mean {norm.get('mean')} std {norm.get('std')}",
+            ),
+            ("precision", f"{prov.get('precision')} on {prov.get('device')}"),
+            ("settings", f"hash {prov.get('settings_hash')} (equal hash: same descriptor, comparable rows)"),
+            (
+                "software",
+                f"featx {prov.get('featx_version')}, torch {prov.get('torch')}, torchvision {prov.get('torchvision')}",
+            ),
+            ("labels", self._labels_text()),
+            ("failures", self._failures_text()),
+            ("run", _last_run_text(self.last_run)),
+        ]
+
+    def _labels_text(self) -> str:
+        named = sorted((c for c in self.labels.items() if c[0] is not None), key=lambda c: (-c[1], c[0]))
+        unlabelled = self.labels.get(None, 0)
+        text = ", ".join(f"{label} ({n})" for label, n in named[:SHOWN_LABELS])
+        if len(named) > SHOWN_LABELS:
+            text += f", and {len(named) - SHOWN_LABELS} more"
+        if unlabelled:
+            text += (
+                ", and " if text else "none: "
+            ) + f"{_plural(unlabelled, 'image')} given as files, not in a class folder"
+        return f"{len(named)}: {text}" if named else text or "none"
+
+    def _failures_text(self) -> str:
+        if not self.failures:
+            return "none"
+        listed = ", ".join(str(e) for e in self.error_files[:2])
+        if len(self.error_files) > 2:
+            listed += f" and {len(self.error_files) - 2} more"
+        return f"{_plural(self.failures, 'image')}, listed in {listed}"
+
+
+def feature_info(path: str | Path) -> FeatureInfo:
+    """Gather the facts of a feature file or folder (MissingData/BadInput if it is none)."""
+    path = Path(path)
+    prov = read_provenance(path)
+    files = feature_files(path) if path.is_dir() else [path]
+    counts = read_table(path, ["label"]).column("label").value_counts().to_pylist()
+    labels = {c["values"]: c["counts"] for c in counts}
+    # Beside each file (local engine) and beside the folder itself (--engine ray).
+    error_files = sorted({e for e in map(errors_path, [*files, path]) if e.exists() and e not in files})
+    return FeatureInfo(
+        path=path,
+        provenance=prov,
+        files=files,
+        rows=sum(labels.values()),
+        labels=labels,
+        error_files=error_files,
+        failures=sum(pq.ParquetFile(e).metadata.num_rows for e in error_files),
+        size=sum(f.stat().st_size for f in files),
+        last_run=read_last_run(path),
+    )
+
+
+def _last_run_text(run: dict | None) -> str:
+    if not run:
+        return "not recorded"
+    return (
+        f"the last one added {run['added']}, replaced {run['replaced']} (changed since), "
+        f"dropped {run['dropped']} (gone since); finished {run['finished']}"
+    )
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
