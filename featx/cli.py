@@ -769,7 +769,8 @@ def neighbours(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
 ) -> None:
     """The nearest indexed images of each query by cosine; or near-duplicate pairs (--duplicates)."""
-    from featx.downstream.search import Index, draw_sheet
+    from featx.downstream.search import Index
+    from featx.downstream.sheet import draw_sheet
 
     warnings.showwarning = _warn_one_line
     if output is not None and output.suffix.lower() not in (".parquet", ".csv"):
