@@ -68,6 +68,14 @@ def call(fn, *args, **kwargs):
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
+def extract_config(**settings):
+    """The one settings shape every command hands the library: an ExtractConfig, checked before
+    torch loads (a bad value is one line). Enum options are taken by their values."""
+    from featx.extract.config import ExtractConfig
+
+    return call(ExtractConfig, **{k: v.value if isinstance(v, Enum) else v for k, v in settings.items()})
+
+
 def parse_scales(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(q) for q in text.replace(" ", "").split(",") if q)
@@ -430,6 +438,7 @@ def evaluate(
         seed=seed,
         background=False if no_background else None,
     )
+    config = extract_config(precision=precision, device=device, batch_size=batch_size, workers=workers)
     from featx.evaluate.report import print_table, write_report
     from featx.evaluate.run import evaluate as run_evaluate  # torch loads when features are extracted
 
@@ -437,14 +446,11 @@ def evaluate(
     result = call(
         run_evaluate,
         chosen,
+        config,
         root=root,
         download=download,
         cache_dir=cache_dir,
         features=features or (),
-        device=device,
-        precision=precision.value,
-        batch_size=batch_size,
-        workers=workers,
         jobs=jobs,
         progress=not quiet,
         log=log,
@@ -520,42 +526,51 @@ def probe(
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
 ) -> None:
     """How well do the features transfer to your labelled images? The paper's protocol on your folder."""
-    from featx.downstream.probe import check_output_path, print_report, write_predictions, write_report
     from featx.downstream.probe import probe as run_probe
+    from featx.downstream.probe_report import print_report, write_predictions, write_report
+    from featx.evaluate.protocol import Head, Protocol
+    from featx.store.paths import check_output
 
     warnings.showwarning = _warn_one_line
     if report is not None:
-        call(check_output_path, report, ".json", "--report")
+        call(check_output, report, "--report", suffix=".json")
     if predictions is not None:
-        call(check_output_path, predictions, ".parquet", "--predictions")
-    log = logging.getLogger("featx").info if not quiet else None
-    result = call(
-        run_probe,
-        source,
-        labels=labels,
-        splits=splits,
-        test_size=test_size,
-        train_per_class=train_per_class,
-        head=head.value,
-        seed=seed,
-        drop_small_classes=drop_small_classes,
-        cache_dir=cache_dir,
-        jobs=jobs,
-        progress=not quiet,
-        log=log,
-        model=model.value,
+        call(check_output, predictions, "--predictions", suffix=".parquet")
+    config = extract_config(
+        model=model,
         weights=weights,
-        layer=layer.value,
+        layer=layer,
         scales=parse_scales(scales),
         flip=flip,
-        aggregate=aggregate.value,
-        precision=precision.value,
+        aggregate=aggregate,
+        precision=precision,
         device=device,
         batch_size=batch_size,
         workers=workers,
         max_pixels=max_pixels,
         bucket=bucket,
-        weights_seed=weights_seed,
+        seed=weights_seed,
+    )
+    protocol = call(
+        Protocol,
+        splits=splits,
+        seed=seed,
+        n_train=train_per_class,
+        test_size=test_size,
+        drop_small_classes=drop_small_classes,
+    )
+    log = logging.getLogger("featx").info if not quiet else None
+    result = call(
+        run_probe,
+        source,
+        config,
+        protocol,
+        head=Head(head.value),
+        labels=labels,
+        cache_dir=cache_dir,
+        jobs=jobs,
+        progress=not quiet,
+        log=log,
     )
     print_report(result)
     if report is not None:
@@ -643,7 +658,8 @@ def neighbours(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
 ) -> None:
     """The nearest indexed images of each query by cosine; or near-duplicate pairs (--duplicates)."""
-    from featx.downstream.search import Index, draw_sheet
+    from featx.downstream.search import Index
+    from featx.downstream.sheet import draw_sheet
 
     warnings.showwarning = _warn_one_line
     if output is not None and output.suffix.lower() not in (".parquet", ".csv"):
@@ -698,7 +714,9 @@ def cache_ls(cache_dir: CacheDir = None) -> None:
     for e in found:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.modified))
         images = f"{e.images} images" if e.images is not None else ("unfinished" if not e.finished else "? images")
-        typer.echo(f"{e.name}\n  {e.dataset}, {e.model}, {e.settings}; {images}, {_size(e.bytes)}, {when}")
+        if e.regions is not None:
+            images = f"{e.regions} regions of {images}"
+        typer.echo(f"{e.name}\n  {e.dataset}, {e.settings}; {images}, {_size(e.bytes)}, {when}")
     total = sum(e.bytes for e in found)
     typer.echo(f"{root}: {len(found)} {'entry' if len(found) == 1 else 'entries'}, {_size(total)}", err=True)
 

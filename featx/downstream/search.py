@@ -5,7 +5,7 @@ product: the exact index is FAISS's flat inner-product index; for large sets HNS
 answer approximately, and their recall@k against the exact answer is measured when built.
 An index is a folder: `faiss.index`, `rows.parquet` (path, label per row) and `index.json`
 (kind, search parameters, measured recall, and the feature file's provenance, so that a
-query image is described exactly as the rows were).
+query image is described exactly as the rows were). Contact sheets: featx.downstream.sheet.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ import pyarrow.parquet as pq
 
 from featx import store
 from featx.errors import BadInput, MissingData, SettingsMismatch
+from featx.store.atomic import replace_folder, temporary_folder
+from featx.store.paths import make_parent
+from featx.store.read import is_feature_source
 
 KINDS = ("flat", "hnsw", "ivf")
 INDEX_FILE, ROWS_FILE, META_FILE = "faiss.index", "rows.parquet", "index.json"
@@ -167,7 +170,7 @@ class Index:
 
     # -- persist -------------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the index folder; it appears complete or not at all."""
+        """Write the index folder (its missing parents made); it appears complete, and durable, or not at all."""
         faiss = faiss_module()
         path = Path(path).expanduser()
         if path.exists():
@@ -175,11 +178,8 @@ class Index:
                 raise BadInput(f"-o {path} exists and is not a featx index; choose a new name")
             if not overwrite:
                 raise BadInput(f"-o {path} already holds an index; pass --overwrite to replace it")
-        if not path.parent.is_dir():
-            raise MissingData(f"-o {path}: folder {path.parent} does not exist; create it first")
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        make_parent(path, "-o")
+        tmp = temporary_folder(path)
         try:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             pq.write_table(pa.Table.from_pandas(self.rows, preserve_index=False), tmp / ROWS_FILE)
@@ -194,9 +194,7 @@ class Index:
                 "provenance": self.provenance,
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
+            replace_folder(tmp, path)  # every file fsynced before the folder takes the name
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -304,7 +302,7 @@ class Index:
             q = Path(q).expanduser()
             if not q.exists():
                 raise MissingData(f"query {q}: no such image, folder or feature file")
-            if q.suffix == ".parquet" or (q.is_dir() and _is_feature_folder(q)):
+            if is_feature_source(q):
                 flush()
                 prov = store.read_provenance(q)
                 if prov.get("settings_hash") != self.provenance.get("settings_hash"):
@@ -403,8 +401,9 @@ def describe_images(
 ) -> tuple[list[str], np.ndarray]:
     """(names, X) of image files, described with the settings a feature file records."""
     from featx.extract.decode import ImageError
-    from featx.extract.describer import config_from_provenance, make_describer
+    from featx.extract.describer import make_describer
     from featx.extract.discover import Item
+    from featx.extract.provenance import config_from_provenance
     from featx.extract.rowgroup import decode_item, describe_group
 
     config = config_from_provenance(provenance, weights=weights, device=device, batch_size=batch_size)
@@ -421,101 +420,3 @@ def describe_images(
         i, e = next(iter(failed.items()))
         raise BadInput(f"query {items[i].path} could not be described ({e.error}: {e.message})")
     return [item.path for item in items], X
-
-
-def _is_feature_folder(path: Path) -> bool:
-    """A folder of feature files (featx extract --engine ray, or shards), not of images."""
-    try:
-        return bool(store.feature_files(path)) and not any(
-            f.suffix.lower() in (".jpg", ".jpeg", ".png") for f in path.rglob("*") if f.is_file()
-        )
-    except MissingData:
-        return False
-
-
-def draw_sheet(
-    table: pd.DataFrame, out: str | Path, *, images: str | Path | None = None, max_queries: int = 24, thumb: int = 160
-) -> Path:
-    """A PNG with each query beside its neighbours: thumbnails, rank, cosine and label.
-
-    Query names that are image files are drawn from there; indexed rows (and queries taken
-    from a feature file) are looked up under `images`, the folder they were extracted from.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed (and none on a server)
-    import matplotlib.pyplot as plt
-
-    out = Path(out).expanduser()
-    if out.suffix.lower() != ".png":
-        raise BadInput(f"--sheet {out} must end in .png")
-    if not out.parent.is_dir():
-        raise MissingData(f"--sheet {out}: folder {out.parent} does not exist; create it first")
-    queries = list(dict.fromkeys(table["query"]))
-    shown = queries[:max_queries]
-    k = int(table["rank"].max()) if len(table) else 1
-    root = Path(images).expanduser() if images is not None else None
-    fig, axes = plt.subplots(
-        len(shown),
-        k + 1,
-        figsize=(1.9 * (k + 1), 2.25 * len(shown)),
-        squeeze=False,
-        gridspec_kw={"wspace": 0.06, "hspace": 0.42},
-    )
-    for r, q in enumerate(shown):
-        hits = table[table["query"] == q].sort_values("rank")
-        _thumb(axes[r, 0], _find(q, root), thumb)
-        axes[r, 0].set_title(_short("/".join(Path(q).parts[-2:]), 26), fontsize=8, fontweight="bold")
-        for spine in axes[r, 0].spines.values():
-            spine.set_visible(True)
-            spine.set_color("#cc3311")
-            spine.set_linewidth(2.5)
-        for c in range(1, k + 1):
-            ax = axes[r, c]
-            row = hits[hits["rank"] == c]
-            if row.empty:
-                ax.axis("off")
-                continue
-            row = row.iloc[0]
-            _thumb(ax, _find(row["path"], root), thumb)
-            label = row["label"] if isinstance(row["label"], str) else ""
-            ax.set_title(f"#{c}  {row['score']:.3f}\n{_short(label or row['path'], 22)}", fontsize=7.5)
-    note = f" (first {len(shown)} of {len(queries)} queries)" if len(queries) > len(shown) else ""
-    fig.suptitle(f"nearest neighbours by cosine: query (red) and its {k} nearest{note}", fontsize=10)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return out
-
-
-def _find(name: str, root: Path | None) -> Path | None:
-    for candidate in ([root / name] if root is not None else []) + [Path(name)]:
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _thumb(ax, file: Path | None, size: int) -> None:
-    from PIL import Image, ImageOps
-
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    if file is None:
-        ax.set_facecolor("#eeeeee")
-        ax.text(
-            0.5, 0.5, "image not found\n(pass --images DIR)", ha="center", va="center", fontsize=6.5, color="#555555"
-        )
-        return
-    try:
-        with Image.open(file) as img:
-            img = ImageOps.exif_transpose(img).convert("RGB")
-            img.thumbnail((size, size))
-            ax.imshow(np.asarray(img))
-    except Exception:  # an unreadable file is drawn as missing, not a failed sheet
-        ax.set_facecolor("#eeeeee")
-        ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
-
-
-def _short(text: str, n: int) -> str:
-    return text if len(text) <= n else "…" + text[-(n - 1) :]

@@ -11,9 +11,6 @@ elements of `Annotations/<id>.xml`, whose `<bndbox>` is 1-based and inclusive.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
@@ -22,21 +19,23 @@ from pathlib import Path
 
 import numpy as np
 
-from featx import __version__, store
+from featx import store
 from featx.errors import BadInput, MissingData
-from featx.evaluate.cache import resolve_cache_dir
+from featx.evaluate.cache import cached_features
 from featx.evaluate.datasets import (
     ACTIONS,
+    DatasetSpec,
     action_shortfall,
     ensure_dataset,
     find_images,
     get_spec,
     where_to_put,
 )
-from featx.evaluate.heads import HeldOutC, OneVsRest, span_coordinates
-from featx.evaluate.metrics import precision_recall, voc07_ap, voc_ap
 from featx.evaluate.pipeline import Pipeline
-from featx.evaluate.report import Evaluation, weights_text
+from featx.evaluate.protocol import ap_record, draw_splits, fuse, pr_curves, run_protocol
+from featx.evaluate.report import Evaluation, config_block, paper_block, result_row
+from featx.extract.config import ExtractConfig
+from featx.store.atomic import make_dir, write_text
 
 SETTINGS = {"image": "image", "image_box": "image and box"}
 # The devkit's competition number for action classification with any training data.
@@ -198,16 +197,6 @@ def region_table(sets: Sequence[ActionSet], margin: float = 0.0, sizes: dict[str
     return pa.table(rows)
 
 
-def _extract(config, inputs, out: Path, regions=None, progress=False) -> tuple[dict, float, int]:
-    # torch loads when features are extracted
-    from featx.extract.run import extract_features
-
-    result = extract_features(inputs, out, config, progress=progress, regions=regions)
-    if result.interrupted:
-        raise KeyboardInterrupt
-    return store.read_provenance(out), result.seconds, result.new_rows
-
-
 def _features(path: Path, keys: list[tuple]) -> np.ndarray:
     """Rows of a feature file in the order of `keys` ((path,) or (path, region)); NaN if absent."""
     columns = ["path", "region", "feature"] if len(keys[0]) == 2 else ["path", "feature"]
@@ -220,40 +209,112 @@ def _features(path: Path, keys: list[tuple]) -> np.ndarray:
     return out
 
 
-def _l2(X: np.ndarray) -> np.ndarray:
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-
-
-def stack(blocks: list[np.ndarray], norm: str = "final") -> np.ndarray:
-    """Blocks (each L2-normalised) side by side; "final" L2-normalises the stack once more."""
-    X = blocks[0] if len(blocks) == 1 else np.hstack(blocks)
-    return _l2(X) if norm == "final" and len(blocks) > 1 else X
-
-
 # -- the experiment ----------------------------------------------------------------------
+
+
+@dataclass
+class _Net:
+    """One net's descriptors per action set: [image, box] rows in the set's order (NaN: none)."""
+
+    model: str
+    blocks: dict[str, list[np.ndarray]]
+    record: dict  # what the report says of its features
+    provenance: dict
 
 
 def evaluate_action(
     pipeline: Pipeline,
+    config: ExtractConfig | None = None,
     *,
     root: str | Path,
     download: bool = False,
     cache_dir: str | Path | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    batch_size: int = 8,
-    workers: int = 2,
     jobs: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     results_dir: str | Path | None = None,
     test_server: bool = False,
 ):
-    """VOC2012 action classification (Table 12): both settings, every net and their fusion."""
+    """VOC2012 action classification (Table 12): both settings, every net and their fusion.
+
+    `config` carries how features are computed besides the pipeline's descriptor (device,
+    precision, batch size, workers); image and box features go through the feature cache.
+    """
     log = log or (lambda message: None)
+    config = config if config is not None else ExtractConfig()
     spec = get_spec(pipeline.dataset)
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     root = Path(root).expanduser()
+    year, notes = _find_year(spec, root, download=download, progress=progress, log=log)
+    train, test = load_action_set(year, spec.train_set), load_action_set(year, spec.test_set)
+    if test_server:
+        # As the paper did: train on trainval, score the test persons for the evaluation server.
+        train = _join(train, test, "trainval")
+        test = load_test_persons(year)
+    sets = (train, test)
+    inputs = _images(spec, root, year, sets)
+    regions = region_table(sets, pipeline.protocol.box_margin)
+    # torch loads once the data checks passed
+    nets = [
+        _net_features(pipeline, model, config, inputs, regions, sets, cache_dir, progress=progress, log=log)
+        for model in pipeline.features.models
+    ]
+    keep = _described(nets, sets, notes)
+
+    t_heads = time.perf_counter()
+    results, curves, scores = _fit_settings(pipeline, nets, train, test, keep, jobs, scored=not test_server)
+    head_seconds = time.perf_counter() - t_heads
+
+    written = []
+    if results_dir is not None:
+        for setting in SETTINGS:
+            written += write_results(Path(results_dir) / setting, test, keep[test.name], scores[setting])
+    n_instances = sum(int(keep[s.name].sum()) for s in sets)
+    extract_seconds = sum(n.record["extract_seconds"] for n in nets)
+    config_record = config_block(
+        pipeline,
+        provenance=nets[0].provenance,
+        features=[n.record for n in nets],
+        root=root,
+        image_dir=year / "JPEGImages",
+        n_images=n_instances,
+        n_persons={s.name: int(keep[s.name].sum()) for s in sets},
+        results_files=[str(p) for p in written],
+        extract_seconds_per_person=round(extract_seconds / max(n_instances, 1), 4),
+        notes=notes,
+        head_seconds=head_seconds,
+        started=started,
+    )
+    return Evaluation(_report(pipeline, results, config_record, test_server), curves)
+
+
+def _report(pipeline: Pipeline, results: list[dict], config_record: dict, test_server: bool) -> dict:
+    """The report: Table 12's two settings at a glance, every row of nets, how it was made."""
+    final = pipeline.rows()[-1]
+    return {
+        "dataset": pipeline.dataset,
+        "metric": "mAP",
+        # Table 12 at a glance: each setting's mAP and per-action AP for the last row (D & E).
+        "settings": {
+            r["setting"]: {
+                "label": r["label"],
+                "mAP": r["mean"],
+                "per_action": {a: v["area_ap"] for a, v in r["splits"][0].get("per_class", {}).items()},
+            }
+            for r in results
+            if tuple(r["models"]) == final
+        },
+        "ap": "area",
+        "classes": list(ACTIONS),
+        "results": results,
+        "test_server": test_server,
+        "paper": paper_block(pipeline),
+        "config": config_record,
+    }
+
+
+def _find_year(spec: DatasetSpec, root: Path, *, download: bool, progress: bool, log) -> tuple[Path, list[str]]:
+    """The devkit year folder under `root` (fetched if asked), and what the copy lacks."""
     if download:
         ensure_dataset(spec, root, progress=progress)
     year = find_images(spec, root)
@@ -269,12 +330,11 @@ def evaluate_action(
             f"{spec.title} at {year} is incomplete ({', '.join(short)}): results are not comparable to the paper"
         )
         log(f"warning: {notes[-1]}")
-    train, test = load_action_set(year, spec.train_set), load_action_set(year, spec.test_set)
-    if test_server:
-        # As the paper did: train on trainval, score the test persons for the evaluation server.
-        train = _join(train, test, "trainval")
-        test = load_test_persons(year)
-    sets = (train, test)
+    return year, notes
+
+
+def _images(spec: DatasetSpec, root: Path, year: Path, sets: Sequence[ActionSet]) -> list[Path]:
+    """The image files the persons of `sets` stand in, each once, sorted; all must be there."""
     jpegs = year / "JPEGImages"
     image_ids = sorted({i for s in sets for i in s.ids})
     missing = [i for i in image_ids if not (jpegs / f"{i}.jpg").is_file()]
@@ -283,173 +343,87 @@ def evaluate_action(
             f"{len(missing)} images of the action sets are missing from {jpegs} (first: {missing[0]}.jpg); "
             + where_to_put(spec, root)
         )
-    regions = region_table(sets, pipeline.protocol.box_margin)
-    region_key = hashlib.sha256(json.dumps(regions.to_pydict(), separators=(",", ":")).encode()).hexdigest()[:12]
+    return [jpegs / f"{i}.jpg" for i in image_ids]
 
-    cache = resolve_cache_dir(cache_dir)  # default: the per-user cache (featx.evaluate.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    # torch loads once the data checks passed
-    from featx.extract.describer import descriptor_hash
 
-    inputs = [jpegs / f"{i}.jpg" for i in image_ids]
-    blocks: dict[str, dict[str, list[np.ndarray]]] = {}
-    nets = []
-    for model in pipeline.features.models:
-        config = pipeline.features.config(
-            model, device=device, precision=precision, batch_size=batch_size, workers=workers
-        )
-        h = descriptor_hash(config)
-        image_file = cache / f"{spec.name}-image-{h}.parquet"
-        box_file = cache / f"{spec.name}-box-{h}-{region_key}.parquet"
-        log(f"{model}: image features in {image_file}, box features in {box_file}")
-        prov, s1, n1 = _extract(config, inputs, image_file, progress=progress)
-        _, s2, n2 = _extract(config, inputs, box_file, regions=regions, progress=progress)
-        blocks[model] = {}
-        for s in sets:
-            img = _features(image_file, [(f"{i}.jpg",) for i in s.ids])
-            box = _features(box_file, [(f"{i}.jpg", str(k)) for i, k in zip(s.ids, s.objects)])
-            blocks[model][s.name] = [img, box]
-        nets.append(
-            {
-                "model": model,
-                "files": [str(image_file), str(box_file)],
-                "settings_hash": prov.get("settings_hash"),
-                "extract_seconds": round(s1 + s2, 3),
-                "new_rows": n1 + n2,
-                "provenance": prov,
-            }
-        )
+def _net_features(pipeline, model, base, inputs, regions, sets, cache_dir, *, progress, log) -> _Net:
+    """One net's image and box descriptors of every person, through the feature cache."""
+    config = pipeline.features.config(model, base)
+    name = pipeline.dataset
+    image = cached_features(inputs, config, name=name, cache_dir=cache_dir, progress=progress, log=log)
+    box = cached_features(inputs, config, name=name, cache_dir=cache_dir, progress=progress, log=log, regions=regions)
+    blocks = {
+        s.name: [
+            _features(image.file, [(f"{i}.jpg",) for i in s.ids]),
+            _features(box.file, [(f"{i}.jpg", str(k)) for i, k in zip(s.ids, s.objects)]),
+        ]
+        for s in sets
+    }
+    prov = store.read_provenance(image.file)
+    record = {
+        "model": model,
+        "files": [str(image.file), str(box.file)],
+        "settings_hash": prov.get("settings_hash"),
+        "extract_seconds": round(image.seconds + box.seconds, 3),
+        "new_rows": image.new_rows + box.new_rows,
+    }
+    return _Net(model, blocks, record, prov)
 
+
+def _described(nets: list[_Net], sets: Sequence[ActionSet], notes: list[str]) -> dict[str, np.ndarray]:
+    """Per set, the persons every net described (image and box); the others are left out, with a note."""
     keep = {s.name: np.ones(len(s), bool) for s in sets}
-    for model in blocks:
+    for net in nets:
         for s in sets:
-            for B in blocks[model][s.name]:
+            for B in net.blocks[s.name]:
                 keep[s.name] &= ~np.isnan(B[:, 0])
     for s in sets:
         if not keep[s.name].all():
             notes.append(
                 f"{int((~keep[s.name]).sum())} {s.name} persons have no features (their image failed) and are left out"
             )
+    return keep
 
-    norm = pipeline.protocol.stack_norm
-    results, curves, scores_by = [], {}, {}
-    t_heads = time.perf_counter()
+
+def _fit_settings(pipeline, nets, train, test, keep, jobs, *, scored: bool):
+    """Every row of nets in both settings through the protocol: the report's rows, the PR curves
+    per row, and the last row's test scores per setting (the devkit's result files)."""
+    by_model = {n.model: n for n in nets}
+    p, norm = pipeline.protocol, pipeline.protocol.stack_norm
+    Y = np.vstack([train.labels[keep[train.name]], test.labels[keep[test.name]]])
+    n_train = int(keep[train.name].sum())
+    splits = draw_splits(p, Y, fixed=(np.arange(n_train), np.arange(n_train, len(Y))))
+    results, curves, last = [], {}, {}
     for models in pipeline.rows():
         for setting, setting_name in SETTINGS.items():
             parts = (0,) if setting == "image" else (0, 1)
-
-            def matrix(s, parts=parts, models=models):
-                # Per net, its image (and box) descriptor; then the nets side by side.
-                return stack([blocks[m][s.name][p][keep[s.name]] for p in parts for m in models], norm)
-
-            X_train, X_test = span_coordinates(matrix(train), matrix(test))
-            Y_train, Y_test = train.labels[keep[train.name]], test.labels[keep[test.name]]
-            est = HeldOutC(
-                OneVsRest(pipeline.head.name, random_state=pipeline.protocol.seed),
-                Cs=pipeline.head.C,
-                holdout=pipeline.protocol.holdout,
-                scoring="voc_ap",
-                random_state=pipeline.protocol.seed,
-                n_jobs=jobs,
+            # Per net, its image (and box) descriptor; then the nets side by side; train rows, then test.
+            X = np.vstack(
+                [
+                    fuse([by_model[m].blocks[s.name][i][keep[s.name]] for i in parts for m in models], norm)
+                    for s in (train, test)
+                ]
             )
-            est.fit(X_train, Y_train)
-            S = est.decision_function(X_test)
+            outcomes = run_protocol(X, Y, splits, p, pipeline.head, len(ACTIONS), jobs=jobs)
             paper = pipeline.paper_result(models, setting)
             label = f"{paper.label if paper else ' & '.join(models)}, {setting_name}"
-            scores_by[(models, setting)] = S
-            record = {
-                "seed": pipeline.protocol.seed,
-                "C": est.C_,
-                "n_train": len(X_train),
-                "n_test": len(X_test),
-                "n_holdout": est.n_holdout_,
-                "convergence_warnings": est.convergence_warnings_,
-                "holdout_scores": {f"{C:g}": round(100 * v, 4) for C, v in est.scores_.items()},
-            }
-            if not test_server:
-                ap07 = np.array([voc07_ap(Y_test[:, k], S[:, k]) for k in range(len(ACTIONS))])
-                area = np.array([voc_ap(Y_test[:, k], S[:, k]) for k in range(len(ACTIONS))])
-                record |= {
-                    "value": 100 * float(np.nanmean(area)),
-                    "area_mAP": 100 * float(np.nanmean(area)),
-                    "voc07_mAP": 100 * float(np.nanmean(ap07)),
-                    "per_class": {a: {"voc07_ap": _pct(x), "area_ap": _pct(y)} for a, x, y in zip(ACTIONS, ap07, area)},
-                }
-                curves[label] = {a: precision_recall(Y_test[:, k], S[:, k]) for k, a in enumerate(ACTIONS)}
-            results.append(
-                {
-                    "label": label,
-                    "models": list(models),
-                    "setting": setting,
-                    "mean": record.get("value"),
-                    "std": None,
-                    "splits": [record],
-                }
-            )
-    head_seconds = time.perf_counter() - t_heads
-
-    written = []
-    if results_dir is not None:
-        final = pipeline.rows()[-1]
-        for setting in SETTINGS:
-            written += write_results(Path(results_dir) / setting, test, keep[test.name], scores_by[(final, setting)])
-    n_instances = sum(int(keep[s.name].sum()) for s in sets)
-    extract_seconds = sum(n["extract_seconds"] for n in nets)
-    report = {
-        "dataset": spec.name,
-        "metric": "mAP",
-        # Table 12 at a glance: each setting's mAP and per-action AP for the last row (D & E).
-        "settings": {
-            r["setting"]: {
-                "label": r["label"],
-                "mAP": r["mean"],
-                "per_action": {a: v["area_ap"] for a, v in r["splits"][0].get("per_class", {}).items()},
-            }
-            for r in results
-            if tuple(r["models"]) == pipeline.rows()[-1]
-        },
-        "ap": "area",
-        "classes": list(ACTIONS),
-        "results": results,
-        "test_server": test_server,
-        "paper": {
-            "source": pipeline.paper_source,
-            "note": pipeline.paper_note,
-            "results": [
-                {"label": r.label, "models": list(r.models), "setting": r.setting, "mean": r.mean, "std": r.std}
-                for r in pipeline.paper
-            ],
-        },
-        "config": {
-            "pipeline": pipeline.to_dict(),
-            "weights": weights_text(nets[0]["provenance"]),
-            "features": [{k: v for k, v in n.items() if k != "provenance"} for n in nets],
-            "root": str(root.resolve()),
-            "image_dir": str(jpegs),
-            "n_images": n_instances,
-            "n_persons": {s.name: int(keep[s.name].sum()) for s in sets},
-            "results_files": [str(p) for p in written],
-            "notes": notes + ([spec.note] if spec.note else []),
-            "featx_version": __version__,
-            "head_seconds": round(head_seconds, 3),
-            "extract_seconds_per_person": round(extract_seconds / max(n_instances, 1), 4),
-            "seconds": round(time.perf_counter() - t0, 3),
-        },
-    }
-    return Evaluation(report, curves)
+            records = [o.fit | (ap_record(o, ACTIONS, p.metric) if scored else {}) for o in outcomes]
+            if scored:
+                curves[label] = pr_curves(outcomes[0], ACTIONS)
+            results.append(result_row(label, models, records, setting=setting))
+            last[setting] = outcomes[0].scores
+    return results, curves, last
 
 
 def write_results(folder: Path, persons: ActionSet, keep: np.ndarray, scores: np.ndarray) -> list[Path]:
     """The devkit's result files: `comp10_action_<set>_<action>.txt`, `<id> <object index> <score>`."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     ids = [i for i, k in zip(persons.ids, keep) if k]
     objects = [o for o, k in zip(persons.objects, keep) if k]
     written = []
     for j, action in enumerate(ACTIONS):
         path = folder / f"{COMP}_action_{persons.name}_{action}.txt"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{i} {o} {s:.6f}\n" for i, o, s in zip(ids, objects, scores[:, j])))
-        os.replace(tmp, path)
+        write_text("".join(f"{i} {o} {s:.6f}\n" for i, o, s in zip(ids, objects, scores[:, j])), path)
         written.append(path)
     return written
 
@@ -458,7 +432,3 @@ def _join(a: ActionSet, b: ActionSet, name: str) -> ActionSet:
     return ActionSet(
         name, a.ids + b.ids, a.objects + b.objects, np.vstack([a.boxes, b.boxes]), np.vstack([a.labels, b.labels])
     )
-
-
-def _pct(x: float) -> float | None:
-    return None if np.isnan(x) else 100 * float(x)

@@ -4,9 +4,11 @@ An entry is keyed by the descriptor's settings hash (Simonyan & Zisserman, arXiv
 Appendix B: net, weights, layer, scales, flip, aggregation, precision) AND a fingerprint of
 the files it describes: their paths (relative to the folder given), sizes and modification
 times. Two different copies of a dataset, or a copy in which an image was added, removed or
-replaced, never share an entry. Entries live in a per-user folder (`featx.userdirs.cache_dir`), each
-as `NAME-MODEL-SETTINGS-FILES.parquet` (a plain feature file) with `.json` beside it saying
-what it holds. Listing and removing entries loads neither torch nor the net.
+replaced, never share an entry. Features of regions (e.g. the persons of VOC action) are keyed
+by the regions table's identity as well. Entries live in a per-user folder
+(`featx.userdirs.cache_dir`), each as `NAME-MODEL-SETTINGS-FILES[-REGIONS].parquet` (a plain
+feature file) with `.json` beside it saying what it holds. Listing and removing entries loads
+neither torch nor the net.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from featx.errors import BadInput, MissingData
 from featx.extract.config import ExtractConfig
 from featx.extract.discover import Item, discover
 from featx.store.lock import lock_path
+from featx.store.text import settings_text
 from featx.userdirs import cache_dir as default_cache_dir
 
 
@@ -46,9 +49,13 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "images"
 
 
-def entry_file(cache_dir: str | Path, name: str, model: str, settings_hash: str, files_hash: str) -> Path:
-    """Where the features of one image set (by fingerprint) under one descriptor are cached."""
-    return Path(cache_dir) / f"{_slug(name)}-{_slug(model)}-{settings_hash}-{files_hash}.parquet"
+def entry_file(
+    cache_dir: str | Path, name: str, model: str, settings_hash: str, files_hash: str, regions_hash: str | None = None
+) -> Path:
+    """Where the features of one image set (by fingerprint) under one descriptor are cached;
+    `regions_hash`: of the regions of those images a regions table names."""
+    tail = f"-{regions_hash}" if regions_hash else ""
+    return Path(cache_dir) / f"{_slug(name)}-{_slug(model)}-{settings_hash}-{files_hash}{tail}.parquet"
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ def cached_features(
     progress: bool = False,
     wait: bool = True,
     log: Callable[[str], None] | None = None,
+    regions=None,
 ) -> Cached:
     """Extract the features of the images under `inputs`, or reuse the cached ones.
 
@@ -78,11 +86,13 @@ def cached_features(
     are (a dataset's name) in `featx cache ls`. An entry with the same settings hash and the
     same files (paths, sizes, mtimes) is reused as it is; an unfinished one is resumed. With
     `wait`, a second process asking for an entry being extracted queues behind the first
-    (the entry's lock), then reuses it.
+    (the entry's lock), then reuses it. `regions` (a table as `featx extract --regions` takes
+    it) describes those boxes instead of the whole images: its identity joins the key.
     """
     log = log or (lambda message: None)
     # Torch loads here, not at import: `featx cache ls` and argument errors stay light.
-    from featx.extract.describer import descriptor_hash
+    from featx.extract.provenance import descriptor_hash
+    from featx.extract.regions import plan_regions
     from featx.extract.run import extract_features
 
     cache_dir = resolve_cache_dir(cache_dir)
@@ -91,14 +101,17 @@ def cached_features(
         raise MissingData(f"no images under {_listed(inputs)}; check the dataset folder")
     files_hash = fingerprint(items)
     settings = descriptor_hash(config)
-    out = entry_file(cache_dir, name, config.model, settings, files_hash)
+    # The regions table's identity as the extraction records it in the file's settings.
+    region_id = plan_regions(regions, items, list(inputs)).identity if regions is not None else None
+    out = entry_file(cache_dir, name, config.model, settings, files_hash, region_id and region_id["sha256"])
     reused = out.exists()
-    log(f"{config.model}: features in {out}" + (" (reused)" if reused else ""))
+    what = "region features" if regions is not None else "features"
+    log(f"{config.model}: {what} in {out}" + (" (reused)" if reused else ""))
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInput(f"cannot create the cache folder {cache_dir} ({e.strerror}); pass another --cache-dir") from None
-    result = extract_features(list(inputs), out, config, progress=progress, wait=wait)
+    result = extract_features(list(inputs), out, config, progress=progress, wait=wait, regions=regions)
     if result.interrupted:
         raise KeyboardInterrupt
     if not out.exists():
@@ -110,6 +123,8 @@ def cached_features(
         "fingerprint": files_hash,
         "images": len(items),
         "rows": result.rows,
+        # A regions entry: the table's identity; its rows are regions, not images.
+        "regions": region_id,
         # Where the images were (a dataset's folder; VOC passes its listed files).
         "inputs": [str(Path(p).expanduser().resolve()) for p in inputs[:3]] + (["..."] if len(inputs) > 3 else []),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -138,32 +153,19 @@ class Entry:
     name: str  # the entry's id: its file name without .parquet
     dataset: str
     model: str
-    settings: str  # the descriptor in words, with its settings hash
-    images: int | None
+    settings: str  # the descriptor in words (the net first), with its settings hash
+    images: int | None  # images described (a regions entry: the images its regions lie in)
     bytes: int
     modified: float
     finished: bool
     files: tuple[Path, ...]
+    regions: int | None = None  # a regions entry: the regions described
 
 
 def _size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size if path.exists() else 0
-
-
-def _describe(prov: dict) -> str:
-    scales = ",".join(str(q) for q in prov.get("scales", []))
-    parts = [str(prov.get("layer", "?")), f"Q={scales}"]
-    if len(prov.get("scales", [])) > 1:
-        parts.append(str(prov.get("aggregate")))
-    parts += ["flip" if prov.get("flip") else "no flip", str(prov.get("precision", "?"))]
-    w = prov.get("weights", {})
-    if w.get("kind") == "random":
-        parts.append("random weights")
-    elif w.get("kind") == "file":
-        parts.append(f"weights {Path(str(w.get('file'))).name}")
-    return " ".join(parts) + f" ({prov.get('settings_hash', '?')})"
 
 
 def entries(cache_dir: str | Path | None = None) -> list[Entry]:
@@ -188,17 +190,20 @@ def entries(cache_dir: str | Path | None = None) -> list[Entry]:
         except (BadInput, MissingData):
             prov = {}
         dataset = info.get("name") or stem.split("-")[0]
+        model = info.get("model") or prov.get("model") or "?"
+        regions = bool(info.get("regions"))
         found.append(
             Entry(
                 name=stem,
                 dataset=dataset,
-                model=info.get("model") or prov.get("model") or "?",
-                settings=_describe(prov) if prov else "unfinished run",
-                images=info.get("rows"),
+                model=model,
+                settings=settings_text(prov) if prov else f"{model}, unfinished run",
+                images=info.get("images") if regions else info.get("rows"),
                 bytes=sum(_size(f) for f in files),
                 modified=max(f.stat().st_mtime for f in files),
                 finished=main.is_file(),
                 files=files,
+                regions=info.get("rows") if regions else None,
             )
         )
     return found

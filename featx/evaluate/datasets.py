@@ -23,11 +23,7 @@ from featx.evaluate.download import (
     mark_unpacked,
     unpack,
 )
-from featx.extract.discover import subfolders
-
-# Files Caltech ships as images; everything else in a class folder (stray notes, hidden
-# files, sub-folders) is skipped.
-IMAGE_SUFFIXES = (".jpg", ".jpeg")
+from featx.extract.discover import has_image_extension, subfolders
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -305,10 +301,10 @@ def _shortfall(spec: DatasetSpec, images: Path) -> list[str]:
 
 
 def _class_images(folder: Path) -> list[str]:
+    """The images of a class folder by name (featx's one rule); stray notes, hidden files and
+    sub-folders are skipped."""
     return sorted(
-        p.name
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        p.name for p in folder.iterdir() if has_image_extension(p) and not p.name.startswith(".") and p.is_file()
     )
 
 
@@ -329,7 +325,7 @@ def _load_caltech(spec: DatasetSpec, root: Path, *, background: bool) -> Dataset
         labels.extend([len(classes)] * len(files))
         classes.append(folder.name)
     if not classes:
-        raise MissingData(f"no class folders with .jpg images under {images}; " + where_to_put(spec, root))
+        raise MissingData(f"no class folders with images under {images}; " + where_to_put(spec, root))
     short = _shortfall(spec, images)
     if short:
         problems.insert(

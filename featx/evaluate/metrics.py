@@ -93,6 +93,11 @@ def mean_ap(labels: np.ndarray, scores: np.ndarray, ap=voc07_ap) -> tuple[float,
     return float(np.nanmean(per_class)), per_class
 
 
+def percent(x: float) -> float | None:
+    """A fraction as percent for a report; an undefined value (NaN: AP without positives) as None."""
+    return None if np.isnan(x) else 100 * float(x)
+
+
 def _check_voc(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float64)

@@ -15,34 +15,8 @@ from pathlib import Path
 
 from featx.errors import BadInput, MissingData
 from featx.evaluate.datasets import DATASETS
-from featx.evaluate.heads import DEFAULT_CS, HEADS
+from featx.evaluate.protocol import PIPELINE_FIELDS, Head, Protocol
 from featx.extract.config import MODELS, ExtractConfig
-
-# Which AP a VOC year's devkit uses: 11-point up to 2009, area from 2010 on.
-METRICS = ("mean_class_recall", "voc07_ap", "voc_ap")
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """How images are split, how C is chosen, and what is measured (Appendix B)."""
-
-    splits: int = 3
-    seed: int = 0
-    # Caltech: training images per class, and at most this many test images per class
-    # (None: all the rest). VOC ignores both: its image sets are fixed.
-    n_train: int | None = None
-    n_test: int | None = None
-    # Fraction of the training images held out to choose C (then refit on all of them).
-    holdout: float = 0.2
-    metric: str = "mean_class_recall"
-    # Caltech: keep the background / clutter class, as the paper does.
-    background: bool = True
-    # VOC action: the choices the paper leaves open. The person's box grown by this fraction of
-    # its width and height on each side (clipped to the image) before it is described; and how
-    # stacked descriptors are normalised: "final" (L2 once more after stacking the L2-normalised
-    # blocks) or "blocks" (each block L2-normalised, the stack left as it is).
-    box_margin: float = 0.0
-    stack_norm: str = "final"
 
 
 @dataclass(frozen=True)
@@ -56,25 +30,17 @@ class Features:
     flip: bool = True
     aggregate: str = "stack"
 
-    def config(self, model: str, **speed) -> ExtractConfig:
-        """The extraction settings for one net; `speed` sets device, batch_size, workers."""
-        return ExtractConfig(
+    def config(self, model: str, base: ExtractConfig | None = None) -> ExtractConfig:
+        """The extraction settings for one net: these descriptor settings over `base`'s others
+        (device, precision, batch size, workers, the seed of random weights)."""
+        return (base or ExtractConfig()).replace(
             model=model,
             weights=self.weights,
             layer=self.layer,
             scales=self.scales,
             flip=self.flip,
             aggregate=self.aggregate,
-            **speed,
         )
-
-
-@dataclass(frozen=True)
-class Head:
-    """The classifier and the grid C is chosen from."""
-
-    name: str = "svm"
-    C: tuple[float, ...] = DEFAULT_CS
 
 
 @dataclass(frozen=True)
@@ -109,13 +75,12 @@ class Pipeline:
         self.validate()
 
     def validate(self) -> None:
+        """What depends on the dataset; the protocol, head and descriptor settings check themselves."""
         where = f" in {self.source}" if self.source else ""
         if self.dataset not in DATASETS:
             raise BadInput(f"unknown dataset {self.dataset!r}{where}; choose one of {', '.join(DATASETS)}")
         kind = DATASETS[self.dataset].kind
         p, f = self.protocol, self.features
-        if p.metric not in METRICS:
-            raise BadInput(f"unknown metric {p.metric!r}{where}; choose one of {', '.join(METRICS)}")
         if kind == "voc_action" and p.metric != "voc_ap":
             raise BadInput(f"metric {p.metric!r} does not fit {self.dataset}{where}: VOC2012 action uses voc_ap")
         if (kind == "caltech") != (p.metric == "mean_class_recall"):
@@ -125,14 +90,6 @@ class Pipeline:
             )
         if kind == "caltech" and not p.n_train:
             raise BadInput(f"[protocol] n_train is missing{where}; Caltech needs it (e.g. 30)")
-        if p.stack_norm not in ("final", "blocks"):
-            raise BadInput(f"stack_norm {p.stack_norm!r}{where} must be 'final' or 'blocks'")
-        if not 0 <= p.box_margin < 1:
-            raise BadInput(f"box_margin {p.box_margin}{where} must be a fraction in [0, 1), e.g. 0.1")
-        if p.splits < 1:
-            raise BadInput(f"--splits {p.splits} must be at least 1")
-        if not 0 < p.holdout < 1:
-            raise BadInput(f"holdout {p.holdout}{where} must be a fraction between 0 and 1, e.g. 0.2")
         if not f.models:
             raise BadInput(f"no model given{where}; name at least one, e.g. --model vgg16")
         for m in f.models:
@@ -141,10 +98,6 @@ class Pipeline:
         if len(set(f.models)) != len(f.models):
             raise BadInput(f"--model {list(f.models)} repeats a net; give each once")
         f.config(f.models[0])  # the extraction settings check themselves (scales, layer, ...)
-        if self.head.name not in HEADS:
-            raise BadInput(f"unknown --head {self.head.name!r}{where}; choose one of {', '.join(HEADS)}")
-        if not self.head.C or min(self.head.C) <= 0:
-            raise BadInput(f"[head] C {list(self.head.C)}{where} must list positive values, e.g. [0.1, 1, 10]")
 
     @property
     def kind(self) -> str:
@@ -187,6 +140,7 @@ class Pipeline:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d["protocol"] = {k: d["protocol"][k] for k in PIPELINE_FIELDS}
         d["features"]["models"] = list(self.features.models)
         d["features"]["scales"] = list(self.features.scales)
         d["head"]["C"] = list(self.head.C)
@@ -200,7 +154,7 @@ _PAPER = ("source", "note", "results")
 
 
 def _fields(cls) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+    return PIPELINE_FIELDS if cls is Protocol else tuple(f.name for f in dataclasses.fields(cls))
 
 
 def parse_pipeline(data: dict, source: str = "") -> Pipeline:
@@ -220,9 +174,10 @@ def parse_pipeline(data: dict, source: str = "") -> Pipeline:
         if bad:
             raise BadInput(f"unknown key {bad[0]!r} in [{key}]{where}; allowed: {', '.join(_fields(cls))}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
-        if key == "head" and "C" in values:
-            values["C"] = tuple(float(c) for c in values["C"])
-        sections[key] = cls(**values)
+        try:
+            sections[key] = cls(**values)
+        except BadInput as e:
+            raise BadInput(f"[{key}]{where}: {e}") from None
     paper = data.get("paper", {})
     bad = sorted(set(paper) - set(_PAPER))
     if bad:

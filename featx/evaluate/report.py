@@ -6,17 +6,26 @@ against: mean class recall (Caltech) or mAP (VOC), in percent.
 
 from __future__ import annotations
 
-import json
 import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from featx import __version__
 from featx.evaluate.datasets import get_spec
+from featx.evaluate.protocol import mean_std
+from featx.store.atomic import write_json
 from featx.store.paths import check_output, make_parent
+from featx.store.text import weights_text
+
+if TYPE_CHECKING:
+    from featx.evaluate.pipeline import Pipeline
 
 
 @dataclass
@@ -28,15 +37,60 @@ class Evaluation:
     curves: dict = field(default_factory=dict)
 
 
-def weights_text(prov: dict) -> str:
-    """The weights a feature file was made with, in words for the report."""
-    w = prov.get("weights", {})
-    kind = w.get("kind")
-    if kind == "random":
-        return f"random (seed {w.get('seed')})"
-    if kind == "file":
-        return f"file {w.get('file')} (sha256 {str(w.get('sha256'))[:12]})"
-    return str(w.get("name", "unknown"))
+def result_row(label: str, models: Sequence[str], records: list[dict], **more) -> dict:
+    """One row of the report: nets, their value as mean ± std over the splits, and each split's record."""
+    summary = mean_std([r.get("value") for r in records])
+    return {"label": label, "models": list(models), **more, **summary, "splits": records}
+
+
+def paper_block(pipeline: Pipeline) -> dict:
+    """The paper's numbers the report sets featx's beside (Tables 11 and 12)."""
+    settings = pipeline.kind == "voc_action"
+    return {
+        "source": pipeline.paper_source,
+        "note": pipeline.paper_note,
+        "results": [
+            {
+                "label": r.label,
+                "models": list(r.models),
+                **({"setting": r.setting} if settings else {}),
+                "mean": r.mean,
+                "std": r.std,
+            }
+            for r in pipeline.paper
+        ],
+    }
+
+
+def config_block(
+    pipeline: Pipeline,
+    *,
+    provenance: dict,
+    features: list[dict],
+    root: Path | None,
+    image_dir: Path,
+    n_images: int,
+    notes: list[str],
+    head_seconds: float,
+    started: float,
+    **more,
+) -> dict:
+    """How the numbers were made: the pipeline, the weights (from a feature file's `provenance`),
+    each net's features, the data, notes, and the time spent (since `started`, a perf_counter)."""
+    spec = get_spec(pipeline.dataset)
+    return {
+        "pipeline": pipeline.to_dict(),
+        "weights": weights_text(provenance),
+        "features": features,
+        "root": str(Path(root).resolve()) if root is not None else None,
+        "image_dir": str(image_dir),
+        "n_images": n_images,
+        **more,
+        "notes": notes + ([spec.note] if spec.note else []),
+        "featx_version": __version__,
+        "head_seconds": round(head_seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def _pm(mean: float | None, std: float | None) -> str:
@@ -119,11 +173,8 @@ def write_report(evaluation: Evaluation, path: str | Path) -> list[Path]:
     """Write the JSON report to `path` and its PNG plots beside it; return all files written."""
     path = make_parent(check_report_path(path), "--report")
     report = evaluation.report
-    path.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+    write_json(report, path, indent=2, sort_keys=False)
     written = [path]
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed (and none on a server)
     for r in report["results"]:
         stem = f"{path.stem}-{_slug(r['label'])}"
         if r["mean"] is None:  # --test-server: no labels, nothing to plot
@@ -143,14 +194,15 @@ def _slug(text: str) -> str:
 
 
 def _plot_recall(report: dict, r: dict, out: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it is
 
     classes = report["classes"]
     per_split = [[s["per_class"].get(c, np.nan) for c in classes] for s in r["splits"]]
     mean = np.array([_mean(column) for column in zip(*per_split)])
     order = np.argsort(-mean, kind="stable")
     height = max(3.0, 0.16 * len(classes) + 1.2)
-    fig, ax = plt.subplots(figsize=(7.5, height))
+    fig = Figure(figsize=(7.5, height))
+    ax = fig.subplots()
     ax.barh(np.arange(len(classes)), mean[order], color="#4477aa")
     ax.set_yticks(np.arange(len(classes)), [classes[i] for i in order], fontsize=7)
     ax.invert_yaxis()
@@ -162,12 +214,11 @@ def _plot_recall(report: dict, r: dict, out: Path) -> Path:
     ax.margins(y=0.005)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
 def _plot_ap(report: dict, r: dict, out: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it is
 
     classes = report["classes"]
 
@@ -176,7 +227,8 @@ def _plot_ap(report: dict, r: dict, out: Path) -> Path:
 
     ap07, area = values("voc07_ap"), values("area_ap")
     x = np.arange(len(classes))
-    fig, ax = plt.subplots(figsize=(10, 4.2))
+    fig = Figure(figsize=(10, 4.2))
+    ax = fig.subplots()
     ax.bar(x - 0.2, ap07, 0.4, label=f"11-point AP (mean {_mean(ap07):.1f})", color="#4477aa")
     ax.bar(x + 0.2, area, 0.4, label=f"area AP (mean {_mean(area):.1f})", color="#66ccee")
     ax.set_xticks(x, classes, rotation=60, ha="right", fontsize=8)
@@ -189,17 +241,17 @@ def _plot_ap(report: dict, r: dict, out: Path) -> Path:
     ax.legend(fontsize=8, loc="upper left", ncols=2, frameon=False)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
 def _plot_pr(report: dict, r: dict, curve: dict, out: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend stays as it is
 
     classes = report["classes"]
     cols = 5
     rows = int(np.ceil(len(classes) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(12, 2.4 * rows), sharex=True, sharey=True)
+    fig = Figure(figsize=(12, 2.4 * rows))
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True)
     per_class = r["splits"][0]["per_class"]
     for ax, c in zip(np.ravel(axes), classes):
         precision, recall = curve[c]
@@ -226,21 +278,7 @@ def _plot_pr(report: dict, r: dict, curve: dict, out: Path) -> Path:
     )
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
-
-
-def _finite(obj):
-    """JSON has no NaN: an undefined value (e.g. AP of a class without positives) is null."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _mean(values) -> float:

@@ -15,28 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from featx import __version__, store
+from featx import store
 from featx.errors import BadInput
 from featx.evaluate.action import evaluate_action
 from featx.evaluate.cache import cached_features
-from featx.evaluate.datasets import DatasetIndex, get_spec, load_dataset
-from featx.evaluate.heads import (
-    HeldOutC,
-    OneVsRest,
-    fixed_solver,
-    make_head,
-    span_coordinates,
-)
-from featx.evaluate.metrics import (
-    mean_ap,
-    mean_class_recall,
-    precision_recall,
-    voc07_ap,
-    voc_ap,
-)
+from featx.evaluate.datasets import DatasetIndex, DatasetSpec, get_spec, load_dataset
 from featx.evaluate.pipeline import Pipeline
-from featx.evaluate.report import Evaluation, weights_text
-from featx.evaluate.splits import Split, caltech_splits, fixed_splits
+from featx.evaluate.protocol import Outcome, ap_record, class_record, draw_splits, fuse, pr_curves, run_protocol
+from featx.evaluate.report import Evaluation, config_block, paper_block, result_row
+from featx.evaluate.splits import Split
+from featx.extract.config import ExtractConfig
 
 
 @dataclass
@@ -53,15 +41,12 @@ class _Net:
 
 def evaluate(
     pipeline: Pipeline,
+    config: ExtractConfig | None = None,
     *,
     root: str | Path | None = None,
     download: bool = False,
     cache_dir: str | Path | None = None,
     features: Sequence[str | Path] = (),
-    device: str = "auto",
-    precision: str = "auto",
-    batch_size: int = 8,
-    workers: int = 2,
     jobs: int | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
@@ -70,51 +55,31 @@ def evaluate(
 ) -> Evaluation:
     """Run one experiment of the paper end to end and return its report (Appendix B).
 
-    Features are extracted once per net and dataset copy into `cache_dir` (default: the
-    per-user cache, featx.evaluate.cache) and reused while settings and files are unchanged.
-    `results_dir` and `test_server` apply to VOC2012 action (featx.evaluate.action).
+    `config` carries how features are computed besides the pipeline's descriptor (device,
+    precision, batch size, workers; the seed of random weights). Features are extracted once
+    per net and dataset copy into `cache_dir` (default: the per-user cache,
+    featx.evaluate.cache) and reused while settings and files are unchanged. `results_dir` and
+    `test_server` apply to VOC2012 action (featx.evaluate.action).
     """
     log = log or (lambda message: None)
+    config = config if config is not None else ExtractConfig()
     spec = get_spec(pipeline.dataset)
-    t0 = time.perf_counter()
+    started = time.perf_counter()
+    _check_sources(spec, root, features, download=download, results_dir=results_dir, test_server=test_server)
     if spec.kind == "voc_action":
-        if features:
-            raise BadInput(
-                "--features does not apply to voc2012-action (it needs image and box features); leave it out"
-            )
-        if root is None:
-            raise BadInput(
-                f"--root is missing: give the folder that holds (or should receive, with --download) {spec.images}"
-            )
         return evaluate_action(
             pipeline,
+            config,
             root=root,
             download=download,
             cache_dir=cache_dir,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            workers=workers,
             jobs=jobs,
             progress=progress,
             log=log,
             results_dir=results_dir,
             test_server=test_server,
         )
-    if results_dir is not None or test_server:
-        raise BadInput("--results and --test-server apply to --dataset voc2012-action only; leave them out")
-    if root is None and (download or not features or spec.kind == "voc"):
-        raise BadInput(
-            f"--root is missing: give the folder that holds (or should receive, with --download) "
-            f"{spec.images}" + ("" if spec.kind == "voc" else ", or evaluate extracted features with --features FILE")
-        )
-    if root is not None:
-        index = load_dataset(spec, root, background=pipeline.protocol.background, download=download, progress=progress)
-    else:
-        index = _index_from_features(spec, Path(features[0]), pipeline.protocol.background)
-    for line in index.problems:
-        log(f"warning: {line}")
-
+    index = _dataset_index(spec, pipeline, root, features, download=download, progress=progress, log=log)
     notes = list(index.problems)
     if features:
         nets = [_load_net(Path(f), index) for f in features]
@@ -124,18 +89,7 @@ def evaluate(
         # The protocol must fit this copy (e.g. enough images per class) before hours of extraction.
         _splits(pipeline, index)
         nets = [
-            _cached_net(
-                pipeline,
-                model,
-                index,
-                cache_dir,
-                log,
-                progress=progress,
-                device=device,
-                precision=precision,
-                batch_size=batch_size,
-                workers=workers,
-            )
+            _cached_net(pipeline, model, config, index, cache_dir, log, progress=progress)
             for model in pipeline.features.models
         ]
     index, nets, dropped = _common_rows(index, nets)
@@ -144,83 +98,97 @@ def evaluate(
 
     splits = _splits(pipeline, index)
     log(f"{pipeline.name}: {len(index)} images, {len(index.classes)} classes, {len(splits)} split(s)")
-    by_model = {n.model: n for n in nets}
-    results, curves = [], {}
     t_heads = time.perf_counter()
-    for models in pipeline.rows():
-        X = _fuse([by_model[m].X for m in models])
-        label = _row_label(pipeline, models)
-        log(f"{label}: fitting {pipeline.head.name} heads")
-        per_split = []
-        for split in splits:
-            record, curve = _run_split(pipeline, index, X, split, jobs)
-            per_split.append(record)
-            if curve is not None and label not in curves:
-                curves[label] = curve
-        values = [s["value"] for s in per_split]
-        results.append(
-            {
-                "label": label,
-                "models": list(models),
-                "mean": float(np.mean(values)),
-                # Sample std over the splits (ddof=1); undefined for a single split.
-                "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-                "splits": per_split,
-            }
-        )
+    results, curves = _fit_rows(pipeline, index, nets, splits, jobs, log)
     head_seconds = time.perf_counter() - t_heads
+    config_record = config_block(
+        pipeline,
+        provenance=nets[0].provenance,
+        # Asked for (--precision) and, per net below, what the features were computed in.
+        precision=config.precision if not features else None,
+        features=[_net_record(n) for n in nets],
+        root=root,
+        image_dir=index.image_dir,
+        n_images=len(index),
+        notes=notes,
+        head_seconds=head_seconds,
+        started=started,
+    )
+    return Evaluation(_report(pipeline, index, results, config_record), curves)
 
+
+def _check_sources(spec: DatasetSpec, root, features, *, download: bool, results_dir, test_server: bool) -> None:
+    """Refuse a combination of data sources and outputs that cannot apply to `spec`."""
+    if spec.kind == "voc_action":
+        if features:
+            raise BadInput(
+                "--features does not apply to voc2012-action (it needs image and box features); leave it out"
+            )
+        if root is None:
+            raise BadInput(
+                f"--root is missing: give the folder that holds (or should receive, with --download) {spec.images}"
+            )
+        return
+    if results_dir is not None or test_server:
+        raise BadInput("--results and --test-server apply to --dataset voc2012-action only; leave them out")
+    if root is None and (download or not features or spec.kind == "voc"):
+        raise BadInput(
+            f"--root is missing: give the folder that holds (or should receive, with --download) "
+            f"{spec.images}" + ("" if spec.kind == "voc" else ", or evaluate extracted features with --features FILE")
+        )
+
+
+def _report(pipeline: Pipeline, index: DatasetIndex, results: list[dict], config_record: dict) -> dict:
+    """The report: the metric per row of nets beside the paper's, and how it was made."""
     report = {
-        "dataset": spec.name,
-        "metric": "mean_class_recall" if spec.kind == "caltech" else "mAP",
+        "dataset": pipeline.dataset,
+        "metric": "mean_class_recall" if pipeline.kind == "caltech" else "mAP",
         "classes": list(index.classes),
         "results": results,
-        "paper": {
-            "source": pipeline.paper_source,
-            "note": pipeline.paper_note,
-            "results": [
-                {"label": r.label, "models": list(r.models), "mean": r.mean, "std": r.std} for r in pipeline.paper
-            ],
-        },
-        "config": {
-            "pipeline": pipeline.to_dict(),
-            "weights": weights_text(nets[0].provenance),
-            # Asked for (--precision) and, per net above, what the features were computed in.
-            "precision": precision if not features else None,
-            "features": [
-                {
-                    "model": n.model,
-                    "file": str(n.file),
-                    "settings_hash": n.provenance.get("settings_hash"),
-                    "weights": n.provenance.get("weights"),
-                    "descriptor": n.provenance.get("descriptor"),
-                    "precision": n.provenance.get("precision"),
-                    "device": n.provenance.get("device"),
-                    "dim": int(n.X.shape[1]),
-                    "extract_seconds": round(n.extract_seconds, 3),
-                    "new_rows": n.new_rows,
-                }
-                for n in nets
-            ],
-            "root": str(Path(root).resolve()) if root is not None else None,
-            "image_dir": str(index.image_dir),
-            "n_images": len(index),
-            "notes": notes + ([spec.note] if spec.note else []),
-            "featx_version": __version__,
-            "head_seconds": round(head_seconds, 3),
-            "seconds": round(time.perf_counter() - t0, 3),
-        },
+        "paper": paper_block(pipeline),
+        "config": config_record,
     }
-    if spec.kind == "voc":
+    if pipeline.kind == "voc":
         report["ap"] = "voc07_11point" if pipeline.protocol.metric == "voc07_ap" else "area"
-    return Evaluation(report, curves)
+    return report
+
+
+def _dataset_index(
+    spec: DatasetSpec, pipeline: Pipeline, root, features, *, download: bool, progress: bool, log
+) -> DatasetIndex:
+    """The images and labels: the copy under `root`, else the labels of the first feature file."""
+    background = pipeline.protocol.background
+    if root is not None:
+        index = load_dataset(spec, root, background=background, download=download, progress=progress)
+    else:
+        index = _index_from_features(spec, Path(features[0]), background)
+    for line in index.problems:
+        log(f"warning: {line}")
+    return index
+
+
+def _net_record(net: _Net) -> dict:
+    """What the report says of one net's features: file, descriptor, how and how fast computed."""
+    prov = net.provenance
+    return {
+        "model": net.model,
+        "file": str(net.file),
+        "settings_hash": prov.get("settings_hash"),
+        "weights": prov.get("weights"),
+        "descriptor": prov.get("descriptor"),
+        "precision": prov.get("precision"),
+        "device": prov.get("device"),
+        "dim": int(net.X.shape[1]),
+        "extract_seconds": round(net.extract_seconds, 3),
+        "new_rows": net.new_rows,
+    }
 
 
 # -- features ----------------------------------------------------------------------------
 
 
-def _cached_net(pipeline, model, index, cache_dir, log, *, progress, **run) -> _Net:
-    config = pipeline.features.config(model, **run)
+def _cached_net(pipeline, model, base: ExtractConfig, index, cache_dir, log, *, progress) -> _Net:
+    config = pipeline.features.config(model, base)
     # VOC: only the images of the two image sets (VOC2012's folder holds 5,600 others); Caltech:
     # the whole class-folder tree, so that --no-background reuses the same entry.
     inputs = [index.image_dir / p for p in index.paths] if index.subsets else [index.image_dir]
@@ -311,95 +279,45 @@ def _setting_mismatches(pipeline: Pipeline, nets: list[_Net]) -> list[str]:
     return notes
 
 
-def _fuse(blocks: list[np.ndarray]) -> np.ndarray:
-    """Late fusion: the nets' L2-normalised descriptors stacked, then L2-normalised again.
-
-    Paper, Appendix B: "stacking" the descriptors of Net-D and Net-E. Re-normalising only
-    rescales (by 1/sqrt(nets)), which keeps the C grid meaning the same for every row.
-    """
-    if len(blocks) == 1:
-        return blocks[0]
-    X = np.hstack(blocks)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-
-
 # -- protocol ----------------------------------------------------------------------------
 
 
 def _splits(pipeline: Pipeline, index: DatasetIndex) -> list[Split]:
-    p = pipeline.protocol
-    if pipeline.kind == "caltech":
-        return caltech_splits(
-            index.labels,
-            n_train=p.n_train,
-            n_test=p.n_test,
-            splits=p.splits,
-            seed=p.seed,
-            classes=index.classes,
+    fixed = None
+    if pipeline.kind == "voc":
+        spec = get_spec(pipeline.dataset)
+        fixed = (index.subsets[spec.train_set], index.subsets[spec.test_set])
+    return draw_splits(pipeline.protocol, index.labels, classes=index.classes, fixed=fixed)
+
+
+def _fit_rows(pipeline: Pipeline, index: DatasetIndex, nets: list[_Net], splits: list[Split], jobs, log):
+    """Each net alone and their late fusion, over every split: the report's rows, and the PR
+    curves (VOC: the first split's) per row."""
+    by_model = {n.model: n for n in nets}
+    results, curves = [], {}
+    for models in pipeline.rows():
+        X = fuse([by_model[m].X for m in models], pipeline.protocol.stack_norm)
+        label = _row_label(pipeline, models)
+        log(f"{label}: fitting {pipeline.head.name} heads")
+        outcomes = run_protocol(
+            X, index.labels, splits, pipeline.protocol, pipeline.head, len(index.classes), jobs=jobs
         )
-    spec = get_spec(pipeline.dataset)
-    return fixed_splits(index.subsets[spec.train_set], index.subsets[spec.test_set], splits=p.splits, seed=p.seed)
+        if pipeline.kind == "voc":
+            curves[label] = pr_curves(outcomes[0], index.classes)
+        results.append(result_row(label, models, [split_record(pipeline, index.classes, o) for o in outcomes]))
+    return results, curves
 
 
-def _run_split(
-    pipeline: Pipeline, index: DatasetIndex, X: np.ndarray, split: Split, jobs: int | None = None
-) -> tuple[dict, dict | None]:
-    """Fit on the split's training rows (C chosen on a held-out part of them); score on test."""
-    p, h = pipeline.protocol, pipeline.head
-    if pipeline.kind == "caltech":
-        base = make_head(h.name, random_state=split.seed)
-        scoring = "mean_class_recall"
-    else:
-        base = OneVsRest(h.name, random_state=split.seed)
-        scoring = p.metric
-    # One solver for every fit of the split, chosen from the descriptors' own shape (fewer
-    # training images than dimensions: liblinear's dual), so the span coordinates below, which
-    # have as many columns as rows, change the speed and nothing else.
-    base = fixed_solver(base, (len(split.train), X.shape[1]))
-    est = HeldOutC(base, Cs=h.C, holdout=p.holdout, scoring=scoring, random_state=split.seed, n_jobs=jobs)
-    y = index.labels
-    X_train, X_test = span_coordinates(X[split.train], X[split.test])
-    est.fit(X_train, y[split.train])
-    record = {
-        "seed": split.seed,
-        "value": None,
-        "n_train": len(split.train),
-        "n_test": len(split.test),
-        "C": est.C_,
-        "n_holdout": est.n_holdout_,
-        "holdout_scores": {_c(C): round(100 * s, 4) for C, s in est.scores_.items()},
-        "convergence_warnings": est.convergence_warnings_,
-        "solver": est.solver_,
+def split_record(pipeline: Pipeline, classes: tuple[str, ...], outcome: Outcome) -> dict:
+    """One split in the report: the fit, and `value` (Caltech: mean class recall with the recall
+    per class tested; VOC: the pipeline's mAP, both mAPs and the APs per class)."""
+    if pipeline.kind != "caltech":
+        return outcome.fit | ap_record(outcome, classes, pipeline.protocol.metric)
+    scores = class_record(outcome, classes)
+    return outcome.fit | {
+        "value": scores["mean_class_recall"],
+        "per_class": {c: v["recall"] for c, v in scores["per_class"].items() if v["n_test"]},
     }
-    if pipeline.kind == "caltech":
-        y_test = y[split.test]
-        pred = est.predict(X_test)
-        record["value"] = 100 * mean_class_recall(y_test, pred)
-        record["per_class"] = {
-            index.classes[c]: 100 * float(np.mean(pred[y_test == c] == c)) for c in np.unique(y_test)
-        }
-        return record, None
-    Y_test = y[split.test]
-    S = est.decision_function(X_test)
-    m07, ap07 = mean_ap(Y_test, S, ap=voc07_ap)
-    marea, aparea = mean_ap(Y_test, S, ap=voc_ap)
-    record["value"] = 100 * (m07 if p.metric == "voc07_ap" else marea)
-    record["voc07_mAP"] = 100 * m07
-    record["area_mAP"] = 100 * marea
-    record["per_class"] = {c: {"voc07_ap": _pct(a), "area_ap": _pct(b)} for c, a, b in zip(index.classes, ap07, aparea)}
-    curve = {}
-    for k, c in enumerate(index.classes):
-        precision, recall = precision_recall(Y_test[:, k], S[:, k])
-        curve[c] = (precision, recall)
-    return record, curve
-
-
-def _c(C: float) -> str:
-    return f"{C:g}"
-
-
-def _pct(x: float) -> float | None:
-    return None if np.isnan(x) else 100 * float(x)
 
 
 def _row_label(pipeline: Pipeline, models: tuple[str, ...]) -> str:

@@ -78,6 +78,31 @@ def fixed_splits(train: np.ndarray, test: np.ndarray, *, splits: int, seed: int)
     return [Split(s, np.asarray(train), np.asarray(test)) for s in split_seeds(splits, seed)]
 
 
+def test_fraction_splits(labels: np.ndarray, test_size: float, *, splits: int, seed: int) -> list[Split]:
+    """Per class, round(test_size * n) images tested (at least one, and two left to train).
+
+    Two training images per class leave one to hold out for C. Multi-label targets (2-d
+    `labels`) are split at random over all rows, keeping two to train.
+    """
+    labels = np.asarray(labels)
+    n = labels.shape[0]
+    result = []
+    for s in split_seeds(splits, seed):
+        rng = np.random.default_rng(s)
+        if labels.ndim == 2:
+            k = min(max(round(test_size * n), 1), n - 2)
+            test = np.sort(rng.permutation(n)[:k])
+        else:
+            parts = []
+            for c in np.unique(labels):
+                rows = rng.permutation(np.flatnonzero(labels == c))
+                k = min(max(round(test_size * len(rows)), 1), len(rows) - 2)
+                parts.append(rows[:k])
+            test = np.sort(np.concatenate(parts))
+        result.append(Split(s, np.setdiff1d(np.arange(n), test), test))
+    return result
+
+
 def holdout_split(y: np.ndarray, fraction: float, seed: int, *, stratify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(fit rows, held-out rows): `fraction` of the rows held out, per class when `stratify`.
 

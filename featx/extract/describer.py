@@ -19,16 +19,7 @@ import torch
 
 from featx.errors import BadInput
 from featx.extract.config import ExtractConfig
-
-# config_from_provenance, descriptor_hash, provenance: re-exported for the engines and downstream,
-# which import them from here (issue 21 moved them to featx.extract.provenance; dropped at merge).
-from featx.extract.provenance import (  # noqa: F401
-    config_from_provenance,
-    descriptor_hash,
-    forget_file_hashes,
-    provenance,
-    weights_identity,
-)
+from featx.extract.provenance import forget_file_hashes, weights_identity
 from featx.net.backbones import DenseNet, get_backbone
 from featx.net.device import resolve_device, resolve_precision, torch_dtype
 from featx.net.plan.heap import HeapTrimmer

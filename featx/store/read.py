@@ -36,7 +36,8 @@ def feature_files(path: Path) -> list[Path]:
 
 def is_feature_source(path: str | Path) -> bool:
     """The one rule for "is this features, not images": a .parquet file, or a folder whose
-    files (hidden ones aside) are all Parquet, at least one of them."""
+    files are all Parquet, at least one of them. As in `feature_files`, names starting with "."
+    or "_" (a Ray folder's `_featx/` bookkeeping, temporary files) are skipped."""
     path = Path(path)
     if path.is_file():
         return path.suffix.lower() == ".parquet"
@@ -44,7 +45,7 @@ def is_feature_source(path: str | Path) -> bool:
         return False
     has_parquet = False
     for f in path.rglob("*"):
-        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts):
+        if f.is_file() and not any(part.startswith((".", "_")) for part in f.relative_to(path).parts):
             if f.suffix.lower() != ".parquet":
                 return False
             has_parquet = True

@@ -15,15 +15,11 @@ from typer.testing import CliRunner
 
 from featx import store
 from featx.cli import app
-from featx.downstream.probe import (
-    Protocol,
-    load_labelled,
-    make_splits,
-    probe,
-    write_predictions,
-    write_report,
-)
+from featx.downstream.labelled import load_labelled
+from featx.downstream.probe import make_splits, probe
+from featx.downstream.probe_report import write_predictions, write_report
 from featx.errors import BadInput
+from featx.evaluate.protocol import Protocol
 
 runner = CliRunner()
 
@@ -94,7 +90,7 @@ def test_predictions_recompute_the_report_exactly(tmp_path):
 def test_few_shot_takes_exactly_k_per_class_per_seed(tmp_path):
     y, X = clusters(4, [6, 9, 12, 7])
     data = load_labelled(feature_file(tmp_path / "f.parquet", y, X))
-    splits = make_splits(data, Protocol(splits=3, train_per_class=5, seed=4))
+    splits = make_splits(data, Protocol(splits=3, n_train=5, seed=4))
     for s in splits:
         assert np.bincount(data.y[s.train]).tolist() == [5, 5, 5, 5]
         assert set(s.train).isdisjoint(s.test) and len(s.train) + len(s.test) == len(y)
@@ -152,10 +148,13 @@ def test_labels_file_for_a_flat_folder_and_multi_label(tmp_path):
     assert 100 * voc_ap(truth, scores) == pytest.approx(result.report["splits"][0]["per_class"]["class000"]["ap"])
 
 
-def test_report_json_and_plots(tmp_path):
+def test_report_json_and_plots(tmp_path, other_backend):
+    import matplotlib
+
     y, X = clusters(12, 5, spread=1.0)
     result = probe(feature_file(tmp_path / "f.parquet", y, X), splits=1)
     files = write_report(result, tmp_path / "r.json")
+    assert matplotlib.get_backend() == other_backend  # drawn on Figures: a notebook's backend stays
     assert [f.name for f in files] == ["r.json", "r-confusion.png", "r-per-class.png"]
     report = json.loads(files[0].read_text())
     assert report["confusion"]["classes"] == report["classes"]
@@ -223,3 +222,23 @@ def test_settings_that_cannot_apply_are_named(tmp_path):
     Image.new("RGB", (40, 30)).save(images / "1.jpg")
     with pytest.raises(BadInput, match="extraction settings are model, weights"):
         probe(images.parent, splits=1, modle="vgg11")
+
+
+def test_a_feature_folder_with_bookkeeping_is_features_not_images(tmp_path):
+    # As --engine ray writes it: parts, and `_featx/` state beside them.
+    y, X = clusters(3, 6)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    feature_file(folder / "part-000000.parquet", y, X)
+    (folder / "_featx").mkdir()
+    (folder / "_featx" / "settings.json").write_text("{}")
+    result = probe(folder, splits=1)
+    assert result.report["n_images"] == 18 and result.report["source"] == str(folder)
+
+
+def test_report_folders_are_made(tmp_path):
+    y, X = clusters(3, 6)
+    result = probe(feature_file(tmp_path / "f.parquet", y, X), splits=1)
+    written = write_report(result, tmp_path / "new" / "r.json")
+    assert written[0] == tmp_path / "new" / "r.json" and written[0].is_file()
+    assert write_predictions(result, tmp_path / "other" / "p.parquet").is_file()

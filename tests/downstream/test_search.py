@@ -118,7 +118,7 @@ def test_missing_faiss_is_one_line_naming_the_extra(monkeypatch, tmp_path):
 
 
 def test_config_from_provenance_needs_the_weights_file():
-    from featx.extract.describer import config_from_provenance
+    from featx.extract.provenance import config_from_provenance
 
     prov = {
         "settings": {
@@ -145,7 +145,7 @@ def samples_file(samples, tmp_path_factory):
 
 @pytest.mark.slow
 def test_cli_an_image_from_the_collection_finds_itself_first(samples, samples_file, tmp_path):
-    from featx.extract.describer import config_from_provenance, descriptor_hash
+    from featx.extract.provenance import config_from_provenance, descriptor_hash
 
     prov = featx.read_provenance(samples_file)
     assert descriptor_hash(config_from_provenance(prov)) == prov["settings_hash"]
@@ -215,3 +215,33 @@ def test_cli_index_queries_by_feature_file_and_lists_duplicates(tmp_path):
     assert result.exit_code == 0 and "c/03.jpg c/30.jpg" in " ".join(result.output.split())
     result = runner.invoke(app, ["neighbours", str(tmp_path / "ix"), "--duplicates", "2"])
     assert result.exit_code == 2 and "between -1 and 1" in result.output
+
+
+def test_save_makes_missing_folders_and_replaces_an_index_whole(tmp_path):
+    X = clustered(50, 8)
+    first = Index.from_matrix(X, rows(50))
+    first.save(tmp_path / "new" / "ix")
+    second = Index.from_matrix(X[:20], rows(20))
+    second.save(tmp_path / "new" / "ix", overwrite=True)
+    assert len(Index.load(tmp_path / "new" / "ix")) == 20
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["ix"]  # nothing left beside it
+
+
+def test_a_ray_style_feature_folder_is_a_query(tmp_path):
+    from featx import store
+
+    X = clustered(12, 16)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    prov = {"settings_hash": "e" * 16, "dim": 16, "model": "vgg16", "weights": {"kind": "random", "seed": 0}}
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    paths = [f"c/{i:02d}.jpg" for i in range(12)]
+    schema = store.feature_schema(16, prov)
+    store.write_atomic(
+        store.rows_table(schema, paths, ["c"] * 12, [1] * 12, [1] * 12, X), folder / "part-000000.parquet"
+    )
+    (folder / "_featx").mkdir()  # the engine's bookkeeping: not an image, not a feature file
+    (folder / "_featx" / "settings.json").write_text("{}")
+    index = Index.from_matrix(X, pd.DataFrame({"path": paths, "label": "c"}), prov)
+    hits = index.neighbours([folder], k=1)
+    assert (hits["query"] == hits["path"]).all() and len(hits) == 12

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,40 @@ def test_the_shipped_experiment_runs_from_the_cli_and_says_what_is_missing(tmp_p
         app, ["evaluate", "--dataset", "voc2007", "--root", str(tmp_path), "--results", str(tmp_path)]
     )
     assert r.exit_code == 2 and "voc2012-action only" in r.output
+
+
+@pytest.mark.slow
+def test_image_and_box_features_are_cache_entries_described_and_reused(voc, tmp_path):
+    root, _ = voc
+    pipeline = tmp_path / "action.toml"
+    pipeline.write_text(PIPELINE.replace("[protocol]\n", "[protocol]\nsplits = 1\n"))
+    cache = tmp_path / "cache"
+
+    def evaluate(report):
+        args = ["evaluate", "--pipeline", pipeline, "--root", root, "--cache-dir", cache, "--report", report, "--quiet"]
+        r = CliRunner().invoke(app, list(map(str, args)))
+        assert r.exit_code == 0, r.output
+        return json.loads(report.read_text())
+
+    first = evaluate(tmp_path / "first.json")
+    (made,) = first["config"]["features"]
+    assert made["new_rows"] == 16 + 48  # 16 images, and the 48 persons' boxes in them
+    # A second run finds both entries and describes nothing again.
+    again = evaluate(tmp_path / "again.json")
+    (reused,) = again["config"]["features"]
+    assert reused["new_rows"] == 0 and reused["files"] == made["files"]
+    assert again["results"] == first["results"]
+
+    listed = CliRunner().invoke(app, ["cache", "ls", "--cache-dir", str(cache)])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    described = {lines[i]: lines[i + 1] for i in range(0, len(lines), 2)}
+    image, box = (Path(f).stem for f in made["files"])
+    assert set(described) == {image, box}
+    for stem in (image, box):
+        assert described[stem].startswith("  voc2012-action, vgg11 pool5 Q=64 no flip ")
+        assert "weights random (seed 0)" in described[stem]
+    assert "; 16 images," in described[image] and "; 48 regions of 16 images," in described[box]
+    info = json.loads((cache / f"{box}.json").read_text())
+    assert (info["name"], info["images"], info["rows"], info["regions"]["rows"]) == ("voc2012-action", 16, 48, 48)
+    assert json.loads((cache / f"{image}.json").read_text())["regions"] is None

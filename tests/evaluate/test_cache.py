@@ -129,7 +129,7 @@ def test_cache_ls_and_rm(made, tmp_path):
     assert listed.exit_code == 0, listed.output
     out = listed.stdout
     assert all(n in out for n in names)
-    assert "caltech101, vgg11, pool5 Q=32 no flip fp32" in out and "3 images" in out
+    assert "caltech101, vgg11 pool5 Q=32 no flip fp32" in out and "3 images" in out
     assert "voc2007, vgg11" in out and "2 images" in out
     assert "KiB" in out and f"{len(names)} entries" in listed.stderr
     info = json.loads(A.file.with_suffix(".json").read_text())

@@ -1,7 +1,6 @@
 """`featx evaluate` end to end on fake Caltech and VOC trees, with random weights."""
 
 import json
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -9,11 +8,7 @@ from sklearn.svm import LinearSVC
 from typer.testing import CliRunner
 
 from featx.cli import app
-from featx.evaluate import run as ev
-from featx.evaluate.datasets import DatasetIndex
 from featx.evaluate.heads import span_coordinates
-from featx.evaluate.pipeline import builtin_pipeline
-from featx.evaluate.splits import caltech_splits
 from tests.fake_datasets import make_caltech, make_voc
 
 # The protocol shrunk to a tree of 6 images per class: 3 training, up to 2 test.
@@ -180,64 +175,6 @@ def test_user_errors_are_one_line_and_exit_2(caltech, tmp_path):
     assert result.exit_code == 2 and "fewer than n_train + 1 = 31 images" in result.stderr
 
 
-def _synthetic(n_classes=4, per_class=12, dim=6, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(n_classes), per_class)
-    X = (rng.normal(size=(len(labels), dim)) + 2 * np.eye(dim)[labels]).astype(np.float32)
-    X[:, -1] = np.arange(len(labels))  # the row id, to see which rows a head is fit on
-    index = DatasetIndex(
-        name="caltech101",
-        image_dir=None,
-        paths=tuple(map(str, range(len(labels)))),
-        classes=tuple("abcd"[:n_classes]),
-        labels=labels,
-    )
-    return index, X
-
-
-class SpySVC(LinearSVC):
-    """A LinearSVC that records which rows (by the id in the last column) it is fit on."""
-
-    fits: ClassVar[list] = []
-
-    def fit(self, X, y):
-        SpySVC.fits.append(set(X[:, -1].astype(int)))
-        return super().fit(X, y)
-
-
-def test_c_is_never_chosen_on_test_data(monkeypatch):
-    index, X = _synthetic()
-    pipeline = builtin_pipeline("caltech101").override(models=["vgg11"])
-    (split,) = caltech_splits(index.labels, n_train=8, n_test=4, splits=1, seed=0)
-    SpySVC.fits = []
-    monkeypatch.setattr(ev, "make_head", lambda name, random_state=0: SpySVC(random_state=random_state))
-    record, _ = ev._run_split(pipeline, index, X, split)
-    train, test = set(split.train), set(split.test)
-    # One fit per C on the same 80% of the training rows, then the refit on all of them.
-    assert len(SpySVC.fits) == len(pipeline.head.C) + 1
-    assert all(rows < train and not rows & test for rows in SpySVC.fits[:-1])
-    assert SpySVC.fits[-1] == train
-    # And the outcome does not move when the test rows are replaced by noise and their
-    # labels shuffled.
-    noisy = X.copy()
-    noisy[split.test, :-1] = np.random.default_rng(1).normal(size=(len(split.test), X.shape[1] - 1)) * 100
-    labels = index.labels.copy()
-    labels[split.test] = np.random.default_rng(2).permutation(labels[split.test])
-    poisoned, _ = ev._run_split(pipeline, DatasetIndex(**{**index.__dict__, "labels": labels}), noisy, split)
-    assert poisoned["C"] == record["C"]
-    assert poisoned["holdout_scores"] == record["holdout_scores"]
-    assert poisoned["n_train"] == record["n_train"] == 32
-
-
-def test_late_fusion_stacks_and_renormalises():
-    a = np.array([[1.0, 0.0], [0.6, 0.8]], np.float32)
-    b = np.array([[0.0, 1.0], [1.0, 0.0]], np.float32)
-    fused = ev._fuse([a, b])
-    assert fused.shape == (2, 4)
-    np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(fused[0], np.array([1, 0, 0, 1]) / np.sqrt(2), rtol=1e-6)
-
-
 @pytest.mark.slow
 def test_voc_end_to_end_with_two_nets_and_their_fusion(tmp_path):
     make_voc(tmp_path / "data", "2007", {"trainval": 10, "test": 8})
@@ -298,15 +235,6 @@ def test_span_coordinates_change_nothing_but_speed():
     np.testing.assert_allclose(spanned.decision_function(Z_test), raw.decision_function(test), atol=1e-3)
 
 
-def test_parallel_grid_gives_the_same_choice():
-    index, X = _synthetic(per_class=20)
-    pipeline = builtin_pipeline("caltech101").override(models=["vgg11"])
-    (split,) = caltech_splits(index.labels, n_train=12, n_test=8, splits=1, seed=0)
-    one, _ = ev._run_split(pipeline, index, X, split)
-    two, _ = ev._run_split(pipeline, index, X, split, jobs=2)
-    assert (one["C"], one["holdout_scores"], one["value"]) == (two["C"], two["holdout_scores"], two["value"])
-
-
 def test_span_coordinates_survive_duplicate_training_rows():
     rng = np.random.default_rng(1)
     train = rng.normal(size=(12, 50)).astype(np.float32)
@@ -317,27 +245,14 @@ def test_span_coordinates_survive_duplicate_training_rows():
     np.testing.assert_allclose(Z_test @ Z_train.T, test @ train.T, atol=1e-4)
 
 
-class SolverSpySVC(LinearSVC):
-    """A LinearSVC that records the liblinear solver each fit runs (documented rule of "auto")."""
+def test_plots_leave_the_callers_backend_alone(caltech, tmp_path, other_backend):
+    import matplotlib
 
-    solvers: ClassVar[list] = []
+    from featx.evaluate.report import Evaluation, write_report
 
-    def fit(self, X, y):
-        dual = self.dual if isinstance(self.dual, bool) else X.shape[0] < X.shape[1]
-        SolverSpySVC.solvers.append(dual)
-        return super().fit(X, y)
-
-
-def test_refit_runs_the_solver_the_held_out_selection_ran(monkeypatch):
-    """Fewer training images than dimensions: the span coordinates are square, the held-out
-    fits have fewer rows than columns; every fit of a split must still run one solver."""
-    index, X = _synthetic(per_class=12, dim=60)
-    pipeline = builtin_pipeline("caltech101").override(models=["vgg11"])
-    (split,) = caltech_splits(index.labels, n_train=8, n_test=4, splits=1, seed=0)
-    SolverSpySVC.solvers = []
-    monkeypatch.setattr(ev, "make_head", lambda name, random_state=0: SolverSpySVC(random_state=random_state))
-    record, _ = ev._run_split(pipeline, index, X, split)
-    assert len(SolverSpySVC.solvers) == len(pipeline.head.C) + 1
-    # 32 training images < 60 dimensions: liblinear's dual, as without the span coordinates.
-    assert set(SolverSpySVC.solvers) == {True}
-    assert record["solver"] == {"dual": True}
+    tmp, _ = caltech
+    report = json.loads((tmp / "out" / "report.json").read_text())
+    written = write_report(Evaluation(report), tmp_path / "r.json")
+    assert [p.name for p in written] == ["r.json", "r-net-a-recall.png"]
+    assert json.loads(written[0].read_text()) == report
+    assert matplotlib.get_backend() == other_backend
