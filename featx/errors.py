@@ -31,3 +31,9 @@ class Locked(FeatxError, RuntimeError):
 
 class Unreachable(FeatxError, ConnectionError):
     """A cluster or host that featx was told to use does not answer."""
+
+
+class DeviceFailed(FeatxError, RuntimeError):
+    """The device stopped working mid-run (e.g. a CUDA error that leaves its context unusable)."""
+
+    exit_code = 1

@@ -7,7 +7,13 @@ whole image). Planning only decides speed: images are ordered by aspect ratio wi
 window (a row group, so memory stays flat), a batch closes at `max_images` images or
 `max_pixels` padded pixels, whichever comes first, or when mixing would waste more than
 MAX_MIXING_WASTE of it, and canvases are rounded up to a GRID so only a few distinct batch
-shapes exist (what lets oneDNN's primitive cache, cuDNN autotuning and CUDA graphs be reused).
+shapes exist (what lets oneDNN's primitive cache be reused).
+
+On CUDA, cuDNN autotunes every new batch shape, and a shape includes the image count: batches
+are bucketed instead (bucket_batches): each image goes to the smallest canvas of a coarse
+ladder of aspects, a canvas's images fill batches of its full size, and a remainder is padded
+with spare (empty) slots up to a power-of-two count. The shapes of a whole run are then a
+bounded set (canvases x counts) instead of one per batch.
 """
 
 from __future__ import annotations
@@ -29,6 +35,19 @@ MAX_MIXING_WASTE = 0.05
 # a larger batch feeds the head GEMMs more rows. CUDA: ~22 images at 512x512 per batch, with
 # their flips one trunk pass (plan.CUDA_PASS_PIXELS): a few GB of activations in bf16.
 BATCH_PIXELS = {"cpu": 4_000_000, "cuda": 5_767_168}
+# CUDA buckets. Canvas sides are multiples of CUDA_GRID (VGG's stride: the padding is whole
+# pool5 cells); the longer side is the shorter side's times the first of LADDER that holds the
+# image. A remainder of n images is padded to the next power of two when that wastes at most
+# MAX_SPARE of the batch's slots, else split (7 -> 8, 5 -> 4 + 1); spare slots then take images
+# of smaller canvases. Counted on caltech101-mini's 320 photos in row groups of 64 at
+# Q=256,384,512 with CUDA's caps (tests/extract/test_batching.py): 86 shapes in 150 batches at
+# 11% padding (mixed planning: 132 shapes in 138 batches at 4.5%); ten times the photos, shuffled:
+# 105 shapes at 11% (mixed: 676 shapes). MAX_SPARE 0.5: 62 shapes in 109 batches at 15%; 0.125:
+# 97 in 178 at 9%; the ladder (1, 1.34, 1.5, 2, 2.5, 3): fewer shapes, 16-20% padding. Which of
+# these (or no autotuning) is fastest is for benchmarks/gpu.py on a GPU to say.
+CUDA_GRID = 32
+LADDER = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
+MAX_SPARE = 0.25
 
 
 def default_batch_pixels(device_type: str) -> int:
@@ -88,6 +107,78 @@ def _fits(batch: list[int], sizes, max_images: int, max_pixels: int, grid: int, 
     return canvas <= max_pixels and canvas - own <= max_waste * canvas
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One forward pass: which images, the canvas they are padded into, and the image slots the
+    device computes (the images, plus empty spare slots that round the count to a bucket)."""
+
+    images: list[int]
+    canvas: tuple[int, int]
+    slots: int
+
+
+def ladder_canvas(h: int, w: int, grid: int = CUDA_GRID, ladder: tuple[float, ...] = LADDER) -> tuple[int, int]:
+    """The smallest canvas of the ladder that holds an h x w image (see LADDER)."""
+    short, long = round_up(min(h, w), grid), max(h, w)
+    side = next((s for s in (round_up(round(short * r), grid) for r in ladder) if s >= long), round_up(long, grid))
+    return (short, side) if h <= w else (side, short)
+
+
+def bucket_counts(n: int, cap: int, max_spare: float = MAX_SPARE) -> list[tuple[int, int]]:
+    """[(images, slots)] for n images of one canvas: full batches of `cap`, then the remainder
+    padded to a power of two (or `cap`) or split into such counts (see MAX_SPARE)."""
+    counts = [(cap, cap)] * (n // cap)
+    n %= cap
+    while n:
+        up = min(cap, 1 << (n - 1).bit_length())
+        if (up - n) / up <= max_spare:
+            counts.append((n, up))
+            break
+        down = 1 << (n.bit_length() - 1)
+        counts.append((down, down))
+        n -= down
+    return counts
+
+
+def bucket_batches(
+    sizes: list[tuple[int, int]],
+    max_images: int,
+    max_pixels: int,
+    grid: int = CUDA_GRID,
+    ladder: tuple[float, ...] = LADDER,
+    max_spare: float = MAX_SPARE,
+) -> list[Batch]:
+    """`sizes` ((h, w) at one Q) in batches of few distinct shapes, deterministically (CUDA's planning).
+
+    Each image goes to its ladder canvas; from the largest canvas down, a canvas's images (in
+    aspect order) fill batches of min(`max_images`, `max_pixels` / canvas) slots, the remainder
+    padded or split by bucket_counts, and spare slots take images of smaller canvases that fit.
+    Slots times canvas stays within `max_pixels` unless one image alone exceeds it.
+    """
+    if max_images < 1 or max_pixels < 1:
+        raise BadInput(f"--batch-size {max_images} and --batch-pixels {max_pixels} must be positive")
+    by_canvas: dict[tuple[int, int], list[int]] = {}
+    for i in sorted(range(len(sizes)), key=lambda i: (sizes[i][1] / sizes[i][0], sizes[i], i)):
+        by_canvas.setdefault(ladder_canvas(*sizes[i], grid, ladder), []).append(i)
+    order = sorted(by_canvas, key=lambda c: (-c[0] * c[1], c))  # largest first
+    batches: list[Batch] = []
+    for k, canvas in enumerate(order):
+        members = by_canvas[canvas]
+        cap = max(1, min(max_images, max_pixels // (canvas[0] * canvas[1])))
+        start = 0
+        for n, slots in bucket_counts(len(members), cap, max_spare):
+            batch = members[start : start + n]
+            start += n
+            # Spare slots take images of smaller canvases (that fit) before they run empty.
+            for smaller in order[k + 1 :]:
+                free = slots - len(batch)
+                if free and smaller[0] <= canvas[0] and smaller[1] <= canvas[1] and by_canvas[smaller]:
+                    batch += by_canvas[smaller][-free:]
+                    del by_canvas[smaller][-free:]
+            batches.append(Batch(batch, canvas, slots))
+    return batches
+
+
 @dataclass
 class BatchStats:
     """How batches were formed: images per batch and the fraction of pixels that were padding."""
@@ -97,11 +188,12 @@ class BatchStats:
     pixels: int = 0  # the images' own pixels
     padded_pixels: int = 0  # the canvases' pixels
 
-    def add(self, sizes: list[tuple[int, int]], canvas: tuple[int, int]) -> None:
+    def add(self, sizes: list[tuple[int, int]], canvas: tuple[int, int], slots: int | None = None) -> None:
+        """One batch of images of these sizes in `canvas`; `slots` (spare ones included) count as padding."""
         self.batches += 1
         self.images += len(sizes)
         self.pixels += sum(h * w for h, w in sizes)
-        self.padded_pixels += len(sizes) * canvas[0] * canvas[1]
+        self.padded_pixels += max(len(sizes), slots or 0) * canvas[0] * canvas[1]
 
     def merge(self, other: BatchStats) -> None:
         self.batches += other.batches
@@ -115,7 +207,7 @@ class BatchStats:
 
     @property
     def padding(self) -> float:
-        """Fraction of the computed canvas that was padding."""
+        """Fraction of the computed canvas that was padding (spare slots included)."""
         return 1 - self.pixels / self.padded_pixels if self.padded_pixels else 0.0
 
     def summary(self) -> str:

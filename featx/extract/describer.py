@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from featx.errors import BadInput
 from featx.extract.config import ExtractConfig
@@ -25,14 +26,87 @@ from featx.net.device import resolve_device, resolve_precision, torch_dtype
 from featx.net.plan.heap import HeapTrimmer
 from featx.net.weights import Weights, resolve
 
+# cuDNN autotuning: every new batch shape tries each conv's algorithms once and keeps the
+# fastest (featx.extract.batching.bucket_batches keeps CUDA's shapes a bounded set). False:
+# cuDNN's heuristics choose without trying; benchmarks/gpu.py measures both.
+CUDNN_AUTOTUNE = True
+
+
+def new_tf32_api() -> bool:
+    """Whether this torch has the fp32_precision settings (2.9+), which replace allow_tf32."""
+    return hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def _read_cuda_flags() -> tuple:
+    """(cuDNN autotuning, cuDNN convs' fp32 precision, cuBLAS matmuls' fp32 precision)."""
+    if new_tf32_api():
+        # Only the new API: once anything set it, the legacy allow_tf32 getters may raise ("a mix
+        # of the legacy and new APIs").
+        return (
+            torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.conv.fp32_precision,
+            torch.backends.cuda.matmul.fp32_precision,
+        )
+    return torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def _write_cuda_flags(flags: tuple) -> None:
+    benchmark, conv, matmul = flags
+    torch.backends.cudnn.benchmark = benchmark
+    if new_tf32_api():
+        torch.backends.cudnn.conv.fp32_precision = conv
+        torch.backends.cuda.matmul.fp32_precision = matmul
+    else:
+        torch.backends.cudnn.allow_tf32 = conv
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+class _CudaFlags:
+    """The process-wide CUDA flags featx runs under: cuDNN autotuning (CUDNN_AUTOTUNE) and no
+    TF32 (its 10-bit mantissa would make fp32 inexact; bf16 and fp16 do not use it).
+
+    The flags belong to the process, and device threads start and finish in any order: the
+    first to enter saves the caller's flags and sets featx's, the last to leave restores them.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: tuple | None = None
+
+    @contextmanager
+    def __call__(self):
+        with self._lock:
+            if self._users == 0:
+                saved = _read_cuda_flags()
+                no_tf32 = "ieee" if new_tf32_api() else False
+                _write_cuda_flags((CUDNN_AUTOTUNE, no_tf32, no_tf32))
+                self._saved = saved
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    _write_cuda_flags(self._saved)
+                    self._saved = None
+
+
+cuda_flags = _CudaFlags()
+
 
 @dataclass
 class Staged:
-    """A batch on its way to the device: uint8 canvas [n, 3, H, W], valid sizes, copy event."""
+    """A batch on its way to the device: uint8 canvas [slots, 3, H, W] (the images, then any
+    spare slots), the images' valid sizes, the copy's event, and (batched assembly) the layout."""
 
     pixels: torch.Tensor
     sizes: list[tuple[int, int]]
     ready: object = None  # a torch.cuda.Event on CUDA
+    # Batched assembly: padding rows [slots, H] and columns [slots, W] (True = padding) and each
+    # image's flip as column indices [slots, W].
+    layout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class DenseDescriber:
@@ -47,6 +121,11 @@ class DenseDescriber:
     numbers. On a CPU with oneDNN the Plan packs every weight once and fuses ReLU
     (`prepack=False` runs the plain F.conv2d/F.linear kernels CUDA uses); `lower=False` runs
     the net's own forward_pooled (the reference the lowering is tested against).
+
+    A batch may hold spare slots (empty images that round its count up to a bucket, so cuDNN
+    sees few shapes: featx.extract.batching); they run and are dropped. On CUDA the batch is
+    assembled with a few whole-batch ops (`batched`: launches matter there), on a CPU image by
+    image (fewer bytes touched); both give the same numbers.
     """
 
     def __init__(
@@ -67,15 +146,23 @@ class DenseDescriber:
         self.device, self.flip = device, flip
         self.precision = resolve_precision(precision, device)
         self.dtype = torch_dtype(self.precision)
-        # In place, as before: callers that share one net across describers find it moved.
-        # Cast first, then lower: the transient copies are then in the (smaller) dtype.
-        self.net = net.eval().to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
         options = {"prepack": prepack, "pass_pixels": pass_pixels, "head_rows": head_rows}
-        # What runs a batch: (B, 3, H, W) channels-last, valid sizes -> fp32 [B, C].
-        self.plan = self.net.lower(device, self.dtype, **options) if lower else self.net.forward_pooled
+        # In place, as before: callers that share one net across describers find it moved.
+        if lower and any(isinstance(m, nn.BatchNorm2d) for m in net.modules()):
+            # The lowering folds BatchNorm into its conv in fp32 and then casts: cast first, its
+            # statistics and the conv's weight would each be rounded before folding.
+            net = net.eval().to(device=device, memory_format=torch.channels_last)
+            self.plan = net.lower(device, self.dtype, **options)
+            self.net = net.to(dtype=self.dtype)
+        else:
+            # Cast first, then lower: the transient copies are then in the (smaller) dtype.
+            self.net = net.eval().to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
+            # What runs a batch: (B, 3, H, W) channels-last, valid sizes -> fp32 [B, C].
+            self.plan = self.net.lower(device, self.dtype, **options) if lower else self.net.forward_pooled
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
         self.cuda = device.type == "cuda"
+        self.batched = self.cuda
         self.copies = torch.cuda.Stream(device) if self.cuda else None
         # CUDA's caching allocator keeps its memory; on a CPU glibc's heap is trimmed now and then.
         self.heap = None if self.cuda else HeapTrimmer()
@@ -94,77 +181,107 @@ class DenseDescriber:
         if self.heap is not None:
             self.heap()
 
-    def stage(self, images: torch.Tensor | list[torch.Tensor], canvas: tuple[int, int] | None = None) -> Staged:
-        """Pad uint8 [3, h, w] images top-left into one canvas (default: the largest h and w)
-        and start its copy to the device."""
-        if isinstance(images, torch.Tensor) and images.dim() == 4:
+    def settings(self):
+        """A context the describer's work runs in: on CUDA the process flags (cuda_flags), else nothing."""
+        return cuda_flags() if self.cuda else nullcontext()
+
+    def device_works(self) -> bool:
+        """Whether the device still runs work. Some CUDA errors (an illegal memory access, a
+        device-side assert) leave its context unusable for the rest of the process."""
+        if not self.cuda:
+            return True
+        try:
+            torch.cuda.synchronize(self.device)
+            torch.ones(1, device=self.device).add_(1).cpu()
+        except Exception:  # whatever the probe raises, the device cannot run the next batch
+            return False
+        return True
+
+    def stage(
+        self,
+        images: torch.Tensor | list[torch.Tensor],
+        canvas: tuple[int, int] | None = None,
+        slots: int | None = None,
+    ) -> Staged:
+        """Pad uint8 [3, h, w] images top-left into one canvas (default: the largest h and w),
+        with `slots` images in all (default: as many as given; the rest spare), and start its
+        copy to the device."""
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and (slots or 0) <= images.shape[0]:
             host, sizes = images, [tuple(images.shape[2:])] * images.shape[0]
         else:
             sizes = [(int(t.shape[1]), int(t.shape[2])) for t in images]
             h, w = canvas or (max(h for h, _ in sizes), max(w for _, w in sizes))
             if any(hi > h or wi > w for hi, wi in sizes):
                 raise BadInput(f"canvas {h}x{w} is smaller than an image of the batch ({sizes})")
-            host = torch.zeros(len(sizes), 3, h, w, dtype=torch.uint8, pin_memory=self.cuda)
+            host = torch.zeros(max(len(sizes), slots or 0), 3, h, w, dtype=torch.uint8, pin_memory=self.cuda)
             for i, t in enumerate(images):
                 host[i, :, : sizes[i][0], : sizes[i][1]] = t
+        layout = self._layout(sizes, host.shape) if self.batched else None
         if not self.cuda:
-            return Staged(host, sizes)
+            return Staged(host, sizes, layout=layout)
         host = host if host.is_pinned() else host.pin_memory()
         with torch.cuda.stream(self.copies):
             pixels = host.to(self.device, non_blocking=True)
+            if layout is not None:
+                layout = tuple(t.pin_memory().to(self.device, non_blocking=True) for t in layout)
             ready = torch.cuda.Event()
             ready.record(self.copies)
-        return Staged(pixels, sizes, ready)
+        return Staged(pixels, sizes, ready, layout)
+
+    @staticmethod
+    def _layout(sizes: list[tuple[int, int]], shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On the host: padding rows and columns of each slot (a spare slot is all padding), and
+        the column each flipped position reads (its image's width mirrored; padding stays put)."""
+        slots, _, height, width = shape
+        spare = [(0, 0)] * (slots - len(sizes))
+        heights = torch.tensor([h for h, _ in sizes + spare]).view(-1, 1)
+        widths = torch.tensor([w for _, w in sizes + spare]).view(-1, 1)
+        rows, cols = torch.arange(height).view(1, -1), torch.arange(width).view(1, -1)
+        flip = torch.where(cols < widths, widths - 1 - cols, cols)
+        return rows >= heights, cols >= widths, flip
 
     def run(self, staged: Staged, rezero: bool = True) -> torch.Tensor:
         """The batch's [n, C] fp32 descriptors, left on the device (asynchronous on CUDA)."""
-        with torch.inference_mode(), self._cuda_flags():
+        with torch.inference_mode(), self.settings():
             return self._run(staged, rezero)
-
-    @contextmanager
-    def _cuda_flags(self):
-        """On CUDA: cuDNN autotuning (the planner keeps batch shapes few) and, in fp32, no TF32
-        (its 10-bit mantissa would make fp32 inexact). Restored afterwards; nothing on a CPU."""
-        if not self.cuda:
-            yield
-            return
-        fp32 = self.dtype == torch.float32
-        matmul = torch.backends.cuda.matmul.allow_tf32
-        try:
-            torch.backends.cuda.matmul.allow_tf32 = matmul and not fp32
-            with torch.backends.cudnn.flags(
-                enabled=True, benchmark=True, deterministic=torch.backends.cudnn.deterministic, allow_tf32=not fp32
-            ):
-                yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = matmul
 
     def _run(self, staged: Staged, rezero: bool) -> torch.Tensor:
         if staged.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(staged.ready)
-            staged.pixels.record_stream(torch.cuda.current_stream(self.device))
+            for t in (staged.pixels, *(staged.layout or ())):
+                t.record_stream(torch.cuda.current_stream(self.device))
         u8, sizes = staged.pixels, staged.sizes
-        n, (height, width) = len(sizes), u8.shape[2:]
+        n, slots, (height, width) = len(sizes), u8.shape[0], u8.shape[2:]
         x = (u8.to(self.device, torch.float32) - self.mean) / self.std
         batch = torch.empty(
-            n * (2 if self.flip else 1),
+            slots * (2 if self.flip else 1),
             3,
             height,
             width,
             device=self.device,
             dtype=self.dtype,
             memory_format=torch.channels_last,
-        ).zero_()
+        )
         # Padding after normalising (raw zeros would be -mean/std); each flip flips the image
-        # itself, so it is anchored top-left like the image.
-        for i, (h, w) in enumerate(sizes):
-            batch[i, :, :h, :w] = x[i, :, :h, :w]
+        # itself, so it is anchored top-left like the image. Flips follow all slots.
+        if staged.layout is not None:
+            rows, cols, flip = staged.layout
+            x.masked_fill_(rows[:, None, :, None] | cols[:, None, None, :], 0)
+            batch[:slots] = x
             if self.flip:
-                batch[n + i, :, :h, :w] = x[i, :, :h, :w].flip(-1)
-        pooled = self.plan(batch, sizes * (2 if self.flip else 1), rezero)
+                batch[slots:] = x.gather(3, flip[:, None, None, :].expand(slots, 3, height, width))
+        else:
+            batch.zero_()
+            for i, (h, w) in enumerate(sizes):
+                batch[i, :, :h, :w] = x[i, :, :h, :w]
+                if self.flip:
+                    batch[slots + i, :, :h, :w] = x[i, :, :h, :w].flip(-1)
+        # A spare slot is described as a whole canvas of zeros (no padding to keep out), then dropped.
+        every = sizes + [(height, width)] * (slots - n)
+        pooled = self.plan(batch, every * (2 if self.flip else 1), rezero)
         if self.flip:
-            pooled = (pooled[:n] + pooled[n:]) / 2
-        return pooled
+            return (pooled[:n] + pooled[slots : slots + n]) / 2
+        return pooled[:n]
 
     def __call__(
         self, images: torch.Tensor | list[torch.Tensor], canvas: tuple[int, int] | None = None

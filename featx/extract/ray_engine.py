@@ -151,7 +151,13 @@ def _actor_plan(ray, config: ExtractConfig, actors: int | None) -> tuple[str, in
     if actors is not None and actors < 1:
         raise BadInput(f"--ray-actors {actors} must be at least 1")
     if gpus and config.device != "cpu":
-        # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES).
+        # Ray gives each actor its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES); an actor beyond the
+        # GPUs would wait for one forever.
+        if actors is not None and actors > gpus:
+            raise BadInput(
+                f"--ray-actors {actors} GPU actors need {actors} GPUs but the Ray cluster has {gpus}; "
+                f"use --ray-actors {gpus} or fewer, or --device cpu"
+            )
         return "cuda", actors or gpus, {"num_gpus": 1, "num_cpus": 1}, 1
     cpus = int(resources.get("CPU", 0))
     node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=cpus)

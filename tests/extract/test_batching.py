@@ -9,8 +9,21 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from featx.cli import app
-from featx.extract.batching import GRID, BatchStats, padded_size, plan_batches
+from featx.extract.batching import (
+    BATCH_PIXELS,
+    CUDA_GRID,
+    GRID,
+    MAX_SPARE,
+    Batch,
+    BatchStats,
+    bucket_batches,
+    bucket_counts,
+    ladder_canvas,
+    padded_size,
+    plan_batches,
+)
 from featx.extract.descriptor import combine, pooled_per_scale
+from tests.caltech_sizes import CALTECH_MINI_SIZES
 from tests.conftest import write_images
 from tests.net.test_speed_paths import describer, images, tiny_net
 
@@ -230,3 +243,98 @@ def test_devices_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             resolve_devices("all")
+
+
+# -- CUDA's buckets: few batch shapes, so cuDNN autotunes each only once -----------------------
+def caltech_shapes(sizes: list[tuple[int, int]], bucketed: bool) -> tuple[set, int, BatchStats]:
+    """(batch shapes, batches, stats) of planning `sizes` ((w, h) photos) as a CUDA run does:
+    row groups of 64, Q=256,384,512, CUDA's caps (batch size 32, default batch pixels)."""
+    from featx.extract.decode import scaled_size
+
+    shapes, batches, stats = set(), 0, BatchStats()
+    for start in range(0, len(sizes), 64):
+        for q in (256, 384, 512):
+            at_q = [scaled_size(w, h, q) for w, h in sizes[start : start + 64]]
+            if bucketed:
+                planned = [(b.images, b.canvas, b.slots) for b in bucket_batches(at_q, 32, BATCH_PIXELS["cuda"])]
+            else:
+                planned = [
+                    (b, padded_size([at_q[i] for i in b]), len(b)) for b in plan_batches(at_q, 32, BATCH_PIXELS["cuda"])
+                ]
+            for members, canvas, slots in planned:
+                shapes.add((slots, *canvas))
+                stats.add([at_q[i] for i in members], canvas, slots)
+                batches += 1
+    return shapes, batches, stats
+
+
+def test_buckets_give_few_shapes_on_caltech_sizes():
+    # caltech101-mini's 320 photos: mixed planning makes almost every batch a new shape.
+    mixed, mixed_batches, _ = caltech_shapes(CALTECH_MINI_SIZES, bucketed=False)
+    assert len(mixed) == 132 and mixed_batches == 138
+    shapes, batches, stats = caltech_shapes(CALTECH_MINI_SIZES, bucketed=True)
+    assert len(shapes) <= 90 and batches <= 160 and stats.padding < 0.12, (len(shapes), batches, stats)
+    # ... and they are a bounded set: ten times the photos (shuffled) add few shapes, while
+    # mixed planning keeps making new ones.
+    more = [CALTECH_MINI_SIZES[i] for i in np.random.default_rng(0).permutation(3200) % 320]
+    more_mixed, _, _ = caltech_shapes(more, bucketed=False)
+    more_shapes, _, more_stats = caltech_shapes(more, bucketed=True)
+    assert len(more_shapes) <= 110 < 500 < len(more_mixed), (len(more_shapes), len(more_mixed))
+    assert more_stats.padding < 0.12
+
+
+def test_bucketed_batches_cover_every_image_once_within_the_caps():
+    from featx.extract.decode import scaled_size
+
+    sizes = [scaled_size(w, h, 384) for w, h in CALTECH_MINI_SIZES[:200]]
+    batches = bucket_batches(sizes, max_images=16, max_pixels=3_000_000)
+    assert sorted(i for b in batches for i in b.images) == list(range(200))
+    for b in batches:
+        h, w = b.canvas
+        assert h % CUDA_GRID == 0 and w % CUDA_GRID == 0
+        assert all(sizes[i][0] <= h and sizes[i][1] <= w for i in b.images)
+        assert len(b.images) <= b.slots <= 16 and b.slots * h * w <= 3_000_000
+        # a count is a full batch, a power of two, or the cap; spare slots at most MAX_SPARE of it
+        cap = min(16, 3_000_000 // (h * w))
+        assert b.slots == cap or b.slots & (b.slots - 1) == 0, b
+        assert (b.slots - len(b.images)) / b.slots <= MAX_SPARE
+    # an image above the pixel cap alone gets a batch of one slot
+    assert bucket_batches([(256, 3000)], 8, 100_000) == [Batch([0], (256, 3008), 1)]
+
+
+def test_bucket_counts_pad_or_split_the_remainder():
+    assert bucket_counts(7, 32) == [(7, 8)]  # one spare slot of eight
+    assert bucket_counts(5, 32) == [(4, 4), (1, 1)]  # three spare of eight would waste too much
+    assert bucket_counts(40, 16) == [(16, 16), (16, 16), (8, 8)]
+    assert bucket_counts(11, 12) == [(11, 12)]  # the cap is a count too
+    assert bucket_counts(0, 4) == []
+
+
+def test_ladder_canvases_keep_orientation():
+    assert ladder_canvas(256, 341) == (256, 384)  # 341 > 1.25 x 256 = 320: the 1.5 rung
+    assert ladder_canvas(341, 256) == (384, 256)
+    assert ladder_canvas(250, 300) == (256, 320)  # sides on the grid of 32
+    assert ladder_canvas(224, 224) == (224, 224)
+    assert ladder_canvas(256, 2600) == (256, 2624)  # beyond the ladder (10:1): the grid
+
+
+def test_spare_slots_count_as_padding():
+    stats = BatchStats()
+    stats.add([(10, 10)] * 3, (10, 10), slots=4)
+    assert stats.images == 3 and stats.padding == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["per-image", "batched"])
+def test_a_bucketed_batch_with_spare_slots_is_exact(batched):
+    d = describer(tiny_net(), "fp32", prepack=False)
+    d.batched = batched
+    imgs = mixed_images(seed=5)
+    alone = torch.cat([d([x]) for x in imgs])
+    padded = d.run(d.stage(imgs, (64, 64), slots=8))
+    assert padded.shape == alone.shape
+    assert (l2(padded) - l2(alone)).abs().max() <= 1e-5
+    # ... through the driver too, with CUDA's planning forced on the CPU
+    scaled = [{32: x} for x in imgs]
+    stats = BatchStats()
+    bucketed = pooled_per_scale(d, scaled, (32,), batch_size=4, buckets=True, stats=stats)[0]
+    assert (l2(bucketed) - l2(alone)).abs().max() <= 1e-5 and stats.images == len(imgs)

@@ -21,6 +21,7 @@ from torch import nn
 
 from featx.errors import BadInput
 from featx.net.plan import winograd, winograd_kernels
+from featx.net.plan.masks import PaddingMasks, upload
 from featx.net.plan.onednn import onednn_prepack_works
 from featx.net.plan.steps import Activations, Conv, Linear, Pool, WinogradConv
 from featx.net.shapes import layer_out_size, zero_outside
@@ -124,11 +125,15 @@ class Plan:
         head_rows: int | None = None,
         fast_conv: bool = True,
         reuse_activations: bool = True,
+        zeroing: str | None = None,
     ):
         """`fast_conv`: on the packed CPU path, run the wide 3x3 convs by Winograd (see
         winograd_algorithm); False keeps oneDNN's direct kernels for every conv.
         `reuse_activations`: on the packed CPU path, write large trunk outputs into buffers kept
-        across calls (see steps.FRESH_PAGES_BYTES); False allocates every output afresh."""
+        across calls (see steps.FRESH_PAGES_BYTES); False allocates every output afresh.
+        `zeroing`: how the padding is zeroed after a step, "strips" (featx.net.shapes.zero_outside:
+        writes only the padding, a launch per run of equal sizes) or "masks" (one masked op per
+        step, featx.net.plan.masks); default strips on a CPU, masks on CUDA (launches matter)."""
         self.device, self.dtype = device, dtype
         self.packed = bool(prepack) and device.type == "cpu" and onednn_prepack_works(dtype)
         self.winograd = self.packed and fast_conv
@@ -136,6 +141,9 @@ class Plan:
         self.workspace = winograd.Workspace()
         self.activations = Activations() if self.packed and reuse_activations else None
         cuda = device.type == "cuda"
+        self.zeroing = zeroing or ("masks" if cuda else "strips")
+        if self.zeroing not in ("strips", "masks"):
+            raise BadInput(f"zeroing {zeroing!r} is not strips or masks")
         self.pass_pixels = pass_pixels or (CUDA_PASS_PIXELS if cuda else CPU_PASS_PIXELS)
         self.head_rows = head_rows or (CUDA_HEAD_ROWS if cuda else CPU_HEAD_ROWS)
         with torch.inference_mode():
@@ -227,6 +235,7 @@ class Plan:
         """
         full = (x.shape[2], x.shape[3])
         sizes = list(sizes) if sizes is not None else [full] * x.shape[0]
+        masks = PaddingMasks(self.padded_levels(full, sizes), x.device) if rezero and self.zeroing == "masks" else None
         role = None  # the reused buffer holding x, if any
         last = len(self.trunk) - 1
         for i, step in enumerate(self.trunk):
@@ -246,8 +255,25 @@ class Plan:
                 sizes = [out_size(h, w) for h, w in sizes]
                 full = out_size(*full)
                 if rezero and any(s != full for s in sizes):
-                    zero_outside(x, sizes)
+                    if masks is None:
+                        zero_outside(x, sizes)
+                    else:
+                        masks.zero(x, sizes)
         return x, sizes
+
+    def padded_levels(
+        self, full: tuple[int, int], sizes: list[tuple[int, int]]
+    ) -> list[tuple[tuple[int, int], list[tuple[int, int]]]]:
+        """(canvas, valid sizes) after each trunk step that leaves some image padded: where pool5 zeroes."""
+        levels = []
+        for step in self.trunk:
+            out_size = getattr(step, "out_size", None)
+            if out_size is not None:
+                sizes = [out_size(h, w) for h, w in sizes]
+                full = out_size(*full)
+                if any(s != full for s in sizes):
+                    levels.append((full, sizes))
+        return levels
 
     def position_sums(
         self, maps: torch.Tensor, sizes: list[tuple[int, int]] | None = None
@@ -259,7 +285,7 @@ class Plan:
         sizes = list(sizes) if sizes is not None else [(h, w)] * b
         if not self.head:
             sums = torch.stack([maps[i, :, :hi, :wi].float().sum(dim=(1, 2)) for i, (hi, wi) in enumerate(sizes)])
-            return sums, torch.tensor([hi * wi for hi, wi in sizes], dtype=torch.float32, device=maps.device)
+            return sums, self.positions([hi * wi for hi, wi in sizes], maps.device)
         k = self.kernel
         small = [(hi, wi) for hi, wi in sizes if hi < k or wi < k]
         if small:
@@ -302,7 +328,13 @@ class Plan:
                 n = (r1 - r0) * wo
                 out[i] += y[at : at + n].float().sum(dim=0)
                 at += n
-        return out, torch.tensor([ho * wo for ho, wo in outs], dtype=torch.float32, device=maps.device)
+        return out, self.positions([ho * wo for ho, wo in outs], maps.device)
+
+    @staticmethod
+    def positions(counts: list[int], device: torch.device) -> torch.Tensor:
+        """Valid positions per image as fp32 on `device`, built on the host and moved without a
+        host sync (torch.tensor(list, device=cuda) would wait for the GPU: featx.net.plan.masks)."""
+        return upload(torch.tensor(counts, dtype=torch.float32), device)
 
     def passes(self, x: torch.Tensor) -> list[slice]:
         """The batch's images in trunk passes of at most pass_pixels each (one image at least)."""
