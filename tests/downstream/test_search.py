@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import re
 
 import numpy as np
 import pandas as pd
@@ -200,7 +201,9 @@ def test_cli_index_queries_by_feature_file_and_lists_duplicates(tmp_path):
     )
     result = runner.invoke(app, ["index", str(tmp_path / "f.parquet"), "-o", str(tmp_path / "ix"), "--kind", "hnsw"])
     assert result.exit_code == 0, result.output
-    assert "recall@10 against exact search: 1.000 (40 of the rows as queries" in result.output
+    # HNSW's recall on 40 rows varies with faiss's version (0.990 on faiss-cpu 1.8, 1.000 later): a floor, not a value
+    recall = re.search(r"recall@10 against exact search: ([0-9.]+) \(40 of the rows as queries", result.output)
+    assert recall and float(recall.group(1)) >= 0.95, result.output
     result = runner.invoke(
         app,
         ["neighbours", str(tmp_path / "ix"), str(tmp_path / "f.parquet"), "-k", "2", "-o", str(tmp_path / "n.parquet")],
