@@ -10,11 +10,9 @@ import pyarrow.parquet as pq
 
 from featx.errors import BadInput
 from featx.store import atomic
-from featx.store.output import STATE, Changes, Finished, Key, Output, recorded
-from featx.store.schema import errors_path, row_keys
+from featx.store.output import STATE, WORK, Changes, Finished, Key, Output, recorded
+from featx.store.schema import row_keys
 
-# The dataset folder's own bookkeeping; the leading "_" hides it from pyarrow/pandas/Spark.
-WORK = "_featx"
 PART = re.compile(r"part-\d{6}(-[0-9a-f]+)?\.parquet")
 
 
@@ -39,6 +37,7 @@ class DatasetFolder(Output):
                 f"-o {self.target} is a file; --engine ray writes a folder of Parquet parts, "
                 f"give e.g. {self.target.with_suffix('')}"
             )
+        super().check_target()
         if not self.target.is_dir():
             return
         foreign = sorted(
@@ -141,7 +140,7 @@ class DatasetFolder(Output):
                 computed |= keys
         changes = Changes.between(before, after, computed)
         failures = self._failures(after)
-        err = errors_path(self.target)
+        err = self.errors_file
         self._write_errors(failures, err)
         complete = {k: v for k, v in (state or self.provenance).items() if k != "run"}
         atomic.write_json(complete | {"last_run": changes.record()}, self.state_file)
