@@ -69,10 +69,14 @@ class ExtractResult:
         )
 
     def resume_hint(self, overwrite: bool) -> str:
-        """What an interrupted run kept, and the command that resumes it."""
+        """What an interrupted run kept, and the command that resumes it (or starts it again)."""
+        again = f"rerun the same command{' (with --overwrite or without)' if overwrite else ''}"
+        if not (self.new_rows or self.failures):
+            return f"interrupted before any {self.unit} were persisted, so nothing is kept; {again} to start over"
+        failed = f" and {self.failures} failures" if self.failures else ""
         return (
-            f"interrupted after {self.new_rows} new images; they are kept in {self.kept_in} — rerun the same command"
-            f"{' (with --overwrite or without)' if overwrite else ''} to resume"
+            f"interrupted after {self.new_rows} new {self.unit}{failed}; they are kept in {self.kept_in} — "
+            f"{again} to resume"
         )
 
     def profile(self) -> list[str]:
