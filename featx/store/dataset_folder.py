@@ -79,7 +79,8 @@ class DatasetFolder(Output):
         return self.state_dir / f"part-{index:06d}-{self.token}.errors.parquet"
 
     def _run_state(self) -> dict:
-        return {"before": [p.name for p in self.pieces()]}
+        previous = (self.read_state() or {}).get("last_run")
+        return {"before": [p.name for p in self.pieces()]} | ({"last_run": previous} if previous else {})
 
     def _discard(self) -> None:
         """A new run: failures are retried; --overwrite drops the parts. Rows gone stale go."""
@@ -143,6 +144,10 @@ class DatasetFolder(Output):
         err = self.errors_file
         self._write_errors(failures, err)
         complete = {k: v for k, v in (state or self.provenance).items() if k != "run"}
-        atomic.write_json(complete | {"last_run": changes.record()}, self.state_file)
+        previous = run.get("last_run")
+        # A run that changed no row leaves the record of the run that last did.
+        unchanged = (changes.added, changes.replaced, changes.dropped) == (0, 0, 0)
+        complete["last_run"] = previous if unchanged and previous else changes.record()
+        atomic.write_json(complete, self.state_file)
         before_file.unlink(missing_ok=True)
         return Finished(self.rows(), len(failures), changes, err if failures else None)

@@ -115,6 +115,21 @@ class SingleFile(Output):
         before = {k for k, _ in recorded(self.target, self.stats)} if old else set()
         computed = {p for p, i in owner.items() if sources[i] not in old}
         changes = Changes.between(before, set(owner), computed)
+        if old and not computed and before == set(owner):
+            # Failures tried again and failing again, nothing added, replaced or dropped: OUT
+            # (and its record of the run that last changed it) stays as it is.
+            rows, failures = self.rows(), self._failures(set(owner))
+        else:
+            rows, failures = self._merge(sources, old, owner, schema, changes)
+        err = self.errors_file
+        self._write_errors(failures, err)
+        self._discard()
+        return Finished(rows, len(failures), changes, err if failures else None)
+
+    def _merge(
+        self, sources: list[Path], old: list[Path], owner: dict[Key, int], schema: pa.Schema, changes: Changes
+    ) -> tuple[int, list[dict]]:
+        """Write the rows each key's owner holds into OUT, atomically: (rows, failures)."""
         schema = with_stats(schema).with_metadata(
             (schema.metadata or {}) | {LAST_RUN_KEY: json.dumps(changes.record())}
         )
@@ -142,7 +157,4 @@ class SingleFile(Output):
                 atomic.fsync_dir(self.target.parent)
         finally:
             tmp.unlink(missing_ok=True)
-        err = self.errors_file
-        self._write_errors(failures, err)
-        self._discard()
-        return Finished(rows, len(failures), changes, err if failures else None)
+        return rows, failures

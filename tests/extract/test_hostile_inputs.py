@@ -259,20 +259,25 @@ def test_sigterm_stops_a_run_reading_huge_files_within_seconds(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    fds = Path(f"/proc/{proc.pid}/fd")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if any("big_" in os.readlink(fd) for fd in fds.iterdir()):
-                break
-        except OSError:
-            pass
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr and "rerun the same command" in stderr
+    try:
+        fds = Path(f"/proc/{proc.pid}/fd")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if any("big_" in os.readlink(fd) for fd in fds.iterdir()):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 130, stderr
+        assert "Traceback" not in stderr and "rerun the same command" in stderr
+    finally:
+        if proc.poll() is None:  # the run did not stop: do not leave it reading
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow
@@ -401,3 +406,16 @@ def test_regions_are_decoded_a_window_of_boxes_ahead_not_a_whole_image_of_them(t
         time.sleep(0.001)  # a slow consumer: the threads may run ahead, within their window
         assert len(crops) - seen <= 32, (len(crops), seen)
     assert seen == len(crops) == 400 and len(opened) == 1
+
+
+@posix_only
+def test_the_evaluate_cache_fingerprints_a_folder_with_a_broken_link(tmp_path):
+    """Discovery now lists a broken link (with its failure); the cache key of `featx probe` and
+    `featx evaluate` takes it rather than failing on its stat."""
+    from featx.evaluate.cache import fingerprint
+
+    (tmp_path / "a.jpg").write_bytes(jpeg(1))
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    before = fingerprint(discover([tmp_path]))
+    (tmp_path / "nowhere.jpg").write_bytes(jpeg(2))  # the link now points at an image
+    assert fingerprint(discover([tmp_path])) != before

@@ -315,3 +315,25 @@ def test_a_lock_file_removed_by_its_holder_is_never_held_twice(held, tmp_path):
     with store.OutputLock(target):
         pass
     assert not list(tmp_path.glob(".target.lock*"))
+
+
+@pytest.mark.parametrize("kind", FLAVOURS)
+def test_a_rerun_that_only_retries_failures_leaves_the_output_as_it_is(kind, tmp_path):
+    """Found by the fuzz (issue 22.19): failures are tried again on every run, and failing again
+    they rewrote OUT and its record of the last change although no row changed."""
+    files = images(tmp_path / "in", ["a", "b"])
+    failure = [{"path": "b", "stage": "decode", "error": "E", "message": "m"}]
+    for _ in range(2):
+        with make(kind, tmp_path) as output:
+            todo = output.begin(PROV, files)
+            assert "b" in todo
+            output.add(rows(["a"], 1.0) if "a" in todo else None, failure)
+            done = output.finish(store.feature_schema(DIM, PROV)) if kind == "file" else output.finish()
+        if _ == 0:
+            first = store.read_last_run(output.target)
+            stamp = [(p, p.stat().st_mtime_ns) for p in sorted(output.target.parent.rglob("*.parquet"))]
+    assert done.rows == 1 and done.failures == 1
+    assert (done.changes.added, done.changes.replaced, done.changes.dropped) == (0, 0, 0)
+    assert store.read_last_run(output.target) == first
+    rows_files = [(p, m) for p, m in stamp if not p.name.endswith("errors.parquet")]
+    assert all(p.stat().st_mtime_ns == m for p, m in rows_files)
