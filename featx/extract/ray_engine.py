@@ -14,7 +14,6 @@ resume and settings checks as a local run's file (featx.store).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import pickle
@@ -34,7 +33,7 @@ from featx.extract.describer import make_describer
 from featx.extract.job import STAGES, ExtractResult, Job, Tally, writing
 from featx.extract.progress import progress_bar, sigterm_as_interrupt
 from featx.extract.provenance import provenance
-from featx.extract.rowgroup import decode_items, describe_group, error_record, group_rows
+from featx.extract.rowgroup import by_image, decode_items, describe_group, error_record, group_rows
 from featx.net.device import resolve_precision
 from featx.net.weights import Weights, resolve
 from featx.store.paths import make_parent
@@ -63,8 +62,7 @@ def _decode_part(row: dict, config: ExtractConfig) -> dict:
     t = time.perf_counter()
     items = pickle.loads(row["items"])
     # One decode per file: the regions of an image are cut from it.
-    for _, group in itertools.groupby(items, key=lambda it: it.file):
-        group = list(group)
+    for group in by_image(items):
         for item, result in zip(group, decode_items(group, config)):
             if isinstance(result, ImageError):
                 errors.append(error_record(item, result))

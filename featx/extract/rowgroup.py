@@ -98,15 +98,24 @@ def work_units(
     """The items in units of at most `size` boxes for the decode threads, in order: a whole
     image alone, an image's regions in units that share one decode of the image."""
     units: list[tuple[list[Item], OpenedOnce | None]] = []
-    for file, group in itertools.groupby(items, key=lambda it: it.file):
-        group = list(group)
-        if len(group) == 1 and group[0].box is None:
+    for group in by_image(items):
+        if group[0].box is None:
             units.append((group, None))
             continue
         chunks = [group[i : i + size] for i in range(0, len(group), size)]
-        image = OpenedOnce(file, config.max_pixels, len(chunks), stop) if len(chunks) > 1 else None
+        image = OpenedOnce(group[0].file, config.max_pixels, len(chunks), stop) if len(chunks) > 1 else None
         units += [(chunk, image) for chunk in chunks]
     return units
+
+
+def by_image(items: list[Item]) -> list[list[Item]]:
+    """The items in groups that one decode serves, in order: a whole image alone, the regions of
+    one recorded image together (two paths of one file, a link and its target, stay apart)."""
+    key = itertools.count()
+    return [
+        list(group)
+        for _, group in itertools.groupby(items, key=lambda it: next(key) if it.box is None else (it.path, it.file))
+    ]
 
 
 def error_record(item: Item, e: ImageError) -> dict:

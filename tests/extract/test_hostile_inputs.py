@@ -419,3 +419,18 @@ def test_the_evaluate_cache_fingerprints_a_folder_with_a_broken_link(tmp_path):
     before = fingerprint(discover([tmp_path]))
     (tmp_path / "nowhere.jpg").write_bytes(jpeg(2))  # the link now points at an image
     assert fingerprint(discover([tmp_path])) != before
+
+
+@posix_only
+def test_a_link_beside_its_target_is_an_image_of_its_own(tmp_path):
+    """Found while reworking the decode units: two paths of one file (a link and its target)
+    were grouped as one image's regions, and both failed."""
+    root = tmp_path / "in" / "cls"
+    root.mkdir(parents=True)
+    (root / "a.jpg").write_bytes(jpeg(1))
+    (root / "b.jpg").symlink_to(root / "a.jpg")
+    out = tmp_path / "f.parquet"
+    result = featx.extract_features(tmp_path / "in", out, **SETTINGS)
+    assert (result.rows, result.failures) == (2, 0)
+    df = featx.read_features(out).set_index("path")
+    np.testing.assert_array_equal(df.loc["cls/a.jpg", "feature"], df.loc["cls/b.jpg", "feature"])
