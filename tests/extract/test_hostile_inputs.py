@@ -434,3 +434,22 @@ def test_a_link_beside_its_target_is_an_image_of_its_own(tmp_path):
     assert (result.rows, result.failures) == (2, 0)
     df = featx.read_features(out).set_index("path")
     np.testing.assert_array_equal(df.loc["cls/a.jpg", "feature"], df.loc["cls/b.jpg", "feature"])
+
+
+@posix_only
+def test_regions_of_a_file_discovery_refused_carry_its_reason(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "good.jpg").write_bytes(jpeg(1, (120, 90)))
+    os.mkfifo(root / "pipe.jpg")
+    boxes = pd.DataFrame(
+        [{"path": p, "x1": 0, "y1": 0, "x2": 20, "y2": 20, "region": r} for p in ("good.jpg", "pipe.jpg") for r in "ab"]
+    )
+    out = tmp_path / "f.parquet"
+    result = run_in_thread(lambda: featx.extract_features(root, out, regions=boxes, **SETTINGS))
+    assert (result.rows, result.failures) == (2, 2)
+    errors = pq.read_table(store.errors_path(out)).to_pylist()
+    assert [(e["path"], e["region"], e["error"]) for e in errors] == [
+        ("pipe.jpg", "a", "NotAFile"),
+        ("pipe.jpg", "b", "NotAFile"),
+    ]
