@@ -149,8 +149,7 @@ def not_a_file(mode: int) -> ImageError:
 
 def broken_link(file: str | os.PathLike) -> ImageError:
     """The failure of a symbolic link whose target does not exist."""
-    target = os.fsencode(os.readlink(file)).decode("utf-8", "backslashreplace")
-    return ImageError("read", "BrokenLink", f"a symbolic link to {target}, which does not exist")
+    return ImageError("read", "BrokenLink", f"a symbolic link to {os.readlink(file)}, which does not exist")
 
 
 def _identify(fp: io.BufferedReader, formats: list[str] | None = None) -> Image.Image:
