@@ -64,3 +64,17 @@ def test_info_of_a_folder_and_as_json(folder):
 def test_info_of_a_missing_file_is_one_line(tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path / "nope.parquet")])
     assert result.exit_code == 2 and "no such feature file" in result.output
+
+
+def test_info_after_a_rerun_with_nothing_to_do_says_which_run_changed_the_file(folder, tmp_path):
+    """A rerun that finds nothing to do leaves the file (and its record of the last change) as it is."""
+    images = tmp_path / "images"
+    write_images(images, [(40, 30)] * 2, seed=3, label="cats")
+    out = tmp_path / "f.parquet"
+    featx.extract_features(images, out, **SETTINGS)
+    again = featx.extract_features(images, out, **SETTINGS)
+    assert again.new_rows == 0
+    run = lines(runner.invoke(app, ["info", str(out)]))["run"]
+    assert run.startswith("last changed by the run finished ") and run.endswith(
+        ": it added 2, replaced 0 (changed since), dropped 0 (gone since)"
+    )

@@ -7,6 +7,7 @@ The CLI only parses options into the one settings shape (an ExtractConfig, throu
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from enum import Enum
 from typing import Annotated
@@ -77,8 +78,9 @@ def extract_config(**settings):
 
 
 def parse_scales(text: str) -> tuple[int, ...]:
+    """--scales as integers, separated by commas and/or spaces ("256,384,512", "256 384 512")."""
     try:
-        return tuple(int(q) for q in text.replace(" ", "").split(",") if q)
+        return tuple(int(q) for q in re.split(r"[,\s]+", text.strip()) if q)
     except ValueError:
         fail(f"--scales {text!r} is not a list of integers; write e.g. --scales 256,384,512")
 

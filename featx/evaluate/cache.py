@@ -40,8 +40,12 @@ def fingerprint(items: Iterable[Item]) -> str:
     """A hash of the files `items` name: recorded path, size and mtime (ns) of each, sorted."""
     h = hashlib.sha256()
     for item in sorted(items, key=lambda i: i.path):
-        st = os.stat(item.file)
-        h.update(f"{item.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(item.file)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # a broken link: discovery lists it with its failure (issue 22.6)
+            size = mtime = -1
+        h.update(f"{item.path}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()[:16]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -97,6 +98,11 @@ class ExtractConfig:
             raise BadInput(f"rows_per_group {self.rows_per_group} must be at least 1")
         if self.max_pixels < 1:
             raise BadInput(f"--max-pixels {self.max_pixels} must be positive")
+        if max(self.scales) ** 2 > self.max_pixels:  # an image rescaled to Q holds at least Q² pixels
+            raise BadInput(
+                f"--scales {max(self.scales)}: every image rescaled to it would hold over --max-pixels "
+                f"{self.max_pixels} pixels; use Q <= {math.isqrt(self.max_pixels)} (or raise --max-pixels)"
+            )
         if self.bucket < 0:
             raise BadInput(f"--bucket {self.bucket} must be 0 (exact) or a positive grid step")
 

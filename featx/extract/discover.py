@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
 from PIL import Image
 
 from featx.errors import BadInput, MissingData
+from featx.extract.imagefile import ImageError, broken_link, is_image, not_a_file
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,9 @@ class Item:
     # pixels, 0-based, x2/y2 exclusive. None for a whole image.
     region: str | None = None
     box: tuple[int, int, int, int] | None = None
+    # Why discovery already knows this file cannot become a row: (stage, error, message) of its
+    # errors-table entry (a broken link, a FIFO, a name taken by another file); None to decode.
+    failure: tuple[str, str, str] | None = None
 
     @property
     def key(self) -> tuple[str, str | None]:
@@ -47,26 +52,73 @@ def has_image_extension(path: str | Path) -> bool:
     return Path(path).suffix.lower() in image_extensions()
 
 
+def as_text(name: str) -> str:
+    """A file name as UTF-8 text, losslessly: each byte that is not UTF-8 written as `\\xNN`.
+
+    Python reads such a byte of a name as a lone surrogate (U+DC80..U+DCFF, PEP 383), which
+    Parquet cannot hold; the escape is Python's `backslashreplace` of the raw bytes. Names that
+    are valid UTF-8 are returned as they are.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    out = []
+    for ch in name:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:  # a lone surrogate of another origin (a Windows name)
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def _looks_like_image(file: Path, extensions: frozenset[str]) -> bool:
-    """Known image extension, or Pillow recognises the header (Caltech ships extension-less JPEGs)."""
-    if file.suffix.lower() in extensions:
-        return True
+def _look_at(file: Path, path: str, label: str | None, extensions: frozenset[str]) -> Item | None:
+    """The Item of one file discovery looks at, or None if it is no image.
+
+    A file named like an image (or a header Pillow knows) always gets an Item, so it ends as a
+    row or an errors entry: a broken link, a FIFO or an unreadable file carries its failure.
+    """
+    named = file.suffix.lower() in extensions
     try:
-        with Image.open(file):
-            return True
-    except Exception:  # not an image, unreadable: not ours to report
-        return False
+        st = file.stat()
+    except OSError as e:
+        if not named:
+            return None
+        failure = (
+            broken_link(file)
+            if isinstance(e, FileNotFoundError) and file.is_symlink()
+            else ImageError("read", type(e).__name__, f"cannot read the file: {e.strerror or e}")
+        )
+        return Item(file.absolute(), path, label, failure=(failure.stage, failure.error, failure.message))
+    if not stat.S_ISREG(st.st_mode):
+        if not named:
+            return None  # a FIFO or device not named like an image: not ours (and never opened)
+        failure = not_a_file(st.st_mode)
+        return Item(file.absolute(), path, label, failure=(failure.stage, failure.error, failure.message))
+    if not named:
+        try:
+            if not is_image(file):
+                return None
+        except ImageError as e:  # cannot even be read: it might be an image, so it is reported
+            return Item(file.resolve(), path, label, failure=(e.stage, e.error, e.message))
+    return Item(file.resolve(), path, label)
 
 
 def discover(paths: list[str | Path]) -> list[Item]:
     """Every image under `paths` (folders recursively, or files), hidden files skipped.
 
-    A file with an image extension is listed even if it turns out unreadable, so that it is
-    reported as a failure rather than silently dropped.
+    A file named like an image is listed even if it turns out unreadable, so that it is
+    reported as a failure rather than silently dropped: a broken link or a FIFO carries its
+    failure (Item.failure) and is never opened. A name that is not UTF-8 is recorded as
+    `as_text` writes it.
     """
     if not paths:
         raise BadInput("no PATH given; name at least one image folder or file")
@@ -75,12 +127,13 @@ def discover(paths: list[str | Path]) -> list[Item]:
     seen: dict[str, Path] = {}
     for given in paths:
         root = Path(given).expanduser()
-        if root.is_file():
-            found = [Item(root.resolve(), root.name, None)] if _looks_like_image(root, extensions) else []
-            if not found:
-                raise BadInput(f"{root} is not an image Pillow can open; give image files or folders")
-        elif root.is_dir():
+        if root.is_dir():
             found = _walk(root, extensions)
+        elif os.path.lexists(root):
+            item = _look_at(root, as_text(root.name), None, extensions)  # a loose file: no class folder
+            if item is None:
+                raise BadInput(f"{root} is not an image Pillow can open; give image files or folders")
+            found = [item]
         else:
             raise MissingData(f"{root}: no such file or folder; check the PATH")
         for item in found:
@@ -129,15 +182,37 @@ def subfolders(folder: Path) -> list[Path]:
 
 
 def _walk(root: Path, extensions: frozenset[str]) -> list[Item]:
-    found = []
+    found: dict[str, Item] = {}
+    escaped: list[Item] = []  # names that are not UTF-8, recorded as `as_text` writes them
     for folder, _, filenames in walk(root):
         for name in filenames:
             file = folder / name
             rel = file.relative_to(root)
-            if _is_hidden(rel) or not file.is_file():
+            if _is_hidden(rel):
                 continue
-            if _looks_like_image(file, extensions):
-                label = rel.parent.name if len(rel.parts) > 1 else None
-                found.append(Item(file.resolve(), rel.as_posix(), label))
-    found.sort(key=lambda item: item.path)
-    return found
+            path = rel.as_posix()
+            label = rel.parent.name if len(rel.parts) > 1 else None
+            text = as_text(path)
+            item = _look_at(file, text, None if label is None else as_text(label), extensions)
+            if item is None:
+                continue
+            if text == path:
+                found[path] = item
+            else:
+                escaped.append(item)
+    for item in escaped:
+        if item.path in found:
+            # Another file's real name reads like this one's escaped name: this one is listed
+            # under a name no file has, with the reason, so neither is lost or mixed up.
+            item = replace(
+                item,
+                path=item.path + " (not UTF-8)",
+                failure=(
+                    "discover",
+                    "NameCollision",
+                    f"its name is not UTF-8, and the text featx writes for it ({item.path}) is another file's "
+                    "name; rename one of them",
+                ),
+            )
+        found.setdefault(item.path, item)
+    return sorted(found.values(), key=lambda item: item.path)

@@ -46,7 +46,7 @@ class ExtractResult:
     changes: store.Changes | None = None  # added, replaced, dropped against OUT before the run
     batches: BatchStats = field(default_factory=BatchStats)
     unit: str = "images"  # what a row describes: "images", or "regions" (--regions)
-    kept_in: Path | None = None  # where an interrupted run's pieces wait for the rerun
+    kept_in: Path | None = None  # where an interrupted run's pieces wait for the rerun; None: none kept
 
     @property
     def images_per_second(self) -> float:
@@ -69,10 +69,14 @@ class ExtractResult:
         )
 
     def resume_hint(self, overwrite: bool) -> str:
-        """What an interrupted run kept, and the command that resumes it."""
+        """What an interrupted run kept, and the command that resumes it (or starts it again)."""
+        again = f"rerun the same command{' (with --overwrite or without)' if overwrite else ''}"
+        if self.kept_in is None:
+            return f"interrupted before any {self.unit} were persisted, so nothing is kept; {again} to start over"
+        failed = f" and {self.failures} failures" if self.failures else ""
         return (
-            f"interrupted after {self.new_rows} new images; they are kept in {self.kept_in} — rerun the same command"
-            f"{' (with --overwrite or without)' if overwrite else ''} to resume"
+            f"interrupted after {self.new_rows} new {self.unit}{failed}; they are kept in {self.kept_in} — "
+            f"{again} to resume"
         )
 
     def profile(self) -> list[str]:
@@ -138,7 +142,7 @@ class Job:
                 failures=tally.failures,
                 seconds=seconds,
                 interrupted=True,
-                kept_in=output.kept_in,
+                kept_in=output.kept_in if output.started else None,  # nothing persisted: nothing kept
                 **common,
                 **done,
             )

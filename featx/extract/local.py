@@ -8,7 +8,6 @@ output's `finish` (merge the pieces into OUT atomically).
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections import deque
@@ -25,9 +24,13 @@ from featx.extract.discover import Item
 from featx.extract.job import ExtractResult, Job, Tally, writing
 from featx.extract.progress import progress_bar, sigterm_as_interrupt
 from featx.extract.provenance import provenance
-from featx.extract.rowgroup import decode_items, describe_group, error_record, group_rows
+from featx.extract.rowgroup import OpenedOnce, decode_items, describe_group, error_record, group_rows, work_units
 from featx.net.device import resolve_device, resolve_devices
 from featx.store.paths import make_parent
+
+# A run's first row group holds at most this many images: a full group (64 images at three
+# scales) takes minutes on a CPU, and a Ctrl-C or kill in that time should already find rows kept.
+FIRST_GROUP = 8
 
 
 class LocalRun:
@@ -40,41 +43,49 @@ class LocalRun:
         self.stage_seconds = self.tally.stage_seconds
         self._advance: Callable[[float], None] = lambda n: None
         self._lock = threading.Lock()
+        self.stop = threading.Event()  # set when describing ends: decode threads stop reading
 
     # -- describe: decode ahead of the net, one piece per row group ----------------------
-    def _decode(self, items: list[Item]) -> list[Decoded | ImageError]:
+    def _decode(self, items: list[Item], image: OpenedOnce | None = None) -> list[Decoded | ImageError]:
         t = time.perf_counter()
         try:
-            return decode_items(items, self.config)
+            return decode_items(items, self.config, self.stop, image)
         finally:
             with self._lock:
                 self.stage_seconds["decode"] += time.perf_counter() - t
 
     def decoded(self, items: list[Item]) -> Iterator[tuple[Item, Decoded | ImageError]]:
-        """Decode in `workers` threads ahead of the model, in order, with a bounded window.
+        """Decode in `workers` threads ahead of the model, in order, at most a window of boxes ahead.
 
-        The unit of work is a file: the regions of one image are cut from one decode.
+        The window counts boxes (an image is one box; `--regions` gives an image many), so an
+        image with thousands of regions never holds all its crops at every scale at once: its
+        regions are cut in units of a few, from one decode shared by the units (OpenedOnce).
+        When the consumer stops (Ctrl-C, SIGTERM), reads in progress give up at once (`stop`).
         """
-        files = [list(g) for _, g in itertools.groupby(items, key=lambda it: it.file)]
-        if self.config.workers == 0:
-            for group in files:
-                yield from zip(group, self._decode(group))
-            return
         window = max(2 * self.config.rows_per_group, 4 * self.config.workers)
-        with ThreadPoolExecutor(self.config.workers, thread_name_prefix="featx-decode") as pool:
-            pending: deque[tuple[list[Item], Future]] = deque()
-            try:
-                for group in files:
-                    pending.append((group, pool.submit(self._decode, group)))
-                    if len(pending) >= window:
-                        head, fut = pending.popleft()
-                        yield from zip(head, fut.result())
-                while pending:
+        units = work_units(items, max(1, window // (2 * max(1, self.config.workers))), self.config, self.stop)
+        if self.config.workers == 0:
+            for group, image in units:
+                yield from zip(group, self._decode(group, image))
+            return
+        pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="featx-decode")
+        pending: deque[tuple[list[Item], Future]] = deque()
+        ahead = 0  # boxes submitted and not yet handed on
+        try:
+            for group, image in units:
+                pending.append((group, pool.submit(self._decode, group, image)))
+                ahead += len(group)
+                while ahead >= window:
                     head, fut = pending.popleft()
+                    ahead -= len(head)
                     yield from zip(head, fut.result())
-            finally:
-                for _, fut in pending:
-                    fut.cancel()
+            while pending:
+                head, fut = pending.popleft()
+                yield from zip(head, fut.result())
+        finally:
+            # Decoding ahead is useless now: queued units never start, running ones stop reading.
+            self.stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _on_batch(self, images: int, seconds: float) -> None:
         self.stage_seconds["model"] += seconds
@@ -117,15 +128,17 @@ class LocalRun:
             with progress_bar(len(todo), self.show_progress) as self._advance, sigterm_as_interrupt():
                 group: list[tuple[Item, Decoded]] = []
                 errors: list[dict] = list(self.job.region_errors)  # regions no image can answer
+                size = min(self.config.rows_per_group, FIRST_GROUP)
                 for item, result in self.decoded(todo):
                     if isinstance(result, ImageError):
                         errors.append(error_record(item, result))
                         self._advance(1)
                     else:
                         group.append((item, result))
-                    if len(group) + len(errors) >= self.config.rows_per_group:
+                    if len(group) + len(errors) >= size:
                         flush(group, errors)
                         group, errors = [], []
+                        size = self.config.rows_per_group
                 if group or errors:
                     flush(group, errors)
         except KeyboardInterrupt:

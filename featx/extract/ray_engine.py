@@ -14,12 +14,13 @@ resume and settings checks as a local run's file (featx.store).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import pickle
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -32,7 +33,7 @@ from featx.extract.describer import make_describer
 from featx.extract.job import STAGES, ExtractResult, Job, Tally, writing
 from featx.extract.progress import progress_bar, sigterm_as_interrupt
 from featx.extract.provenance import provenance
-from featx.extract.rowgroup import decode_items, describe_group, error_record, group_rows
+from featx.extract.rowgroup import by_image, decode_items, describe_group, error_record, group_rows
 from featx.net.device import resolve_precision
 from featx.net.weights import Weights, resolve
 from featx.store.paths import make_parent
@@ -61,8 +62,7 @@ def _decode_part(row: dict, config: ExtractConfig) -> dict:
     t = time.perf_counter()
     items = pickle.loads(row["items"])
     # One decode per file: the regions of an image are cut from it.
-    for _, group in itertools.groupby(items, key=lambda it: it.file):
-        group = list(group)
+    for group in by_image(items):
         for item, result in zip(group, decode_items(group, config)):
             if isinstance(result, ImageError):
                 errors.append(error_record(item, result))
@@ -240,8 +240,8 @@ def _run(
         weights = resolve(config.model, config.weights, config.seed, config.layer)
         weights_ref = [ray.put(weights)]  # in a list: the actors fetch it, Ray does not inline it
         del weights
-        ds = _dataset(ray, parts, config, prov, weights_ref, n_actors, actor_resources, threads)
-        with writing(folder.target):
+        with _quiet_ray_data(ray), writing(folder.target):
+            ds = _dataset(ray, parts, config, prov, weights_ref, n_actors, actor_resources, threads)
             _write_parts(ds, folder, len(todo), progress, tally)
     if tally.interrupted:
         return job.result(folder, prov, started, tally)
@@ -271,13 +271,31 @@ def _write_parts(ds, folder: store.DatasetFolder, total: int, progress: bool, ta
         tally.interrupted = True
 
 
-def _dataset(ray, parts, config, prov, weights_ref, n_actors, actor_resources, threads):
+# Ray Data's warnings (e.g. a cluster too small for the actors) stay; its plan chatter and its
+# notice that progress bars are off do not.
+RAY_DATA_LOG_LEVELS = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
+
+
+@contextmanager
+def _quiet_ray_data(ray) -> Iterator[None]:
+    """Ray Data without its own progress bars (featx draws one; Ray's would interleave) and
+    chatter, for the run only: the caller's DataContext and logger levels are restored after."""
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # featx draws its own bar; Ray's would interleave
-    # Ray Data's warnings (e.g. a cluster too small for the actors) stay; its plan chatter and
-    # its notice that progress bars are off do not.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    before = context.enable_progress_bars
+    loggers = {logging.getLogger(name): level for name, level in RAY_DATA_LOG_LEVELS.items()}
+    levels = {logger: logger.level for logger in loggers}
+    context.enable_progress_bars = False
+    for logger, level in loggers.items():
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = before
+        for logger, level in levels.items():
+            logger.setLevel(level)
+
+
+def _dataset(ray, parts, config, prov, weights_ref, n_actors, actor_resources, threads):
     records = [{"part": index, "items": pickle.dumps(group, protocol=5)} for index, group in parts]
     return (
         ray.data.from_items(records, override_num_blocks=len(records))

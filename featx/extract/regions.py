@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from featx.errors import BadInput, MissingData
@@ -138,7 +138,7 @@ def plan_regions(source, items: list[Item], roots: list[str | Path]) -> Regions:
         if item is None:
             fail("FileNotFoundError", f"no image {path} under {', '.join(map(str, roots))}; check the path column")
             continue
-        found.append((path, n, Item(item.file, item.path, item.label, region, (x1, y1, x2, y2))))
+        found.append((path, n, replace(item, region=region, box=(x1, y1, x2, y2))))
     found.sort(key=lambda t: (t[0], t[1]))
     digest = hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
     identity = {"sha256": digest[:16], "rows": len(rows)}

@@ -2,6 +2,8 @@
 
 decode_item      file -> upright RGB rescaled to every Q (or an ImageError record)
 decode_items     the items of one file (its regions) -> one decode, each crop rescaled
+work_units       the items in units of a few boxes for the decode threads
+OpenedOnce       one image whose regions are cut in several units, decoded once
 describe_group   decoded images -> L2-normalised descriptors, failures isolated per image
 group_rows       the described images -> an Arrow table in the feature file's schema
 error_record     a failed image (or region) -> one row of the errors table
@@ -9,45 +11,116 @@ error_record     a failed image (or region) -> one row of the errors table
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from featx import store
 from featx.extract.batching import BatchStats
 from featx.extract.config import ExtractConfig
-from featx.extract.decode import Decoded, ImageError, decode, decode_regions
+from featx.extract.decode import Decoded, ImageError, Stopped, crop_regions, decode, open_upright
 from featx.extract.describer import DenseDescriber
 from featx.extract.descriptor import combine, pooled_per_scale
-from featx.extract.discover import Item
+from featx.extract.discover import Item, as_text
 
 
-def decode_item(item: Item, config: ExtractConfig) -> Decoded | ImageError:
-    """Decode and rescale one image; any failure is returned as that image's ImageError."""
+def decode_item(item: Item, config: ExtractConfig, stop: threading.Event | None = None) -> Decoded | ImageError:
+    """Decode and rescale one image; any failure is returned as that image's ImageError.
+
+    Stopped (the run ends: `stop` is set) is raised, never recorded as the image's failure.
+    """
+    if item.failure is not None:
+        return ImageError(*item.failure)
     try:
-        return decode(item.file, config.scales, config.max_pixels, config.bucket)
+        return decode(item.file, config.scales, config.max_pixels, config.bucket, stop)
     except ImageError as e:
         return e
+    except Stopped:
+        raise
     except Exception as e:  # a decoder bug on one file must not end the run
         return ImageError("decode", type(e).__name__, str(e))
 
 
-def decode_items(items: list[Item], config: ExtractConfig) -> list[Decoded | ImageError]:
-    """Decode the items of one file: a whole image, or all its regions from one decode."""
+class OpenedOnce:
+    """One image shared by the units its regions are cut in: opened once, let go after the last.
+
+    Each of `units` calls `take()` once; the first opens the image (or meets its failure).
+    """
+
+    def __init__(self, file, max_pixels: int, units: int, stop: threading.Event | None = None):
+        self.file, self.max_pixels, self.stop = file, max_pixels, stop
+        self._left, self._lock = units, threading.Lock()
+        self._image: Image.Image | ImageError | None = None
+
+    def take(self) -> Image.Image:
+        with self._lock:
+            if self._image is None:
+                try:
+                    self._image = open_upright(self.file, self.max_pixels, self.stop)
+                except ImageError as e:
+                    self._image = e
+            image = self._image
+            self._left -= 1
+            if self._left <= 0:
+                self._image = None  # the last unit: the image's memory goes with it
+        if isinstance(image, ImageError):
+            raise image
+        return image
+
+
+def decode_items(
+    items: list[Item], config: ExtractConfig, stop: threading.Event | None = None, image: OpenedOnce | None = None
+) -> list[Decoded | ImageError]:
+    """Decode the items of one file: a whole image, or regions from one decode (`image`: shared
+    with the file's other units of regions)."""
     if len(items) == 1 and items[0].box is None:
-        return [decode_item(items[0], config)]
+        return [decode_item(items[0], config, stop)]
+    if items[0].failure is not None:
+        return [ImageError(*items[0].failure)] * len(items)
     try:
-        return decode_regions(items[0].file, [it.box for it in items], config.scales, config.max_pixels, config.bucket)
+        img = (image or OpenedOnce(items[0].file, config.max_pixels, 1, stop)).take()
+        return crop_regions(img, [it.box for it in items], config.scales, config.bucket)
     except ImageError as e:
         return [e] * len(items)
+    except Stopped:
+        raise
     except Exception as e:  # a decoder bug on one file must not end the run
         return [ImageError("decode", type(e).__name__, str(e))] * len(items)
 
 
+def work_units(
+    items: list[Item], size: int, config: ExtractConfig, stop: threading.Event | None = None
+) -> list[tuple[list[Item], OpenedOnce | None]]:
+    """The items in units of at most `size` boxes for the decode threads, in order: a whole
+    image alone, an image's regions in units that share one decode of the image."""
+    units: list[tuple[list[Item], OpenedOnce | None]] = []
+    for group in by_image(items):
+        if group[0].box is None:
+            units.append((group, None))
+            continue
+        chunks = [group[i : i + size] for i in range(0, len(group), size)]
+        image = OpenedOnce(group[0].file, config.max_pixels, len(chunks), stop) if len(chunks) > 1 else None
+        units += [(chunk, image) for chunk in chunks]
+    return units
+
+
+def by_image(items: list[Item]) -> list[list[Item]]:
+    """The items in groups that one decode serves, in order: a whole image alone, the regions of
+    one recorded image together (two paths of one file, a link and its target, stay apart)."""
+    key = itertools.count()
+    return [
+        list(group)
+        for _, group in itertools.groupby(items, key=lambda it: next(key) if it.box is None else (it.path, it.file))
+    ]
+
+
 def error_record(item: Item, e: ImageError) -> dict:
     """One row of the errors table (with the region's id for a region)."""
-    record = {"path": item.path, "stage": e.stage, "error": e.error, "message": e.message}
+    record = {"path": item.path, "stage": e.stage, "error": e.error, "message": as_text(e.message)}
     return record if item.region is None else record | {"region": item.region}
 
 

@@ -10,11 +10,9 @@ import pyarrow.parquet as pq
 
 from featx.errors import BadInput
 from featx.store import atomic
-from featx.store.output import STATE, Changes, Finished, Key, Output, recorded
-from featx.store.schema import errors_path, row_keys
+from featx.store.output import STATE, WORK, Changes, Finished, Key, Output, recorded
+from featx.store.schema import row_keys
 
-# The dataset folder's own bookkeeping; the leading "_" hides it from pyarrow/pandas/Spark.
-WORK = "_featx"
 PART = re.compile(r"part-\d{6}(-[0-9a-f]+)?\.parquet")
 
 
@@ -39,6 +37,7 @@ class DatasetFolder(Output):
                 f"-o {self.target} is a file; --engine ray writes a folder of Parquet parts, "
                 f"give e.g. {self.target.with_suffix('')}"
             )
+        super().check_target()
         if not self.target.is_dir():
             return
         foreign = sorted(
@@ -80,7 +79,8 @@ class DatasetFolder(Output):
         return self.state_dir / f"part-{index:06d}-{self.token}.errors.parquet"
 
     def _run_state(self) -> dict:
-        return {"before": [p.name for p in self.pieces()]}
+        previous = (self.read_state() or {}).get("last_run")
+        return {"before": [p.name for p in self.pieces()]} | ({"last_run": previous} if previous else {})
 
     def _discard(self) -> None:
         """A new run: failures are retried; --overwrite drops the parts. Rows gone stale go."""
@@ -141,9 +141,13 @@ class DatasetFolder(Output):
                 computed |= keys
         changes = Changes.between(before, after, computed)
         failures = self._failures(after)
-        err = errors_path(self.target)
+        err = self.errors_file
         self._write_errors(failures, err)
         complete = {k: v for k, v in (state or self.provenance).items() if k != "run"}
-        atomic.write_json(complete | {"last_run": changes.record()}, self.state_file)
+        previous = run.get("last_run")
+        # A run that changed no row leaves the record of the run that last did.
+        unchanged = (changes.added, changes.replaced, changes.dropped) == (0, 0, 0)
+        complete["last_run"] = previous if unchanged and previous else changes.record()
+        atomic.write_json(complete, self.state_file)
         before_file.unlink(missing_ok=True)
         return Finished(self.rows(), len(failures), changes, err if failures else None)

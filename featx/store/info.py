@@ -134,9 +134,10 @@ def feature_info(path: str | Path) -> FeatureInfo:
 def _last_run_text(run: dict | None) -> str:
     if not run:
         return "not recorded"
+    # A rerun that finds nothing to do leaves the output as it is, this record included.
     return (
-        f"the last one added {run['added']}, replaced {run['replaced']} (changed since), "
-        f"dropped {run['dropped']} (gone since); finished {run['finished']}"
+        f"last changed by the run finished {run['finished']}: it added {run['added']}, replaced "
+        f"{run['replaced']} (changed since), dropped {run['dropped']} (gone since)"
     )
 
 

@@ -34,10 +34,12 @@ import pyarrow.parquet as pq
 
 from featx.errors import BadInput, SettingsMismatch
 from featx.store import atomic
-from featx.store.lock import OutputLock
+from featx.store.lock import OutputLock, holder_path
 from featx.store.schema import (
     ERROR_COLUMNS,
+    METADATA_KEY,
     differing,
+    errors_path,
     errors_table,
     row_keys,
 )
@@ -47,10 +49,34 @@ log = logging.getLogger("featx")
 STAT_COLUMNS = ("file_size", "file_mtime_ns")
 LAST_RUN_KEY = b"featx.last_run"
 STATE = "settings.json"
+# Where each flavour keeps a run's state: a file OUT in `OUT.partial/`, a dataset folder in
+# `FOLDER/_featx/` (the leading "_" hides it from pyarrow/pandas/Spark).
+PARTIAL = ".partial"
+WORK = "_featx"
+# The temporary names of store.atomic: `.NAME.<pid>-<8 hex>.tmp` beside NAME.
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.\d+-[0-9a-f]{8}\.tmp")
 
 Stat = tuple[int, int]
 # What identifies a row: its path, and for a region (featx extract --regions) the region's id.
 Key = tuple[str, str | None]
+
+
+def is_output(path: Path) -> bool:
+    """Whether featx writes, or wrote, an output at `path`: a feature file, a dataset folder,
+    an unfinished run's state, or a run holding its lock."""
+    if (path / WORK).is_dir() or path.with_name(path.name + PARTIAL).is_dir() or holder_path(path).exists():
+        return True
+    try:
+        return path.is_file() and METADATA_KEY in (pq.read_schema(path).metadata or {})
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def sibling(target: Path) -> Path:
+    """The other output name whose failures `errors_path` lists in the same file: `x` for
+    `x.parquet`, and `x.parquet` for `x`."""
+    name = target.name
+    return target.with_name(name[: -len(".parquet")] if name.endswith(".parquet") else name + ".parquet")
 
 
 def as_key(wanted: str | Key) -> Key:
@@ -155,8 +181,26 @@ class Output:
         """Where an interrupted run's pieces wait for the rerun that resumes them."""
         raise NotImplementedError
 
+    @property
+    def errors_file(self) -> Path:
+        """Where the output's failures are listed: `x.errors.parquet` beside `x.parquet` (or `x`)."""
+        return errors_path(self.target)
+
     def check_target(self) -> None:
-        """Refuse a target of the wrong kind (a folder for a file, a file for a folder) in one line."""
+        """Refuse a target that featx cannot own in one line: the wrong kind (a folder for a file,
+        a file for a folder; each flavour adds its check), an errors file's name, or a name whose
+        errors file another output beside it already lists its failures in."""
+        if self.target.name.endswith(".errors.parquet"):
+            raise BadInput(
+                f"-o {self.target}: names ending in .errors.parquet are featx's lists of failures, which "
+                f"readers skip; choose another name"
+            )
+        other = sibling(self.target)
+        if is_output(other):
+            raise BadInput(
+                f"-o {self.target} would list its failures in {self.errors_file}, which {other} beside it "
+                f"already uses; choose another -o name"
+            )
 
     def _complete_provenance(self) -> dict | None:
         raise NotImplementedError
@@ -190,7 +234,24 @@ class Output:
     # -- the lock ------------------------------------------------------------------------
     def __enter__(self) -> Output:
         self.lock.acquire()
+        try:
+            self._clean_temporaries()
+        except BaseException:
+            self.lock.release()
+            raise
         return self
+
+    def _clean_temporaries(self) -> None:
+        """Remove the temporary files killed runs of this output left (we hold its lock: no
+        live run of it writes them); only names store.atomic makes for this output's files."""
+        ours = {self.target.name, self.errors_file.name, holder_path(self.target).name}
+        for folder, names in ((self.target.parent, ours), (self.state_dir, None), (self.kept_in, None)):
+            if not folder.is_dir():
+                continue
+            for f in folder.iterdir():
+                m = TEMPORARY.fullmatch(f.name)
+                if m and (names is None or m.group("name") in names) and f.is_file():
+                    f.unlink(missing_ok=True)
 
     def __exit__(self, *exc) -> None:
         self.lock.release()
@@ -259,8 +320,6 @@ class Output:
             return
         self.started = True
         atomic.make_dir(self.state_dir)
-        for leftover in [*self.state_dir.glob(".*.tmp"), *self.target.parent.glob(f".{self.target.name}.*.tmp")]:
-            leftover.unlink(missing_ok=True)  # a killed run's temporaries; we hold the lock
         if not self.resume:
             self._discard()
             atomic.make_dir(self.state_dir)

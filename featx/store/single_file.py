@@ -11,12 +11,23 @@ import pyarrow.parquet as pq
 
 from featx.errors import BadInput
 from featx.store import atomic
-from featx.store.output import LAST_RUN_KEY, STAT_COLUMNS, Changes, Finished, Key, Output, recorded, stamp, with_stats
-from featx.store.schema import errors_path, row_keys
+from featx.store.output import (
+    LAST_RUN_KEY,
+    PARTIAL,
+    STAT_COLUMNS,
+    Changes,
+    Finished,
+    Key,
+    Output,
+    recorded,
+    stamp,
+    with_stats,
+)
+from featx.store.schema import METADATA_KEY, row_keys
 
 
 def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
+    return out.with_name(out.name + PARTIAL)
 
 
 class SingleFile(Output):
@@ -37,13 +48,25 @@ class SingleFile(Output):
     def check_target(self) -> None:
         if self.target.is_dir():
             raise BadInput(f"-o {self.target} is a folder; give a file name such as {self.target / 'features.parquet'}")
+        super().check_target()
 
     def _complete_provenance(self) -> dict | None:
+        """The settings OUT was made with; a file featx cannot resume is refused in one line
+        (never read under --overwrite, which replaces it whatever it holds)."""
         if not self.target.exists():
             return None
-        from featx.store.read import read_provenance
-
-        return read_provenance(self.target)
+        replace = "pass --overwrite to replace it, or choose another -o"
+        try:
+            schema = pq.read_schema(self.target)
+        except (OSError, pa.ArrowException) as e:
+            raise BadInput(f"-o {self.target} is not a Parquet file featx can read ({e}); {replace}") from None
+        try:
+            prov = json.loads((schema.metadata or {})[METADATA_KEY])
+        except (KeyError, ValueError):
+            prov = None
+        if not isinstance(prov, dict) or "path" not in schema.names:
+            raise BadInput(f"-o {self.target} is a Parquet file featx did not write (no featx rows in it); {replace}")
+        return prov
 
     def _unfinished(self) -> dict | None:
         if self.state_dir.exists() and not self.state_file.is_file():
@@ -88,9 +111,25 @@ class SingleFile(Output):
             for key, stat in recorded(source, self.stats):
                 if self.stats.get(key[0]) == stat:
                     owner.setdefault(key, i)
-        before = {k for k, _ in recorded(self.target, self.stats)} if self.target.exists() else set()
+        # Under --overwrite OUT is replaced unread, whatever it holds: nothing of it is kept.
+        before = {k for k, _ in recorded(self.target, self.stats)} if old else set()
         computed = {p for p, i in owner.items() if sources[i] not in old}
         changes = Changes.between(before, set(owner), computed)
+        if old and not computed and before == set(owner):
+            # Failures tried again and failing again, nothing added, replaced or dropped: OUT
+            # (and its record of the run that last changed it) stays as it is.
+            rows, failures = self.rows(), self._failures(set(owner))
+        else:
+            rows, failures = self._merge(sources, old, owner, schema, changes)
+        err = self.errors_file
+        self._write_errors(failures, err)
+        self._discard()
+        return Finished(rows, len(failures), changes, err if failures else None)
+
+    def _merge(
+        self, sources: list[Path], old: list[Path], owner: dict[Key, int], schema: pa.Schema, changes: Changes
+    ) -> tuple[int, list[dict]]:
+        """Write the rows each key's owner holds into OUT, atomically: (rows, failures)."""
         schema = with_stats(schema).with_metadata(
             (schema.metadata or {}) | {LAST_RUN_KEY: json.dumps(changes.record())}
         )
@@ -118,7 +157,4 @@ class SingleFile(Output):
                 atomic.fsync_dir(self.target.parent)
         finally:
             tmp.unlink(missing_ok=True)
-        err = errors_path(self.target)
-        self._write_errors(failures, err)
-        self._discard()
-        return Finished(rows, len(failures), changes, err if failures else None)
+        return rows, failures

@@ -297,3 +297,23 @@ def test_disk_full_on_ray_is_one_line_and_resumable(on_ray, folder, tmp_path, mo
     a, b = by_path(on_ray.output), by_path(out)
     assert a["path"].tolist() == b["path"].tolist()
     assert np.abs(np.stack(a["feature"]) - np.stack(b["feature"])).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_rays_progress_bars_and_loggers_are_the_callers_again_after_a_run(ray_local, folder, tmp_path):
+    """featx quiets Ray Data for its run only (issue 22.15): a notebook's settings come back."""
+    context = ray.data.DataContext.get_current()
+    names = ("ray.data", "ray.data._internal.progress")
+    before = (context.enable_progress_bars, [logging.getLogger(n).level for n in names])
+    context.enable_progress_bars = True
+    for n in names:
+        logging.getLogger(n).setLevel(17)
+    try:
+        result = extract_ray(folder, tmp_path / "features", rows_per_group=PART, **SETTINGS)
+        assert result.rows == 5
+        assert context.enable_progress_bars is True
+        assert [logging.getLogger(n).level for n in names] == [17, 17]
+    finally:
+        context.enable_progress_bars = before[0]
+        for n, level in zip(names, before[1]):
+            logging.getLogger(n).setLevel(level)

@@ -83,7 +83,8 @@ def test_resume_equals_a_fresh_run_and_info_says_what_changed(images, tmp_path):
     assert_same_rows(fresh, out, atol=1e-6)
     assert featx.read_features(out).set_index("path").loc["birds/img_002.jpg", "label"] == "birds"
     info = runner.invoke(app, ["info", str(out)])
-    assert "the last one added 1, replaced 1 (changed since), dropped 2 (gone since)" in info.output
+    assert "last changed by the run finished" in info.output
+    assert "it added 1, replaced 1 (changed since), dropped 2 (gone since)" in info.output
 
 
 def test_interrupted_overwrite_resumes_with_the_same_command(images, tmp_path, monkeypatch):
@@ -177,3 +178,27 @@ def test_every_file_a_resume_trusts_is_fsynced_with_its_folder(images, tmp_path,
     for i, (_, src, dst) in published:
         assert ("fsync", src) in events[:i], f"{dst} renamed into place before its data was on disk"
         assert ("fsync", str(Path(dst).parent)) in events[i:], f"the rename to {dst} was never made durable"
+
+
+def test_ctrl_c_before_anything_is_persisted_says_nothing_is_kept(images, tmp_path, monkeypatch):
+    out = tmp_path / "f.parquet"
+    interrupt_after(monkeypatch, 0)
+    stopped = extract(images, out)
+    assert stopped.exit_code == 130
+    assert "interrupted before any images were persisted, so nothing is kept" in stopped.output
+    assert "kept in" not in stopped.output and not store.partial_dir(out).exists()
+
+
+def test_the_first_row_group_is_small_so_an_early_ctrl_c_keeps_rows(tmp_path, monkeypatch):
+    """With 64 rows per group, a long first group would be lost to a Ctrl-C: the first holds 8."""
+    root = tmp_path / "in"
+    write_images(root, [(40, 30)] * 12, seed=3, label="cats")
+    out = tmp_path / "f.parquet"
+    args = ["extract", str(root), "-o", str(out), *CLI[:-4], "--rows-per-group", "64"]
+    interrupt_after(monkeypatch, 1)
+    stopped = runner.invoke(app, args)
+    assert stopped.exit_code == 130, stopped.output
+    assert f"interrupted after 8 new images; they are kept in {store.partial_dir(out)}" in stopped.output
+    monkeypatch.undo()
+    resumed = runner.invoke(app, args)
+    assert resumed.exit_code == 0 and "12 images (4 new)" in resumed.output, resumed.output

@@ -378,3 +378,20 @@ def test_sigkill_during_finalisation_keeps_the_previous_file_and_rerun_completes
     reference = featx.read_features(clean).set_index("path")
     for path, feature in zip(new["path"], new["feature"]):
         np.testing.assert_allclose(feature, reference.loc[path, "feature"], atol=2e-6)
+
+
+def test_overwrite_replaces_an_output_that_is_garbage_or_foreign(kill_input, tmp_path):
+    """issue 22.2: the refusal says --overwrite, and --overwrite then works (it never reads OUT)."""
+    inp, clean = kill_input
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"\x00 not a parquet file " * 100)
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1, 2, 3]}), foreign)
+    for out in (garbage, foreign):
+        cmd = [sys.executable, "-m", "featx", "extract", str(inp), "-o", str(out), *CLI]
+        refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+        assert "pass --overwrite to replace it" in refused.stderr
+        replaced = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, timeout=600)
+        assert replaced.returncode == 0, replaced.stderr
+        assert_same_rows(clean, out)

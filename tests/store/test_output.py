@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from featx import store
-from featx.errors import Locked, SettingsMismatch
+from featx.errors import BadInput, Locked, SettingsMismatch
 
 DIM = 4
 PROV = {"settings_hash": "a" * 16, "settings": {"model": "vgg11", "flip": True}, "dim": DIM}
@@ -205,3 +205,135 @@ def test_legacy_files_without_stat_columns_are_trusted_by_path(tmp_path):
     todo, _done = run(store.SingleFile(out), files, 2.0)
     assert todo == ["b"] and content(out) == {"a": 1.0, "b": 2.0}
     assert pq.read_schema(out).names[-2:] == ["file_size", "file_mtime_ns"]
+
+
+# -- issue 22: outputs featx cannot read, shared errors files, what a run leaves behind --------
+
+
+def damaged_outputs(folder: Path) -> dict[str, Path]:
+    """OUT files a run without --overwrite must refuse in one line and --overwrite must replace."""
+    import pyarrow as pa
+
+    folder.mkdir(exist_ok=True)
+    made = {}
+    made["garbage"] = folder / "garbage.parquet"
+    made["garbage"].write_bytes(b"not parquet at all\n" * 10)
+    complete = folder / "complete.parquet"
+    run(store.SingleFile(complete), images(folder / "in", ["a", "b"]), 1.0)
+    made["truncated"] = folder / "truncated.parquet"
+    made["truncated"].write_bytes(complete.read_bytes()[:-100])
+    made["foreign"] = folder / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), made["foreign"])
+    made["foreign_with_featx_key"] = folder / "foreign_with_featx_key.parquet"
+    pq.write_table(
+        pa.table({"x": [1]}).replace_schema_metadata({"featx": '{"settings_hash": "x"}'}),
+        made["foreign_with_featx_key"],
+    )
+    made["featx_key_not_an_object"] = folder / "featx_key_not_an_object.parquet"
+    pq.write_table(rows(["a"], 1.0).replace_schema_metadata({"featx": "[1, 2]"}), made["featx_key_not_an_object"])
+    return made
+
+
+@pytest.mark.parametrize(
+    "damage", ["garbage", "truncated", "foreign", "foreign_with_featx_key", "featx_key_not_an_object"]
+)
+def test_an_output_featx_cannot_read_is_refused_in_one_line_and_overwrite_replaces_it(damage, tmp_path):
+    target = damaged_outputs(tmp_path)[damage]
+    files = images(tmp_path / "in", ["a", "b"])
+    with pytest.raises(BadInput, match=rf"-o {target} .*pass --overwrite to replace it, or choose another -o"):
+        run(store.SingleFile(target), files, 2.0)
+    todo, done = run(store.SingleFile(target), files, 2.0, overwrite=True)
+    assert sorted(todo) == ["a", "b"] and done.rows == 2
+    assert content(target) == {"a": 2.0, "b": 2.0}
+    assert (done.changes.added, done.changes.replaced, done.changes.dropped) == (2, 0, 0)
+
+
+@pytest.mark.parametrize("first, second", [("out.parquet", "out"), ("out", "out.parquet")])
+def test_each_output_owns_its_errors_file(first, second, tmp_path):
+    """`-o out` and `-o out.parquet` would list failures in one `out.errors.parquet`: the second
+    is refused before any work, and the first one's failures stay."""
+    files = images(tmp_path / "in", ["a", "b"])
+    with store.SingleFile(tmp_path / first) as output:
+        output.begin(PROV, files)
+        output.add(rows(["a"], 1.0), [{"path": "b", "stage": "decode", "error": "E", "message": "m"}])
+        output.finish(store.feature_schema(DIM, PROV))
+    errors = store.errors_path(tmp_path / first)
+    assert errors == tmp_path / "out.errors.parquet" and errors.exists()
+    for cls in (store.SingleFile, store.DatasetFolder):
+        with pytest.raises(BadInput, match=rf"would list its failures in {errors}, which {tmp_path / first} beside"):
+            cls(tmp_path / second).check_target()
+    assert pq.read_table(errors).column("path").to_pylist() == ["b"]
+
+
+def test_an_errors_file_name_is_no_output_and_an_image_folder_beside_is_no_other_output(tmp_path):
+    with pytest.raises(BadInput, match="names ending in .errors.parquet are featx's lists of failures"):
+        store.SingleFile(tmp_path / "x.errors.parquet").check_target()
+    # `featx extract samples -o samples.parquet`: the image folder is not an output.
+    files = images(tmp_path / "samples", ["a"])
+    todo, done = run(store.SingleFile(tmp_path / "samples.parquet"), files, 1.0)
+    assert todo == ["a"] and done.rows == 1
+
+
+@pytest.mark.parametrize("kind", FLAVOURS)
+def test_a_run_leaves_no_lock_files_and_removes_what_killed_runs_left(kind, tmp_path):
+    files = images(tmp_path / "in", ["a"])
+    output = make(kind, tmp_path)
+    name = output.target.name
+    run(output, files, 1.0)
+    beside = {p.name for p in tmp_path.iterdir()}
+    assert not {f".{name}.lock", f".{name}.lock.json"} & beside
+    # A killed run's temporaries, and a stranger's file of the same shape that is not ours.
+    errors_name = store.errors_path(output.target).name
+    ours = [f".{name}.123-0a1b2c3d.tmp", f".{errors_name}.77-deadbeef.tmp", f"..{name}.lock.json.5-01234567.tmp"]
+    theirs = [f".other{name}.123-0a1b2c3d.tmp", f".{name}.backup"]
+    for f in ours + theirs:
+        (tmp_path / f).write_bytes(b"left behind")
+    todo, done = run(make(kind, tmp_path), files, 1.0)  # nothing to do: still cleans up
+    assert todo == [] and done is None
+    beside = {p.name for p in tmp_path.iterdir()}
+    assert not set(ours) & beside and set(theirs) <= beside
+    assert not {f".{name}.lock", f".{name}.lock.json"} & beside
+
+
+def test_a_lock_file_removed_by_its_holder_is_never_held_twice(held, tmp_path):
+    """The holder removes its lock file as it lets go: a waiter queued on that file must not
+    believe it holds the lock while a newcomer locks the new file at the same path."""
+    target, proc = held
+    got = threading.Event()
+    waiter = store.OutputLock(target, wait=True)
+    t = threading.Thread(target=lambda: (waiter.acquire(), got.set()), daemon=True)
+    t.start()
+    time.sleep(0.5)  # queued behind the holder, on the file it locked
+    assert not got.is_set()
+    proc.stdin.close()
+    proc.wait(timeout=30)
+    assert got.wait(30)
+    with pytest.raises(Locked):  # the waiter holds it now: a newcomer is refused
+        store.OutputLock(target).acquire()
+    waiter.release()
+    t.join(30)
+    with store.OutputLock(target):
+        pass
+    assert not list(tmp_path.glob(".target.lock*"))
+
+
+@pytest.mark.parametrize("kind", FLAVOURS)
+def test_a_rerun_that_only_retries_failures_leaves_the_output_as_it_is(kind, tmp_path):
+    """Found by the fuzz (issue 22.19): failures are tried again on every run, and failing again
+    they rewrote OUT and its record of the last change although no row changed."""
+    files = images(tmp_path / "in", ["a", "b"])
+    failure = [{"path": "b", "stage": "decode", "error": "E", "message": "m"}]
+    for _ in range(2):
+        with make(kind, tmp_path) as output:
+            todo = output.begin(PROV, files)
+            assert "b" in todo
+            output.add(rows(["a"], 1.0) if "a" in todo else None, failure)
+            done = output.finish(store.feature_schema(DIM, PROV)) if kind == "file" else output.finish()
+        if _ == 0:
+            first = store.read_last_run(output.target)
+            stamp = [(p, p.stat().st_mtime_ns) for p in sorted(output.target.parent.rglob("*.parquet"))]
+    assert done.rows == 1 and done.failures == 1
+    assert (done.changes.added, done.changes.replaced, done.changes.dropped) == (0, 0, 0)
+    assert store.read_last_run(output.target) == first
+    rows_files = [(p, m) for p, m in stamp if not p.name.endswith("errors.parquet")]
+    assert all(p.stat().st_mtime_ns == m for p, m in rows_files)
