@@ -16,17 +16,17 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
-from featx.errors import BadInput
+from featx.errors import BadInput, MissingData
 
 CHUNK = 1 << 20
 USER_AGENT = "featx (https://arxiv.org/abs/1409.1556 transfer experiments)"
 
 
-class DownloadError(FileNotFoundError):
+class DownloadError(MissingData):
     """The archive could not be obtained (offline, refused, interrupted); says how to get it."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(BadInput):
     """A file's md5 differs from the official one; says what to delete and how to retry."""
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from featx.errors import BadInput
-
 # Canvas sides are multiples of GRID pixels. Measured on 320 Caltech-101 images (windows of
 # 64, Q=256..512): grid 16 gives 19-36 distinct canvases per Q at 4-5% padding; grid 32 fewer
 # shapes (15-24) but more padding (5-6%) and smaller batches; grid 8 more shapes for ~1% less.
@@ -61,7 +59,7 @@ def plan_batches(
     `max_pixels` on its own gets a batch of its own. Batches never span two windows.
     """
     if max_images < 1 or max_pixels < 1:
-        raise BadInput(f"--batch-size {max_images} and --batch-pixels {max_pixels} must be positive")
+        raise ValueError(f"batch size {max_images} and batch pixels {max_pixels} must be positive")
     window = window or max(1, len(sizes))
     batches: list[list[int]] = []
     for start in range(0, len(sizes), window):

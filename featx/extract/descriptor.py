@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from featx.errors import BadInput
 from featx.extract.batching import (
     GRID,
     MAX_MIXING_WASTE,
@@ -139,5 +138,5 @@ def combine(per_scale: list[torch.Tensor], aggregate: str) -> torch.Tensor:
     elif aggregate == "stack":
         d = torch.cat(per_scale, dim=1)
     else:
-        raise BadInput(f"unknown aggregate {aggregate!r}; use mean or stack")
+        raise ValueError(f"unknown aggregate {aggregate!r}; use mean or stack")
     return F.normalize(d, p=2, dim=1)

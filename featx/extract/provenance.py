@@ -102,7 +102,12 @@ def provenance(
 
 
 def config_from_provenance(
-    prov: dict, *, weights: str | None = None, device: str = "auto", batch_size: int = 8, workers: int = 2
+    prov: dict,
+    *,
+    weights: str | None = None,
+    device: str = "auto",
+    batch_size: int = ExtractConfig.batch_size,
+    workers: int = 2,
 ) -> ExtractConfig:
     """The ExtractConfig that describes new images as a feature file's rows were described.
 

@@ -69,9 +69,12 @@ class OutputLock:
                 {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "argv": sys.argv},
                 _holder_path(self.target),
             )
-        except OSError:
+        except OSError as e:  # e.g. a disk already full: said before any work, naming the file
             self._lock.release()
-            raise
+            raise BadInput(
+                f"cannot write {_holder_path(self.target)} ({e.strerror or e}); free some space there, "
+                "or choose another output"
+            ) from None
 
     def release(self) -> None:
         # The sidecar goes first, while the lock is still held: never delete a successor's.
