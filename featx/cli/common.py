@@ -15,10 +15,10 @@ import sys
 import traceback
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from enum import Enum
 from typing import Annotated
 
-import click
 import typer
 
 from featx.errors import FeatxError, cli_words
@@ -57,10 +57,12 @@ def os_error_line(e: OSError) -> str:
     return (f"{where}: {what}" if where else what) + (f"; {fix}" if fix else "")
 
 
+# The options given before the command (`featx -v CMD`), set by the app's callback for the command.
+_FLAGS: ContextVar[dict | None] = ContextVar("featx_cli_flags", default=None)
+
+
 def _flags() -> dict:
-    """The options given before the command (`featx -v CMD`), kept by the app's callback."""
-    ctx = click.get_current_context(silent=True)
-    return ctx.meta if ctx is not None else {}
+    return _FLAGS.get() or {}
 
 
 @contextmanager
@@ -70,16 +72,16 @@ def one_error_path():
     try:
         with cli_words():
             yield
-    except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-        raise  # how commands end on purpose (`fail`, typer.Exit) and click's usage errors
+    except (typer.Exit, typer.Abort):
+        raise  # how commands end on purpose (`fail`)
     except FeatxError as e:
-        if _flags().get("featx.verbose"):
+        if _flags().get("verbose"):
             traceback.print_exc()
         fail(str(e), e.exit_code)
     except OSError as e:
         if e.errno is None:  # a library's own OSError("..."), not the OS speaking about a file
             _bug()
-        if _flags().get("featx.verbose"):
+        if _flags().get("verbose"):
             traceback.print_exc()
         fail(os_error_line(e))
     except Exception:
@@ -109,8 +111,8 @@ def guarded(command):
     @functools.wraps(command)
     def run(*args, **kwargs):
         if "quiet" in kwargs:
-            kwargs["quiet"] = bool(kwargs["quiet"] or _flags().get("featx.quiet"))
-            if kwargs["quiet"] and not _flags().get("featx.verbose"):
+            kwargs["quiet"] = bool(kwargs["quiet"] or _flags().get("quiet"))
+            if kwargs["quiet"] and not _flags().get("verbose"):
                 logging.getLogger("featx").setLevel(logging.WARNING)
         with warnings.catch_warnings(), one_error_path():
             warnings.showwarning = warn_one_line
@@ -197,7 +199,6 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def options(
-    ctx: typer.Context,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Also print debugging detail, and the traceback of an error.")
     ] = False,
@@ -207,7 +208,7 @@ def options(
     ] = False,
 ) -> None:
     """The very deep features of Simonyan & Zisserman (arXiv 1409.1556, Appendix B)."""
-    ctx.meta["featx.verbose"], ctx.meta["featx.quiet"] = verbose, quiet
+    _FLAGS.set({"verbose": verbose, "quiet": quiet})
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logger = logging.getLogger("featx")
     logger.setLevel(level)

@@ -383,7 +383,7 @@ def check_index_output(path: str | Path, *, overwrite: bool = False) -> Path:
     """`path` if an index folder may be written there (checked before building): a new folder, or
     an index to replace with `overwrite`."""
     path = check_output(path, "-o", folder=True)
-    if path.exists() and any(path.iterdir()):
+    if path.exists():
         if not (path / META_FILE).is_file():
             raise BadInput(f"-o {path} exists and is not a featx index; choose a new name")
         if not overwrite:

@@ -23,8 +23,10 @@ from featx.net.plan import conv_kernels
 from featx.net.weights import identify, normalization
 
 # Weights files are identified by their sha256; hashing 0.5 GB per call would cost more than
-# the call, so the hash is remembered while the file's size and mtime stay the same.
+# the call, so the hash is remembered while the file's size and mtime stay the same: for the
+# last few files only, so that a long-lived process (a notebook, a server) does not grow.
 _FILE_IDS: dict[tuple, dict] = {}
+FILE_IDS_KEPT = 16
 
 
 def forget_file_hashes() -> None:
@@ -39,6 +41,8 @@ def weights_identity(config: ExtractConfig) -> dict:
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns, config.model, config.layer)
         if key not in _FILE_IDS:
+            while len(_FILE_IDS) >= FILE_IDS_KEPT:
+                del _FILE_IDS[next(iter(_FILE_IDS))]  # the oldest
             _FILE_IDS[key] = identify(config.model, config.weights, config.seed, config.layer)
         return _FILE_IDS[key]
     return identify(config.model, config.weights, config.seed, config.layer)
