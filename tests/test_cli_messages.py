@@ -162,6 +162,19 @@ def test_internal_invariants_are_not_user_errors():
         assert not isinstance(raised.value, FeatxError), raised.value
 
 
+# -- item 10: the probe checks the folder's layout before extracting -------------------------
+
+
+def test_probe_refuses_a_folder_without_class_folders_before_any_extraction(folder, tmp_path):
+    flat = write_images(tmp_path, [(40, 36)] * 3, label="flat")[0].parent  # images, no class folders
+    run = Run(["probe", flat, "--cache-dir", tmp_path / "cache"])
+    run.one_line("has no class subfolders and 3 images directly in it", "--labels FILE")
+    assert not run.torch and not (tmp_path / "cache").exists(), "images were described before the refusal"
+    one = Run(["probe", tmp_path, "--cache-dir", tmp_path / "cache"])
+    one.one_line("only one class folder (flat)")
+    assert not one.torch
+
+
 # -- item 11: tracebacks that became one line -------------------------------------------------
 
 
