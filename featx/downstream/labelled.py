@@ -125,6 +125,12 @@ def _rows(source: Path, config: ExtractConfig | None, *, cache_dir, progress: bo
     table = store.read_table(file, ["path", "label", "feature"])
     paths = np.asarray(table.column("path").to_pylist(), dtype=object)
     X = store.feature_matrix(table.column("feature"))
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        raise BadInput(
+            f"{file}: {int(bad.sum())} rows hold NaN or infinity (first: {paths[bad][0]}); featx extract never "
+            "writes them: extract the features again"
+        )
     folder_labels = table.column("label").to_pylist()
     if keep is not None:
         # The cache may hold images that have since left the folder: use the folder as it is.
@@ -160,7 +166,9 @@ def _from_class_folders(rows: _Rows):
     paths, X, row_labels = rows.paths, rows.X, rows.folder_labels
     unlabelled = sum(1 for label in row_labels if label is None)
     if unlabelled:
-        rows.notes.append(f"{unlabelled} images are not in a class folder and are left out (use --labels FILE)")
+        rows.notes.append(
+            f"{unlabelled} images are not in a class folder and are left out (use {option('labels', 'FILE')})"
+        )
         have = np.array([label is not None for label in row_labels])
         paths, X = paths[have], X[have]
         row_labels = [label for label in row_labels if label is not None]

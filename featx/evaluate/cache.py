@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featx import __version__, store
-from featx.errors import BadInput, Damaged, MissingData, words
+from featx.errors import BadInput, Damaged, MissingData, option, words
 from featx.extract.config import ExtractConfig
 from featx.extract.discover import Item, discover
 from featx.store.lock import lock_path
@@ -229,7 +229,7 @@ def remove(names: Sequence[str] = (), *, all: bool = False, cache_dir: str | Pat
     if all:
         chosen = list(present.values())
     elif not names:
-        raise BadInput("name the entries to remove (see `featx cache ls`), or pass --all")
+        raise BadInput(f"name the entries to remove (see `featx cache ls`), or pass {option('all')}")
     else:
         chosen = []
         for n in names:

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from featx import __version__
-from featx.errors import BadInput, MissingData, SettingsMismatch
+from featx.errors import BadInput, MissingData, SettingsMismatch, option
 from featx.extract.config import ExtractConfig, descriptor_settings, settings_hash
 from featx.extract.decode import RESIZE
 from featx.net.device import torch_dtype
@@ -130,7 +130,7 @@ def config_from_provenance(
         elif kind == "file":
             raise MissingData(
                 f"the features were made with the weights file {identity.get('file')} "
-                f"(sha256 {str(identity.get('sha256'))[:12]}…); pass its path with --weights FILE"
+                f"(sha256 {str(identity.get('sha256'))[:12]}…); pass its path with {option('weights', 'FILE')}"
             )
         else:
             raise BadInput(f"the feature file records no weights ({identity!r}); it was not written by featx extract")

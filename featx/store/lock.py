@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from featx.errors import BadInput, Locked
+from featx.errors import BadInput, Locked, option
 from featx.store import atomic
 
 log = logging.getLogger("featx")
@@ -58,7 +58,7 @@ class OutputLock:
                 if not self.wait:
                     raise Locked(
                         f"{self.target} is being written by {who}; wait for it to finish, "
-                        f"or pass --wait to start when it has"
+                        f"or pass {option('wait')} to start when it has"
                     ) from None
                 log.info(f"waiting for {who} to finish writing {self.target}")
                 self._lock.acquire()
