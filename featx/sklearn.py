@@ -140,7 +140,7 @@ class Features(TransformerMixin, BaseEstimator):
         layer: str = "fc7",
         precision: str = ExtractConfig.precision,  # the CLI's default, so defaults agree
         device: str = "auto",
-        batch_size: int = 8,
+        batch_size: int = ExtractConfig.batch_size,  # the CLI's default, so defaults agree
         seed: int = 0,
     ):
         self.model = model

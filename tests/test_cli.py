@@ -62,6 +62,10 @@ def test_offline_default_weights_fail_in_one_line_with_exit_2(samples, tmp_path)
     assert expected_file in lines[0] and "--weights FILE" in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "s.parquet").exists()
+    # What README says a user sees: torch's own download line on stdout, then featx's one line.
+    assert proc.stdout.splitlines() == [
+        f'Downloading: "https://download.pytorch.org/models/vgg11-8a719046.pth" to {expected_file}'
+    ]
 
 
 def test_weights_file_is_loaded_and_recorded(samples, tmp_path):

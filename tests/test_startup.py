@@ -57,6 +57,7 @@ def feature_file(tmp_path_factory):
         ["index", "--help"],
         ["neighbours", "--help"],
         ["model", "--help"],
+        ["--version"],
     ],
 )
 def test_help_imports_no_heavy_library(args):

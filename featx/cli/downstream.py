@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +12,7 @@ import typer
 from featx.cli.common import (
     Aggregate,
     AggregateOption,
+    BatchSizeOption,
     DeviceOption,
     FlipOption,
     HeadName,
@@ -20,15 +20,16 @@ from featx.cli.common import (
     LayerOption,
     ModelOption,
     Precision,
+    QuietOption,
     ScalesOption,
-    _warn_one_line,
+    WeightsSeedOption,
     app,
     call,
     extract_config,
     fail,
     parse_scales,
 )
-from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES
+from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, ExtractConfig
 
 
 @app.command()
@@ -80,15 +81,15 @@ def probe(
         Precision, typer.Option(help="Model precision (auto = bf16 where native, else fp32).")
     ] = Precision.auto,
     device: DeviceOption = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    batch_size: BatchSizeOption = ExtractConfig.batch_size,
     workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
     max_pixels: Annotated[int, typer.Option(help="Refuse larger images before decoding them.")] = DEFAULT_MAX_PIXELS,
     bucket: Annotated[
         int, typer.Option(help="0 = exact resize; N = snap the longer side to a multiple of N (changes numbers).")
     ] = 0,
-    weights_seed: Annotated[int, typer.Option(help="Seed of --weights random.")] = 0,
+    weights_seed: WeightsSeedOption = 0,
     jobs: Annotated[int | None, typer.Option(help="Processes fitting the C grid in parallel (same results).")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """How well do the features transfer to your labelled images? The paper's protocol on your folder."""
     from featx.downstream.probe import probe as run_probe
@@ -96,11 +97,12 @@ def probe(
     from featx.evaluate.protocol import Head, Protocol
     from featx.store.paths import check_output
 
-    warnings.showwarning = _warn_one_line
     if report is not None:
         call(check_output, report, "--report", suffix=".json")
     if predictions is not None:
         call(check_output, predictions, "--predictions", suffix=".parquet")
+    if cache_dir is not None:
+        call(check_output, cache_dir, "--cache-dir", folder=True)
     config = extract_config(
         model=model,
         weights=weights,
@@ -169,9 +171,12 @@ def index(
     nprobe: Annotated[int, typer.Option(help="ivf: lists visited per query (more: better recall, slower).")] = 32,
     recall_k: Annotated[int, typer.Option(help="k of the recall@k measured for approximate kinds.")] = 10,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing index.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Build a nearest-neighbour index (cosine, FAISS) over a feature file or folder."""
-    from featx.downstream.search import Index
+    from featx.downstream.search import Index, check_index_output
+
+    call(check_index_output, output, overwrite=overwrite)  # before minutes of building
 
     built = call(
         Index.build,
@@ -220,15 +225,19 @@ def neighbours(
         typer.Option(help="The weights FILE the index's features were made with (needed for image queries if a file)."),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, or cuda[:N] (to describe query images).")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    batch_size: BatchSizeOption = ExtractConfig.batch_size,
+    quiet: QuietOption = False,
 ) -> None:
     """The nearest indexed images of each query by cosine; or near-duplicate pairs (--duplicates)."""
-    from featx.downstream.search import Index
+    from featx.downstream.search import TABLE_SUFFIXES, Index, write_table
     from featx.downstream.sheet import draw_sheet
+    from featx.store.paths import check_output
 
-    warnings.showwarning = _warn_one_line
-    if output is not None and output.suffix.lower() not in (".parquet", ".csv"):
-        fail(f"-o {output} must end in .parquet or .csv")
+    # Every output is checked before queries are described (minutes), by the one rule.
+    if output is not None:
+        call(check_output, output, "-o", suffix=TABLE_SUFFIXES)
+    if sheet is not None:
+        call(check_output, sheet, "--sheet", suffix=".png")
     if not queries and duplicates is None:
         fail("give a QUERY (image, folder or feature file), or --duplicates THRESHOLD")
     if duplicates is not None and (queries or sheet is not None):
@@ -243,9 +252,5 @@ def neighbours(
             typer.echo(f"wrote {call(draw_sheet, table, sheet, images=where)}", err=True)
     if output is None:
         typer.echo(table.to_string(index=False, float_format=lambda x: f"{x:.4f}") if len(table) else "(no pairs)")
-    elif output.suffix.lower() == ".csv":
-        table.to_csv(output, index=False)
-        typer.echo(f"wrote {output} ({len(table)} rows)", err=True)
     else:
-        table.to_parquet(output, index=False)
-        typer.echo(f"wrote {output} ({len(table)} rows)", err=True)
+        typer.echo(f"wrote {call(write_table, table, output)} ({len(table)} rows)", err=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -12,11 +11,14 @@ import typer
 
 from featx.cli.common import (
     Aggregate,
+    App,
+    BatchSizeOption,
     DeviceOption,
     HeadName,
     Model,
     Precision,
-    _warn_one_line,
+    QuietOption,
+    WeightsSeedOption,
     app,
     call,
     extract_config,
@@ -24,6 +26,7 @@ from featx.cli.common import (
     parse_scales,
 )
 from featx.evaluate.datasets import DATASETS
+from featx.extract.config import ExtractConfig
 
 Dataset = Enum("Dataset", {d: d for d in DATASETS}, type=str)
 
@@ -64,6 +67,7 @@ def evaluate(
     head: Annotated[HeadName | None, typer.Option(help="Classifier: svm (linear SVM, the paper's) or logreg.")] = None,
     splits: Annotated[int | None, typer.Option(help="Override the number of seeded splits.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the first split (split i uses seed + i).")] = None,
+    weights_seed: WeightsSeedOption = 0,
     no_background: Annotated[
         bool, typer.Option("--no-background", help="Caltech: drop the background/clutter class (the paper keeps it).")
     ] = False,
@@ -93,12 +97,12 @@ def evaluate(
         ),
     ] = Precision.auto,
     device: DeviceOption = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    batch_size: BatchSizeOption = ExtractConfig.batch_size,
     workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
     jobs: Annotated[
         int | None, typer.Option(help="Processes fitting the C grid in parallel (same results; -1: all cores).")
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    quiet: QuietOption = False,
     results: Annotated[
         Path | None,
         typer.Option(help="voc2012-action: write the devkit's result files (DIR/image/, DIR/image_box/)."),
@@ -117,7 +121,6 @@ def evaluate(
     from featx.evaluate.pipeline import pipeline_for
     from featx.store.paths import check_output
 
-    warnings.showwarning = _warn_one_line
     # Everything the arguments alone can refute is refuted before torch loads (seconds).
     if test_server and results is None:
         fail("--test-server writes the test set's result files: give --results DIR")
@@ -125,6 +128,8 @@ def evaluate(
         call(check_output, report, "--report", suffix=".json")
     if cache_dir is not None:
         call(check_output, cache_dir, "--cache-dir", folder=True)
+    if results is not None:
+        call(check_output, results, "--results", folder=True)
     for file in features or ():
         if not file.expanduser().exists():
             fail(f"--features {file}: no such file; give a file made by featx extract")
@@ -141,7 +146,9 @@ def evaluate(
         seed=seed,
         background=False if no_background else None,
     )
-    config = extract_config(precision=precision, device=device, batch_size=batch_size, workers=workers)
+    config = extract_config(
+        precision=precision, device=device, batch_size=batch_size, workers=workers, seed=weights_seed
+    )
     from featx.evaluate.report import print_table, write_report
     from featx.evaluate.run import evaluate as run_evaluate  # torch loads when features are extracted
 
@@ -166,7 +173,7 @@ def evaluate(
             typer.echo(f"wrote {path}", err=True)
 
 
-cache_app = typer.Typer(
+cache_app = App(
     help="List or remove the features featx evaluate cached (default: $XDG_CACHE_HOME/featx, else ~/.cache/featx).",
     no_args_is_help=True,
 )
@@ -178,7 +185,7 @@ CacheDir = Annotated[
 
 
 @cache_app.command("ls")
-def cache_ls(cache_dir: CacheDir = None) -> None:
+def cache_ls(cache_dir: CacheDir = None, quiet: QuietOption = False) -> None:
     """One line per entry: dataset, net, descriptor settings, images, size, date."""
     import time
 
@@ -204,6 +211,7 @@ def cache_rm(
     entry: Annotated[list[str] | None, typer.Argument(help="Entries to remove, as featx cache ls names them.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
     cache_dir: CacheDir = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Remove cached features (they are extracted again when next needed)."""
     from featx.evaluate.cache import remove

@@ -13,6 +13,7 @@ import typer
 from featx.cli.common import (
     Aggregate,
     AggregateOption,
+    BatchSizeOption,
     DeviceOption,
     FlipOption,
     Layer,
@@ -20,15 +21,16 @@ from featx.cli.common import (
     Model,
     ModelOption,
     Precision,
+    QuietOption,
     ScalesOption,
-    _warn_one_line,
+    WeightsSeedOption,
     app,
     call,
     extract_config,
     fail,
     parse_scales,
 )
-from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES
+from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, ExtractConfig
 from featx.net.backbones import get_backbone
 
 
@@ -68,9 +70,7 @@ def extract(
         str,
         typer.Option(help="Several GPUs, each with its own stream of batches into one output: cuda:0,cuda:1 or all."),
     ] = "",
-    batch_size: Annotated[
-        int, typer.Option(help="At most this many images per batch (mixed sizes share a batch exactly).")
-    ] = 32,
+    batch_size: BatchSizeOption = ExtractConfig.batch_size,
     batch_pixels: Annotated[
         int, typer.Option(help="At most this many padded pixels per batch; 0 = per device (4 M on CPU, 5.8 M on CUDA).")
     ] = 0,
@@ -88,7 +88,10 @@ def extract(
     rows_per_group: Annotated[
         int, typer.Option(help="Rows per persisted piece: a killed run loses at most this many.")
     ] = 64,
-    seed: Annotated[int, typer.Option(help="Seed of --weights random.")] = 0,
+    weights_seed: WeightsSeedOption = 0,
+    seed: Annotated[
+        int | None, typer.Option(hidden=True, help="Deprecated name of --weights-seed (elsewhere --seed seeds splits).")
+    ] = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -110,7 +113,7 @@ def extract(
     ] = False,
     strict: Annotated[bool, typer.Option(help="Exit 1 if any image failed.")] = False,
     profile: Annotated[bool, typer.Option(help="Print seconds spent per stage.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: QuietOption = False,
     shard: Annotated[
         str | None,
         typer.Option(help="K/N: only shard K of N (0-based, by path hash), to split a folder over N machines."),
@@ -135,7 +138,7 @@ def extract(
     ] = None,
 ) -> None:
     """Describe every image with the paper's dense multi-scale VGG descriptor; write Parquet."""
-    warnings.showwarning = _warn_one_line
+    weights_seed = _weights_seed(weights_seed, seed)
     # Everything the arguments alone can refute is refuted before torch loads (seconds).
     config = extract_config(
         model=model,
@@ -151,7 +154,7 @@ def extract(
         devices=devices,
         workers=workers,
         max_pixels=max_pixels,
-        seed=seed,
+        seed=weights_seed,
         rows_per_group=rows_per_group,
         bucket=bucket,
     )
@@ -184,6 +187,20 @@ def extract(
         fail(f"{result.failures} images failed (--strict)", code=1)
 
 
+def _weights_seed(weights_seed: int, seed: int | None) -> int:
+    """--weights-seed, or the deprecated --seed it replaces (which seeds the splits elsewhere)."""
+    if seed is None:
+        return weights_seed
+    if weights_seed not in (0, seed):
+        fail(f"--seed {seed} and --weights-seed {weights_seed} disagree; give --weights-seed only")
+    warnings.warn(
+        "--seed is deprecated in featx extract: it seeds --weights random; say --weights-seed",
+        FutureWarning,
+        stacklevel=1,
+    )
+    return seed
+
+
 def _check_extract_arguments(paths, output, engine, devices, shard, ray_address, ray_actors) -> None:
     """What `featx extract`'s arguments alone refute, in one line each, before any work."""
     from featx.extract.shard import parse_shard
@@ -191,7 +208,10 @@ def _check_extract_arguments(paths, output, engine, devices, shard, ray_address,
 
     if engine is Engine.ray and devices:
         fail("--devices is for the local engine; with --engine ray, Ray places one model actor per GPU (--ray-actors)")
-    call(check_output, output, "-o", folder=engine is Engine.ray)
+    if engine is Engine.ray:
+        call(check_output, output, "-o", folder=True)
+    else:  # a feature file is Parquet, whatever it is called: -o x.csv would mislead
+        call(check_output, output, "-o", suffix=(".parquet", ""))
     if shard is not None:
         call(parse_shard, shard)
     if (ray_address or ray_actors) and engine is not Engine.ray:
@@ -205,6 +225,7 @@ def _check_extract_arguments(paths, output, engine, devices, shard, ray_address,
 def info(
     path: Annotated[Path, typer.Argument(help="A featx Parquet file or folder.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the provenance as JSON.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Rows, dimension, labels, failures and provenance of a feature file or folder."""
     from featx.store import feature_info, read_provenance
@@ -220,6 +241,7 @@ def model(
     name: Annotated[Model, typer.Argument(help="torchvision VGG: vgg11 (A) ... vgg19 (E), _bn with batch norm.")],
     size: Annotated[str, typer.Option(help="Input height x width, e.g. 224x224 or 256x341.")] = "224x224",
     layer: Annotated[Layer, typer.Option(help="The layer the dense net ends at.")] = Layer.fc7,
+    quiet: QuietOption = False,
 ) -> None:
     """The dense net's layer table at one input size: output shapes, parameters, FLOPs (no weights loaded)."""
     try:

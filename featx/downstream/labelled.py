@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featx import store
-from featx.errors import BadInput, MissingData
+from featx.errors import BadInput, MissingData, option
 from featx.evaluate.cache import cached_features
 from featx.extract.config import ExtractConfig
 from featx.extract.discover import discover
@@ -69,6 +70,8 @@ def load_labelled(
     source = Path(source).expanduser()
     if not source.exists():
         raise MissingData(f"{source}: no such image folder or feature file")
+    if labels is None and source.is_dir() and not is_feature_source(source):
+        check_class_folders(source)  # before minutes of extraction
     rows = _rows(source, config, cache_dir=cache_dir, progress=progress, log=log)
     if labels is not None:
         paths, X, row_labels, multi = _from_labels_file(rows, labels, source)
@@ -77,6 +80,24 @@ def load_labelled(
     classes, y = _encode(row_labels, multi)
     prov = store.read_provenance(rows.file)
     return Labelled(paths, X, classes, y, multi, prov, str(rows.file), rows.errors, rows.notes)
+
+
+def check_class_folders(folder: Path) -> None:
+    """Refuse, before any image is described, a folder whose images are not in 2 or more class folders."""
+    items = discover([folder])
+    if not items:
+        raise BadInput(f"{folder} holds no images; give a folder with one subfolder of images per class")
+    classes = sorted({item.label for item in items if item.label is not None})
+    if len(classes) >= 2:
+        return
+    loose = sum(1 for item in items if item.label is None)
+    found = f"only one class folder ({classes[0]})" if classes else "no class subfolders"
+    raise BadInput(
+        f"{folder} has {found}"
+        + (f" and {loose} images directly in it" if loose else "")
+        + "; a probe needs 2 or more classes: put each class's images in a subfolder of its own "
+        f"(e.g. {folder / 'CLASS'}), or label them with {option('labels', 'FILE')}"
+    )
 
 
 def _rows(source: Path, config: ExtractConfig | None, *, cache_dir, progress: bool, log) -> _Rows:
@@ -94,9 +115,7 @@ def _rows(source: Path, config: ExtractConfig | None, *, cache_dir, progress: bo
                     f"{source} holds features already: the extraction settings {', '.join(ignored)} are not used"
                 )
         file = source
-        error_file = store.errors_path(source)
-        if error_file.exists():
-            errors += pq.read_table(error_file).to_pylist()
+        errors += _failures(store.errors_path(source), notes)
     else:
         if not source.is_dir():
             raise BadInput(f"{source} is neither an image folder nor a .parquet feature file")
@@ -106,6 +125,12 @@ def _rows(source: Path, config: ExtractConfig | None, *, cache_dir, progress: bo
     table = store.read_table(file, ["path", "label", "feature"])
     paths = np.asarray(table.column("path").to_pylist(), dtype=object)
     X = store.feature_matrix(table.column("feature"))
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        raise BadInput(
+            f"{file}: {int(bad.sum())} rows hold NaN or infinity (first: {paths[bad][0]}); featx extract never "
+            "writes them: extract the features again"
+        )
     folder_labels = table.column("label").to_pylist()
     if keep is not None:
         # The cache may hold images that have since left the folder: use the folder as it is.
@@ -141,23 +166,31 @@ def _from_class_folders(rows: _Rows):
     paths, X, row_labels = rows.paths, rows.X, rows.folder_labels
     unlabelled = sum(1 for label in row_labels if label is None)
     if unlabelled:
-        rows.notes.append(f"{unlabelled} images are not in a class folder and are left out (use --labels FILE)")
+        rows.notes.append(
+            f"{unlabelled} images are not in a class folder and are left out (use {option('labels', 'FILE')})"
+        )
         have = np.array([label is not None for label in row_labels])
         paths, X = paths[have], X[have]
         row_labels = [label for label in row_labels if label is not None]
     return paths, X, row_labels, False
 
 
+def class_key(name: str) -> tuple[str, str]:
+    """The one order of class names, wherever they are listed (classes, tables, plots): by
+    name regardless of case ("ant" < "Bee" < "cat"), ties by exact name."""
+    return (name.casefold(), name)
+
+
 def _encode(row_labels: list, multi: bool) -> tuple[tuple[str, ...], np.ndarray]:
     """The sorted class names, and y: a class index per row, or ±1 per row and class (multi-label)."""
     if multi:
-        classes = tuple(sorted({c for ls in row_labels for c in ls}))
+        classes = tuple(sorted({c for ls in row_labels for c in ls}, key=class_key))
         position = {c: i for i, c in enumerate(classes)}
         y = -np.ones((len(row_labels), len(classes)), np.int64)
         for i, ls in enumerate(row_labels):
             y[i, [position[c] for c in ls]] = 1
         return classes, y
-    classes = tuple(sorted(set(row_labels)))
+    classes = tuple(sorted(set(row_labels), key=class_key))
     position = {c: i for i, c in enumerate(classes)}
     return classes, np.array([position[label] for label in row_labels], np.int64)
 
@@ -167,12 +200,21 @@ def read_labels(path: str | Path) -> dict[str, str | list[str]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise MissingData(f"--labels {path}: no such file; give a CSV or Parquet file with columns path,label")
-    if path.suffix.lower() == ".parquet":
-        df = pd.read_parquet(path)
-    elif path.suffix.lower() in (".csv", ".tsv", ".txt"):
-        df = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
-    else:
+    if path.suffix.lower() not in (".parquet", ".csv", ".tsv", ".txt"):
         raise BadInput(f"--labels {path} must be .csv or .parquet, with columns path,label (or path,labels)")
+    try:
+        if path.suffix.lower() == ".parquet":
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+    except (ValueError, pa.ArrowException, OSError) as e:  # pandas and pyarrow say "unreadable" so
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the OS speaking about the file (permission, ...): said as such
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(
+            f"--labels {path} is not a readable {path.suffix[1:].upper()} table ({why}); "
+            "give one with columns path,label (or path,labels)"
+        ) from None
     if "path" not in df.columns or not ({"label", "labels"} & set(df.columns)):
         raise BadInput(
             f"--labels {path} has columns {list(df.columns)}; it needs path and label (or labels, for multi-label)"
@@ -201,6 +243,17 @@ def read_labels(path: str | Path) -> dict[str, str | list[str]]:
     return out
 
 
+def _failures(error_file: Path, notes: list[str]) -> list[dict]:
+    """The rows of a feature file's errors table; a damaged one is said in a note, not fatal."""
+    if not error_file.exists():
+        return []
+    try:
+        return pq.read_table(error_file).to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        notes.append(f"{error_file} is unreadable ({e}), so failed images are not listed; delete it")
+        return []
+
+
 def folder_features(
     folder: Path, config: ExtractConfig, cache_dir, progress: bool, log
 ) -> tuple[Path, set[str], list[dict]]:
@@ -214,9 +267,10 @@ def folder_features(
     # Keyed by settings and the folder's files (paths, sizes, mtimes), in the per-user cache.
     out = cached_features([folder], config, name=name, cache_dir=cache_dir, progress=progress, log=log).file
     now = {item.path for item in discover([folder])}
-    errors = []
-    if store.errors_path(out).exists():
-        errors = [e for e in pq.read_table(store.errors_path(out)).to_pylist() if e["path"] in now]
+    notes: list[str] = []
+    errors = [e for e in _failures(store.errors_path(out), notes) if e.get("path") in now]
+    for note in notes:
+        (log or (lambda message: None))(f"warning: {note}")
     return out, now, errors
 
 

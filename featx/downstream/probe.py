@@ -19,7 +19,7 @@ import pandas as pd
 
 from featx import __version__
 from featx.downstream.labelled import Labelled, load_labelled
-from featx.errors import BadInput
+from featx.errors import BadInput, option
 from featx.evaluate.protocol import (
     TOP_K,
     Head,
@@ -149,7 +149,7 @@ def check_classes(data: Labelled, protocol: Protocol) -> Labelled:
         if small and not protocol.drop_small_classes:
             raise BadInput(
                 f"{len(small)} labels have fewer than 2 images: {_listed(small)}; add images, or pass "
-                "--drop-small-classes to probe without them"
+                f"{option('drop-small-classes')} to probe without them"
             )
         keep = positives >= 2
         if small:
@@ -172,7 +172,7 @@ def check_classes(data: Labelled, protocol: Protocol) -> Labelled:
             raise BadInput(
                 f"{len(small)} classes have fewer than {need} images ({why}): {_listed(small)}; add images"
                 + (", lower --train-per-class" if protocol.n_train else "")
-                + ", or pass --drop-small-classes to probe without them"
+                + f", or pass {option('drop-small-classes')} to probe without them"
             )
         data.notes.append(f"left out {len(small)} classes with fewer than {need} images: {_listed(small)}")
         kept = [i for i, n in enumerate(counts) if n >= need]

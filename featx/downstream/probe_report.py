@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from featx import store
+from featx.downstream.labelled import class_key
 from featx.downstream.probe import ProbeResult
 from featx.store.atomic import write_json
 from featx.store.paths import check_output, make_parent
@@ -50,7 +51,10 @@ def print_report(result: ProbeResult, console=None, max_classes: int = 30) -> No
         t.add_row(METRIC_NAMES[m], _pm(v), ", ".join(_f(s[m]) for s in r["splits"]))
     captions = [f"features: {r['features']['descriptor']}; weights {r['features']['weights']}"]
     if str(r["features"]["weights"]).startswith("random"):
-        captions[0] += " (a random net: near chance on natural images)"
+        captions[0] += " (an untrained net: for tests and smoke runs, not a measure of transfer)"
+    if r["task"] == "single-label":
+        n = len(r["classes"])
+        captions.append(f"chance: {100 / n:.1f}% mean class recall ({n} classes)")
     captions.append("C per split: " + ", ".join(f"{s['C']:g}" for s in r["splits"]))
     captions += r["notes"]
     t.caption = "\n".join(f"• {c}" for c in captions)
@@ -63,7 +67,7 @@ def print_report(result: ProbeResult, console=None, max_classes: int = 30) -> No
     for k in keys:
         pc.add_column(k if k != "ap" else "AP", justify="right")
     pc.add_column("tested", justify="right")
-    items = sorted(r["per_class"].items(), key=lambda kv: (_sortable(kv[1][keys[0]]), kv[0]))
+    items = sorted(r["per_class"].items(), key=lambda kv: (_sortable(kv[1][keys[0]]), class_key(kv[0])))
     if len(items) > max_classes:
         half = max_classes // 2
         items = [*items[:half], None, *items[-half:]]
@@ -167,7 +171,7 @@ def plot_per_class(result: ProbeResult, out: Path) -> Path:
 
     r = result.report
     keys = ["ap"] if r["task"] == "multi-label" else ["recall", "precision"]
-    classes = sorted(r["classes"], key=lambda c: (_sortable(r["per_class"][c][keys[0]]), c))
+    classes = sorted(r["classes"], key=lambda c: (_sortable(r["per_class"][c][keys[0]]), class_key(c)))
     n = len(classes)
     fig = Figure(figsize=(7.5, max(3.0, 0.2 * n * len(keys) / 1.5 + 1.4)))
     ax = fig.subplots()

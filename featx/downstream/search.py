@@ -10,6 +10,7 @@ query image is described exactly as the rows were). Contact sheets: featx.downst
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,13 +24,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featx import store
-from featx.errors import BadInput, MissingData, SettingsMismatch
-from featx.store.atomic import replace_folder, temporary_folder
-from featx.store.paths import make_parent
+from featx.errors import BadInput, Damaged, MissingData, SettingsMismatch, option
+from featx.extract.config import ExtractConfig
+from featx.store.atomic import replace_folder, temporary_folder, write_text
+from featx.store.paths import check_output, make_parent
 from featx.store.read import is_feature_source
 
 KINDS = ("flat", "hnsw", "ivf")
 INDEX_FILE, ROWS_FILE, META_FILE = "faiss.index", "rows.parquet", "index.json"
+# What a table of neighbours or duplicates can be written as.
+TABLE_SUFFIXES = (".parquet", ".csv")
 # Rows of the collection used as queries to measure an approximate index's recall.
 RECALL_QUERIES = 1000
 # Query rows per FAISS call when listing duplicates: bounds the result buffers.
@@ -172,13 +176,7 @@ class Index:
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the index folder (its missing parents made); it appears complete, and durable, or not at all."""
         faiss = faiss_module()
-        path = Path(path).expanduser()
-        if path.exists():
-            if not (path / META_FILE).is_file():
-                raise BadInput(f"-o {path} exists and is not a featx index; choose a new name")
-            if not overwrite:
-                raise BadInput(f"-o {path} already holds an index; pass --overwrite to replace it")
-        make_parent(path, "-o")
+        path = make_parent(check_index_output(path, overwrite=overwrite), "-o")
         tmp = temporary_folder(path)
         try:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
@@ -188,6 +186,7 @@ class Index:
                 "params": self.params,
                 "recall": self.recall,
                 "rows": len(self),
+                "rows_sha256": rows_fingerprint(self.rows),
                 "dim": self.dim,
                 "build_seconds": round(self.build_seconds, 3),
                 "images": self.images,
@@ -202,16 +201,37 @@ class Index:
 
     @classmethod
     def load(cls, path: str | Path) -> Index:
-        """An index folder written by `save` (or `featx index`)."""
+        """An index folder written by `save` (or `featx index`); a damaged or inconsistent one is
+        refused (Damaged), never searched: its rows must be the ones the index was built over."""
         faiss = faiss_module()
         path = Path(path).expanduser()
         if not (path / META_FILE).is_file():
             raise MissingData(
                 f"{path}: not a featx index (no {META_FILE}); build one with `featx index FEATURES -o {path}`"
             )
-        meta = json.loads((path / META_FILE).read_text())
-        index = faiss.read_index(str(path / INDEX_FILE))
-        rows = pq.read_table(path / ROWS_FILE).to_pandas()
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+            if not isinstance(meta, dict) or meta.get("kind") not in KINDS:
+                raise ValueError(
+                    f"not an index description: kind {meta.get('kind') if isinstance(meta, dict) else meta!r}"
+                )
+        except (OSError, ValueError) as e:
+            raise _damaged(path, META_FILE, e) from None
+        try:
+            index = faiss.read_index(str(path / INDEX_FILE))
+        except RuntimeError:  # FAISS reports every unreadable file so, with its C++ source lines
+            raise _damaged(path, INDEX_FILE, "FAISS cannot read it") from None
+        try:
+            rows = pq.read_table(path / ROWS_FILE).to_pandas()
+            missing = {"path", "label"} - set(rows.columns)
+            if missing:
+                raise ValueError(f"no column {', '.join(sorted(missing))}")
+        except (OSError, pa.ArrowException, ValueError) as e:
+            raise _damaged(path, ROWS_FILE, e) from None
+        if not len(rows) == index.ntotal == meta.get("rows", index.ntotal):
+            raise _damaged(path, ROWS_FILE, f"{len(rows)} rows for the index's {index.ntotal}")
+        if meta.get("rows_sha256") not in (None, rows_fingerprint(rows)):  # indexes before it have none
+            raise _damaged(path, ROWS_FILE, "its rows are not the ones the index was built over (changed or reordered)")
         result = cls(
             index,
             rows,
@@ -251,7 +271,7 @@ class Index:
         *,
         weights: str | None = None,
         device: str = "auto",
-        batch_size: int = 8,
+        batch_size: int = ExtractConfig.batch_size,
     ) -> pd.DataFrame:
         """The k nearest rows of each query: columns query, rank (1 first), path, label, score.
 
@@ -282,7 +302,7 @@ class Index:
         )
 
     def query_features(
-        self, queries, *, weights: str | None = None, device: str = "auto", batch_size: int = 8
+        self, queries, *, weights: str | None = None, device: str = "auto", batch_size: int = ExtractConfig.batch_size
     ) -> tuple[list[str], np.ndarray]:
         """(names, X) of image files, image folders and feature files, in the order given."""
         if isinstance(queries, (str, os.PathLike)):
@@ -359,6 +379,44 @@ class Index:
         return self.index.reconstruct_n(0, len(self))
 
 
+def check_index_output(path: str | Path, *, overwrite: bool = False) -> Path:
+    """`path` if an index folder may be written there (checked before building): a new folder, or
+    an index to replace with `overwrite`."""
+    path = check_output(path, "-o", folder=True)
+    if path.exists():
+        if not (path / META_FILE).is_file():
+            raise BadInput(f"-o {path} exists and is not a featx index; choose a new name")
+        if not overwrite:
+            raise BadInput(f"-o {path} already holds an index; pass {option('overwrite')} to replace it")
+    return path
+
+
+def rows_fingerprint(rows: pd.DataFrame) -> str:
+    """A hash of the indexed rows' paths and labels, in index order: row i must name vector i."""
+    h = hashlib.sha256()
+    for p, label in zip(rows["path"], rows["label"]):
+        h.update(f"{p}\0{label}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _damaged(path: Path, name: str, why) -> Damaged:
+    return Damaged(
+        f"{path / name} is damaged ({why}); build the index again: featx index FEATURES -o {path} --overwrite",
+        path / name,
+    )
+
+
+def write_table(table: pd.DataFrame, path: str | Path) -> Path:
+    """A neighbours or duplicates table as Parquet or CSV (by the suffix), missing folders made,
+    complete or not at all."""
+    path = make_parent(check_output(path, "-o", suffix=TABLE_SUFFIXES), "-o")
+    if path.suffix.lower() == ".csv":
+        write_text(table.to_csv(index=False), path)
+    else:
+        store.write_atomic(pa.Table.from_pandas(table, preserve_index=False), path)
+    return path
+
+
 def normalized(X: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length, float32, C-contiguous (what FAISS takes)."""
     X = np.asarray(X, dtype=np.float32)
@@ -397,7 +455,12 @@ def measure_recall(index: Index, X: np.ndarray, k: int = 10, seed: int = 0, quer
 
 
 def describe_images(
-    files: list[Path], provenance: dict, *, weights: str | None = None, device: str = "auto", batch_size: int = 8
+    files: list[Path],
+    provenance: dict,
+    *,
+    weights: str | None = None,
+    device: str = "auto",
+    batch_size: int = ExtractConfig.batch_size,
 ) -> tuple[list[str], np.ndarray]:
     """(names, X) of image files, described with the settings a feature file records."""
     from featx.extract.decode import ImageError

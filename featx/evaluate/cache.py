@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featx import __version__, store
-from featx.errors import BadInput, MissingData
+from featx.errors import BadInput, Damaged, MissingData, option, words
 from featx.extract.config import ExtractConfig
 from featx.extract.discover import Item, discover
 from featx.store.lock import lock_path
@@ -115,7 +115,16 @@ def cached_features(
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInput(f"cannot create the cache folder {cache_dir} ({e.strerror}); pass another --cache-dir") from None
-    result = extract_features(list(inputs), out, config, progress=progress, wait=wait, regions=regions)
+    try:
+        result = extract_features(list(inputs), out, config, progress=progress, wait=wait, regions=regions)
+    except Damaged as e:  # the entry's own fix: remove it, not --overwrite (there is no -o here)
+        stem = out.name[: -len(".parquet")]
+        remove_it = words(f"featx cache rm {stem}", f"featx.evaluate.cache.remove([{stem!r}])")
+        raise Damaged(
+            f"the cache entry {stem} is damaged ({e.path.name} cannot be read); remove it with {remove_it} "
+            "and run again: it is extracted anew",
+            e.path,
+        ) from None
     if result.interrupted:
         raise KeyboardInterrupt
     if not out.exists():
@@ -224,7 +233,7 @@ def remove(names: Sequence[str] = (), *, all: bool = False, cache_dir: str | Pat
     if all:
         chosen = list(present.values())
     elif not names:
-        raise BadInput("name the entries to remove (see `featx cache ls`), or pass --all")
+        raise BadInput(f"name the entries to remove (see `featx cache ls`), or pass {option('all')}")
     else:
         chosen = []
         for n in names:

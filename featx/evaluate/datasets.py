@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from featx.errors import BadInput, MissingData
+from featx.errors import BadInput, MissingData, option
 from featx.evaluate.download import (
     DownloadError,
     fetch,
@@ -244,8 +244,8 @@ def where_to_put(spec: DatasetSpec, root: Path, *, downloading: bool = False) ->
     dest = root / spec.folder
     files = " and ".join(f"{a.filename} ({a.urls[0]}, md5 {a.md5})" for a in spec.archives)
     return (
-        "to download by hand, " if downloading else "run with --download, or "
-    ) + f"fetch {files} into {dest.resolve()} and rerun with --download (it verifies the md5 and unpacks)"
+        "to download by hand, " if downloading else f"run with {option('download')}, or "
+    ) + f"fetch {files} into {dest.resolve()} and rerun with {option('download')} (it verifies the md5 and unpacks)"
 
 
 def ensure_dataset(spec: DatasetSpec, root: Path, *, progress: bool = False) -> None:

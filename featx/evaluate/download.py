@@ -16,17 +16,17 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
-from featx.errors import BadInput
+from featx.errors import BadInput, MissingData, option
 
 CHUNK = 1 << 20
 USER_AGENT = "featx (https://arxiv.org/abs/1409.1556 transfer experiments)"
 
 
-class DownloadError(FileNotFoundError):
+class DownloadError(MissingData):
     """The archive could not be obtained (offline, refused, interrupted); says how to get it."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(BadInput):
     """A file's md5 differs from the official one; says what to delete and how to retry."""
 
 
@@ -48,7 +48,7 @@ def fetch(url: str, dest: str | Path, md5: str, *, timeout: float = 30.0, progre
             return dest
         raise ChecksumError(
             f"{dest} has md5 {got}, expected {md5}: it is not the official file or it is "
-            "damaged; delete it and rerun with --download"
+            f"damaged; delete it and rerun with {option('download')}"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -104,7 +104,7 @@ def _finish(part: Path, dest: Path, url: str, md5: str, got: str) -> Path:
         part.unlink(missing_ok=True)
         raise ChecksumError(
             f"{url} gave md5 {got}, expected {md5}; the download was deleted: rerun with "
-            f"--download to fetch it again, or download it by hand into {dest}"
+            f"{option('download')} to fetch it again, or download it by hand into {dest}"
         )
     part.replace(dest)
     return dest
@@ -113,7 +113,8 @@ def _finish(part: Path, dest: Path, url: str, md5: str, got: str) -> Path:
 def _interrupted(url: str, part: Path, got: int, total: int | None, why) -> DownloadError:
     of = f" of {total}" if total is not None else ""
     return DownloadError(
-        f"transfer of {url} interrupted after {got}{of} bytes ({why}); kept {part}: rerun with --download to resume"
+        f"transfer of {url} interrupted after {got}{of} bytes ({why}); kept {part}: "
+        f"rerun with {option('download')} to resume"
     )
 
 
@@ -146,7 +147,7 @@ def unpack(archive: str | Path, into: str | Path, *, inner: str | None = None) -
                     if inner not in zf.namelist():
                         raise BadInput(
                             f"{archive} does not hold {inner}; it is not the official archive: "
-                            "delete it and rerun with --download"
+                            f"delete it and rerun with {option('download')}"
                         )
                     with zf.open(inner) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
                         tf.extractall(into, filter="data")
@@ -156,9 +157,11 @@ def unpack(archive: str | Path, into: str | Path, *, inner: str | None = None) -
             with tarfile.open(archive) as tf:
                 tf.extractall(into, filter="data")
         else:
-            raise BadInput(f"{archive} is neither a zip nor a tar archive; delete it and rerun with --download")
+            raise BadInput(
+                f"{archive} is neither a zip nor a tar archive; delete it and rerun with {option('download')}"
+            )
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
-        raise BadInput(f"{archive} is damaged ({err}); delete it and rerun with --download") from err
+        raise BadInput(f"{archive} is damaged ({err}); delete it and rerun with {option('download')}") from err
 
 
 def _safe_unzip(zf: zipfile.ZipFile, into: Path) -> None:

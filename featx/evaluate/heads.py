@@ -60,7 +60,7 @@ class OneVsRest(ClassifierMixin, BaseEstimator):
         X, Y = validate_data(self, X, Y, multi_output=True, dtype=np.float32)
         Y = np.asarray(Y)
         if Y.ndim != 2:
-            raise BadInput(f"OneVsRest needs Y of shape (images, classes), got {Y.shape}")
+            raise ValueError(f"OneVsRest needs Y of shape (images, classes), got {Y.shape}")
         self.estimators_ = []
         for k in range(Y.shape[1]):
             rows = Y[:, k] != 0

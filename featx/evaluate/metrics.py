@@ -13,8 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from featx.errors import BadInput
-
 # Devkit ground truth: 1 = positive, -1 = negative, 0 = only "difficult" objects (ignored).
 VOC_LABELS = (1, -1, 0)
 
@@ -24,9 +22,9 @@ def mean_class_recall(y_true: Sequence, y_pred: Sequence) -> float:
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
     if y_true.shape != y_pred.shape or y_true.ndim != 1:
-        raise BadInput(f"y_true {y_true.shape} and y_pred {y_pred.shape} must be 1-d and of equal length")
+        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} must be 1-d and of equal length")
     if y_true.size == 0:
-        raise BadInput("mean_class_recall of no samples is undefined; pass at least one")
+        raise ValueError("mean_class_recall of no samples is undefined; pass at least one")
     classes = np.unique(y_true)
     return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in classes]))
 
@@ -86,7 +84,7 @@ def mean_ap(labels: np.ndarray, scores: np.ndarray, ap=voc07_ap) -> tuple[float,
     labels = np.asarray(labels)
     scores = np.asarray(scores)
     if labels.ndim != 2 or labels.shape != scores.shape:
-        raise BadInput(f"labels {labels.shape} and scores {scores.shape} must be equal 2-d (images x classes)")
+        raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be equal 2-d (images x classes)")
     per_class = np.array([ap(labels[:, k], scores[:, k]) for k in range(labels.shape[1])])
     if np.isnan(per_class).all():
         return float("nan"), per_class
@@ -102,10 +100,10 @@ def _check_voc(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels)
     scores = np.asarray(scores, dtype=np.float64)
     if labels.ndim != 1 or labels.shape != scores.shape:
-        raise BadInput(f"labels {labels.shape} and scores {scores.shape} must be 1-d and of equal length")
+        raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be 1-d and of equal length")
     bad = np.setdiff1d(np.unique(labels), VOC_LABELS)
     if bad.size:
-        raise BadInput(f"VOC labels must be 1 (positive), -1 (negative) or 0 (difficult), got {bad.tolist()}")
+        raise ValueError(f"VOC labels must be 1 (positive), -1 (negative) or 0 (difficult), got {bad.tolist()}")
     if not np.isfinite(scores).all():
-        raise BadInput("scores contain NaN or infinity; check the features and the classifier")
+        raise ValueError("scores contain NaN or infinity; check the features and the classifier")
     return labels.astype(np.int64), scores

@@ -212,9 +212,9 @@ def load_pipeline(path: str | Path) -> Pipeline:
             f"--pipeline {path}: no such file; give a TOML file like the shipped ones ({', '.join(builtin_names())})"
         )
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise BadInput(f"--pipeline {path} is not valid TOML ({err}); fix the file") from err
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise BadInput(f"--pipeline {path} is not valid TOML ({err}); fix the file") from None
     return parse_pipeline(data, str(path))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from featx import store
-from featx.errors import BadInput
+from featx.errors import BadInput, option
 from featx.evaluate.action import evaluate_action
 from featx.evaluate.cache import cached_features
 from featx.evaluate.datasets import DatasetIndex, DatasetSpec, get_spec, load_dataset
@@ -126,15 +126,17 @@ def _check_sources(spec: DatasetSpec, root, features, *, download: bool, results
             )
         if root is None:
             raise BadInput(
-                f"--root is missing: give the folder that holds (or should receive, with --download) {spec.images}"
+                f"--root is missing: give the folder that holds (or should receive, with {option('download')}) "
+                f"{spec.images}"
             )
         return
     if results_dir is not None or test_server:
         raise BadInput("--results and --test-server apply to --dataset voc2012-action only; leave them out")
     if root is None and (download or not features or spec.kind == "voc"):
         raise BadInput(
-            f"--root is missing: give the folder that holds (or should receive, with --download) "
-            f"{spec.images}" + ("" if spec.kind == "voc" else ", or evaluate extracted features with --features FILE")
+            f"--root is missing: give the folder that holds (or should receive, with {option('download')}) "
+            f"{spec.images}"
+            + ("" if spec.kind == "voc" else f", or evaluate extracted features with {option('features', 'FILE')}")
         )
 
 
@@ -203,6 +205,8 @@ def _load_net(path: Path, index: DatasetIndex) -> _Net:
     table = store.read_table(path, ["path", "feature"])
     paths = table.column("path").to_pylist()
     X = store.feature_matrix(table.column("feature"))
+    if not np.isfinite(X).all():  # NaN marks missing rows below: a file's own NaN would pass for them
+        raise BadInput(f"{path} holds rows with NaN or infinity; featx extract never writes them: extract it again")
     row = {p: i for i, p in enumerate(paths)}
     found = np.array([row.get(p, -1) for p in index.paths])
     if (found < 0).all():
@@ -249,7 +253,7 @@ def _index_from_features(spec, path: Path, background: bool) -> DatasetIndex:
     if not pairs:
         raise BadInput(
             f"{path} has no labelled rows; extract the class-folder tree ({spec.images}) "
-            "so that each row's label is its class folder, or pass --root"
+            f"so that each row's label is its class folder, or pass {option('root', 'DIR')}"
         )
     classes = tuple(sorted({c for _, c in pairs}))
     position = {c: i for i, c in enumerate(classes)}

@@ -80,7 +80,7 @@ def plan_batches(
     `max_pixels` on its own gets a batch of its own. Batches never span two windows.
     """
     if max_images < 1 or max_pixels < 1:
-        raise BadInput(f"--batch-size {max_images} and --batch-pixels {max_pixels} must be positive")
+        raise ValueError(f"batch size {max_images} and batch pixels {max_pixels} must be positive")
     window = window or max(1, len(sizes))
     batches: list[list[int]] = []
     for start in range(0, len(sizes), window):

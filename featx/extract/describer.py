@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from featx.errors import BadInput
 from featx.extract.config import ExtractConfig
 from featx.extract.provenance import forget_file_hashes, weights_identity
 from featx.net.backbones import DenseNet, get_backbone
@@ -212,7 +211,7 @@ class DenseDescriber:
             sizes = [(int(t.shape[1]), int(t.shape[2])) for t in images]
             h, w = canvas or (max(h for h, _ in sizes), max(w for _, w in sizes))
             if any(hi > h or wi > w for hi, wi in sizes):
-                raise BadInput(f"canvas {h}x{w} is smaller than an image of the batch ({sizes})")
+                raise ValueError(f"canvas {h}x{w} is smaller than an image of the batch ({sizes})")
             host = torch.zeros(max(len(sizes), slots or 0), 3, h, w, dtype=torch.uint8, pin_memory=self.cuda)
             for i, t in enumerate(images):
                 host[i, :, : sizes[i][0], : sizes[i][1]] = t

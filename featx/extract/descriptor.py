@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from featx.errors import BadInput, DeviceFailed
+from featx.errors import DeviceFailed
 from featx.extract.batching import (
     GRID,
     MAX_MIXING_WASTE,
@@ -228,5 +228,5 @@ def combine(per_scale: list[torch.Tensor], aggregate: str) -> torch.Tensor:
     elif aggregate == "stack":
         d = torch.cat(per_scale, dim=1)
     else:
-        raise BadInput(f"unknown aggregate {aggregate!r}; use mean or stack")
+        raise ValueError(f"unknown aggregate {aggregate!r}; use mean or stack")
     return F.normalize(d, p=2, dim=1)

@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from featx import __version__
-from featx.errors import BadInput, MissingData, SettingsMismatch
+from featx.errors import BadInput, MissingData, SettingsMismatch, option
 from featx.extract.config import ExtractConfig, descriptor_settings, settings_hash
 from featx.extract.decode import RESIZE
 from featx.net.device import torch_dtype
@@ -23,8 +23,10 @@ from featx.net.plan import conv_kernels
 from featx.net.weights import identify, normalization
 
 # Weights files are identified by their sha256; hashing 0.5 GB per call would cost more than
-# the call, so the hash is remembered while the file's size and mtime stay the same.
+# the call, so the hash is remembered while the file's size and mtime stay the same: for the
+# last few files only, so that a long-lived process (a notebook, a server) does not grow.
 _FILE_IDS: dict[tuple, dict] = {}
+FILE_IDS_KEPT = 16
 
 
 def forget_file_hashes() -> None:
@@ -39,6 +41,8 @@ def weights_identity(config: ExtractConfig) -> dict:
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns, config.model, config.layer)
         if key not in _FILE_IDS:
+            while len(_FILE_IDS) >= FILE_IDS_KEPT:
+                del _FILE_IDS[next(iter(_FILE_IDS))]  # the oldest
             _FILE_IDS[key] = identify(config.model, config.weights, config.seed, config.layer)
         return _FILE_IDS[key]
     return identify(config.model, config.weights, config.seed, config.layer)
@@ -102,7 +106,12 @@ def provenance(
 
 
 def config_from_provenance(
-    prov: dict, *, weights: str | None = None, device: str = "auto", batch_size: int = 8, workers: int = 2
+    prov: dict,
+    *,
+    weights: str | None = None,
+    device: str = "auto",
+    batch_size: int = ExtractConfig.batch_size,
+    workers: int = 2,
 ) -> ExtractConfig:
     """The ExtractConfig that describes new images as a feature file's rows were described.
 
@@ -121,7 +130,7 @@ def config_from_provenance(
         elif kind == "file":
             raise MissingData(
                 f"the features were made with the weights file {identity.get('file')} "
-                f"(sha256 {str(identity.get('sha256'))[:12]}…); pass its path with --weights FILE"
+                f"(sha256 {str(identity.get('sha256'))[:12]}…); pass its path with {option('weights', 'FILE')}"
             )
         else:
             raise BadInput(f"the feature file records no weights ({identity!r}); it was not written by featx extract")

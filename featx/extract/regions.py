@@ -57,9 +57,12 @@ def read_table_rows(source) -> tuple[list[dict], str]:
             raise BadInput(f"--regions {file} is not a readable Parquet file ({e}); write it again") from None
     if file.suffix.lower() not in (".csv", ".txt"):
         raise BadInput(f"--regions {file}: unknown format {file.suffix!r}; give a .csv or .parquet table")
-    with open(file, newline="", encoding="utf-8-sig") as f:
-        # Strings as written: a coordinate that is not a number is reported per region, not guessed.
-        return [{k.strip(): v for k, v in row.items() if k is not None} for row in csv.DictReader(f)], str(file)
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as f:
+            # Strings as written: a coordinate that is not a number is reported per region, not guessed.
+            return [{k.strip(): v for k, v in row.items() if k is not None} for row in csv.DictReader(f)], str(file)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise BadInput(f"--regions {file} is not a readable UTF-8 CSV table ({e}); write it again") from None
 
 
 def as_pixel(value) -> int | None:

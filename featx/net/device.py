@@ -35,7 +35,7 @@ def torch_dtype(precision: str) -> torch.dtype:
     import torch
 
     if precision == "auto":
-        raise BadInput("precision 'auto' has no dtype until it is resolved for a device (resolve_precision)")
+        raise ValueError("precision 'auto' has no dtype until it is resolved for a device (resolve_precision)")
     return getattr(torch, _DTYPE_NAMES[check_precision(precision)])
 
 

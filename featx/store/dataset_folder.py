@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featx.errors import BadInput
+from featx.errors import BadInput, option
 from featx.store import atomic
 from featx.store.output import STATE, WORK, Changes, Finished, Key, Output, recorded
 from featx.store.schema import row_keys
@@ -54,7 +54,7 @@ class DatasetFolder(Output):
     def _complete_provenance(self) -> dict | None:
         state = self.read_state()
         if state is None and self.pieces():
-            raise BadInput(f"{self.target} has parts but no {WORK}/{STATE}; pass --overwrite")
+            raise BadInput(f"{self.target} has parts but no {WORK}/{STATE}; pass {option('overwrite')}")
         return None if state is None else {k: v for k, v in state.items() if k not in ("run", "last_run")}
 
     def _unfinished(self) -> dict | None:

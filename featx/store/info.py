@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featx.store.dataset_folder import WORK
@@ -29,7 +30,11 @@ def read_last_run(path: str | Path) -> dict | None:
         except (OSError, json.JSONDecodeError):
             return None
     meta = pq.read_schema(path).metadata or {}
-    return json.loads(meta[LAST_RUN_KEY]) if LAST_RUN_KEY in meta else None
+    try:
+        run = json.loads(meta[LAST_RUN_KEY]) if LAST_RUN_KEY in meta else None
+    except ValueError:
+        return None
+    return run if isinstance(run, dict) else None
 
 
 @dataclass
@@ -45,6 +50,7 @@ class FeatureInfo:
     failures: int
     size: int  # bytes of the feature files
     last_run: dict | None
+    unreadable: list[Path] = field(default_factory=list)  # error files that cannot be read
 
     def lines(self) -> list[str]:
         """The screen `featx info` prints: a headline, then one fact per line."""
@@ -101,12 +107,16 @@ class FeatureInfo:
         return f"{len(named)}: {text}" if named else text or "none"
 
     def _failures_text(self) -> str:
+        damaged = "".join(
+            f"; {e} is damaged: delete it (failures are tried again by every run)" for e in self.unreadable
+        )
+        readable = [e for e in self.error_files if e not in self.unreadable]
         if not self.failures:
-            return "none"
-        listed = ", ".join(str(e) for e in self.error_files[:2])
-        if len(self.error_files) > 2:
-            listed += f" and {len(self.error_files) - 2} more"
-        return f"{_plural(self.failures, 'image')}, listed in {listed}"
+            return ("none" if not damaged else "unknown") + damaged
+        listed = ", ".join(str(e) for e in readable[:2])
+        if len(readable) > 2:
+            listed += f" and {len(readable) - 2} more"
+        return f"{_plural(self.failures, 'image')}, listed in {listed}{damaged}"
 
 
 def feature_info(path: str | Path) -> FeatureInfo:
@@ -118,6 +128,7 @@ def feature_info(path: str | Path) -> FeatureInfo:
     labels = {c["values"]: c["counts"] for c in counts}
     # Beside each file (local engine) and beside the folder itself (--engine ray).
     error_files = sorted({e for e in map(errors_path, [*files, path]) if e.exists() and e not in files})
+    failures = {e: _rows(e) for e in error_files}
     return FeatureInfo(
         path=path,
         provenance=prov,
@@ -125,10 +136,19 @@ def feature_info(path: str | Path) -> FeatureInfo:
         rows=sum(labels.values()),
         labels=labels,
         error_files=error_files,
-        failures=sum(pq.ParquetFile(e).metadata.num_rows for e in error_files),
+        failures=sum(n for n in failures.values() if n is not None),
         size=sum(f.stat().st_size for f in files),
         last_run=read_last_run(path),
+        unreadable=[e for e, n in failures.items() if n is None],
     )
+
+
+def _rows(file: Path) -> int | None:
+    """Rows of a Parquet file, or None if it cannot be read."""
+    try:
+        return pq.ParquetFile(file).metadata.num_rows
+    except (pa.ArrowException, OSError):
+        return None
 
 
 def _last_run_text(run: dict | None) -> str:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from featx.errors import BadInput, Locked
+from featx.errors import BadInput, Locked, option
 from featx.store import atomic
 
 try:
@@ -70,7 +70,8 @@ class OutputLock:
         except OSError as e:
             self.release()
             raise BadInput(
-                f"cannot write in {self.target.parent} ({e.strerror or e}); free some space or choose another -o"
+                f"cannot write {holder_path(self.target)} ({e.strerror or e}); free some space there, "
+                "or choose another output"
             ) from None
 
     def _acquire_flock(self, path: Path) -> int:
@@ -113,7 +114,8 @@ class OutputLock:
         who = holder(self.target)
         if not self.wait:
             raise Locked(
-                f"{self.target} is being written by {who}; wait for it to finish, or pass --wait to start when it has"
+                f"{self.target} is being written by {who}; wait for it to finish, "
+                f"or pass {option('wait')} to start when it has"
             )
         if not waiting:
             log.info(f"waiting for {who} to finish writing {self.target}")

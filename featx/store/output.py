@@ -32,7 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featx.errors import BadInput, SettingsMismatch
+from featx.errors import BadInput, Damaged, SettingsMismatch, option
 from featx.store import atomic
 from featx.store.lock import OutputLock, holder_path
 from featx.store.schema import (
@@ -120,12 +120,23 @@ def recorded(source: Path, stats: Mapping[str, Stat]) -> list[tuple[Key, Stat | 
 
     Files written before featx recorded stats are trusted by path (their stat is taken as now).
     """
-    names = pq.read_schema(source).names
-    keyed = [c for c in ("path", "region") if c in names]
-    if all(c in names for c in STAT_COLUMNS):
-        t = pq.read_table(source, columns=[*keyed, *STAT_COLUMNS])
-        return list(zip(row_keys(t), zip(t.column(STAT_COLUMNS[0]).to_pylist(), t.column(STAT_COLUMNS[1]).to_pylist())))
-    keys = row_keys(pq.read_table(source, columns=keyed))
+    try:
+        names = pq.read_schema(source).names
+        keyed = [c for c in ("path", "region") if c in names]
+        if all(c in names for c in STAT_COLUMNS):
+            t = pq.read_table(source, columns=[*keyed, *STAT_COLUMNS])
+            return list(
+                zip(row_keys(t), zip(t.column(STAT_COLUMNS[0]).to_pylist(), t.column(STAT_COLUMNS[1]).to_pylist()))
+            )
+        keys = row_keys(pq.read_table(source, columns=keyed))
+    except (pa.ArrowException, OSError, KeyError) as e:  # cut short, overwritten, or not featx's
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the OS speaking (permission, ...), not a damaged file
+        raise Damaged(
+            f"{source} is damaged ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+            "delete that file and run again: what it held is computed again",
+            source,
+        ) from None
     return [(k, stats.get(k[0])) for k in keys]
 
 
@@ -261,9 +272,18 @@ class Output:
         if not self.state_file.is_file():
             return None
         try:
-            return json.loads(self.state_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BadInput(f"{self.state_file} is unreadable ({e}); pass --overwrite to start over") from None
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError) as e:
+            raise Damaged(
+                f"{self.state_file} is unreadable ({e}); pass {option('overwrite')} to start over", self.state_file
+            ) from None
+        if not isinstance(state, dict):
+            raise Damaged(
+                f"{self.state_file} holds a {type(state).__name__}, not the run's settings; pass "
+                f"{option('overwrite')} to start over",
+                self.state_file,
+            )
+        return state
 
     def begin(
         self, provenance: dict, files: Mapping[str, Path], overwrite: bool = False, keys: list[Key] | None = None
@@ -289,7 +309,8 @@ class Output:
             else:
                 raise SettingsMismatch(
                     f"{self.state_dir} holds an unfinished run with other settings "
-                    f"({differing(state, provenance)}); rerun with its settings to finish it, or pass --overwrite"
+                    f"({differing(state, provenance)}); rerun with its settings to finish it, "
+                    f"or pass {option('overwrite')}"
                 )
         else:
             self.overwrite = overwrite
@@ -298,7 +319,7 @@ class Output:
             if old is not None and old.get("settings_hash") != provenance["settings_hash"]:
                 raise SettingsMismatch(
                     f"{self.target} holds features with other settings ({differing(old, provenance)}); "
-                    f"pass --overwrite to replace it, or choose another -o"
+                    f"pass {option('overwrite')} to replace it, or choose another output"
                 )
         done: set[Key] = set()
         stale = False

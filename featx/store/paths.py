@@ -1,8 +1,10 @@
-"""Output paths: refused before any work when they cannot be written; missing folders made.
+"""Output paths, one rule for every file featx writes: refused before any work when they cannot
+be written, missing folders above them made when they are.
 
-Every file featx writes (feature files, reports, caches) goes through `make_parent`, so a new
-`out/` folder is created rather than refused; `check_output` runs on the arguments alone
-(nothing is created, nothing heavy imported), so the CLI can refuse a bad path at once.
+Every output option (`extract -o`, `--report`, `--predictions`, `--cache-dir`, `index -o`,
+`neighbours -o`/`--sheet`, `--results`) is checked by `check_output` on the arguments alone
+(nothing created, nothing heavy imported), so the CLI refuses a bad path at once; the writer
+then makes the missing folders with `make_parent`, so a new `out/` folder is created, never refused.
 """
 
 from __future__ import annotations
@@ -20,15 +22,24 @@ def _nearest_existing(path: Path) -> Path:
     return Path.cwd()
 
 
-def check_output(path: str | Path, option: str, *, suffix: str | None = None, folder: bool = False) -> Path:
-    """`path` (expanded) if featx could write it, making missing folders; else BadInput in one line."""
+def check_output(
+    path: str | Path, option: str, *, suffix: str | tuple[str, ...] | None = None, folder: bool = False
+) -> Path:
+    """`path` (expanded) if featx could write it (missing folders are made when it is written);
+    else BadInput in one line. `suffix`: the name's allowed endings ("" allows none at all)."""
     path = Path(path).expanduser()
-    if suffix and path.suffix.lower() != suffix:
-        raise BadInput(f"{option} {path} must end in {suffix}; e.g. {option} {path.with_suffix(suffix)}")
-    if not folder and path.is_dir():
+    allowed = (suffix,) if isinstance(suffix, str) else tuple(suffix or ())
+    if allowed and path.suffix.lower() not in allowed:
+        named = [s for s in allowed if s]
+        example = path.with_suffix(named[0]) if path.suffix else path.with_name(path.name + named[0])
         raise BadInput(
-            f"{option} {path} is a folder; give a file name such as {path / ('out' + (suffix or '.parquet'))}"
+            f"{option} {path} must end in {' or '.join(named)}"
+            + (" (or have no suffix)" if "" in allowed else "")
+            + f"; e.g. {option} {example}"
         )
+    if not folder and path.is_dir():
+        example = path / ("out" + next((s for s in allowed if s), ".parquet"))
+        raise BadInput(f"{option} {path} is a folder; give a file name such as {example}")
     if folder and path.exists() and not path.is_dir():
         raise BadInput(f"{option} {path} is a file; give a folder")
     base = _nearest_existing(path if folder else path.parent)

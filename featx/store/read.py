@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from featx.errors import BadInput, MissingData
+from featx.errors import BadInput, Damaged, MissingData, option
 from featx.store.schema import METADATA_KEY, differing
 
 
@@ -58,10 +58,23 @@ def _schema_provenance(path: Path) -> dict:
     try:
         meta = pq.read_schema(path).metadata or {}
     except (pa.ArrowInvalid, OSError) as e:
-        raise BadInput(f"{path} is not a readable Parquet file ({e}); extract again with --overwrite") from None
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the OS speaking (permission, ...), not a damaged file
+        raise Damaged(
+            f"{path} is not a readable Parquet file ({e}); extract it again with {option('overwrite')}", path
+        ) from None
     if METADATA_KEY not in meta:
         raise BadInput(f"{path} has no featx metadata; it was not written by featx extract")
-    return json.loads(meta[METADATA_KEY])
+    try:
+        prov = json.loads(meta[METADATA_KEY])
+    except ValueError:
+        prov = None
+    if not isinstance(prov, dict):
+        raise Damaged(
+            f"{path}: its featx metadata is not a JSON object of settings; extract it again with {option('overwrite')}",
+            path,
+        )
+    return prov
 
 
 def read_provenance(path: str | Path) -> dict:
@@ -88,11 +101,19 @@ def _dataset(path: str | Path) -> pads.Dataset:
     if path.is_dir():
         read_provenance(path)  # one descriptor per folder, or a clear error
         return pads.dataset([str(f) for f in feature_files(path)], format="parquet")
+    _schema_provenance(path)  # a feature file featx wrote, or a clear error
     return pads.dataset(str(path), format="parquet")
 
 
 def read_table(path: str | Path, columns: list[str] | None = None, filters=None) -> pa.Table:
-    return _dataset(path).to_table(columns=columns, filter=_as_expression(filters))
+    dataset = _dataset(path)
+    try:
+        return dataset.to_table(columns=columns, filter=_as_expression(filters))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:  # a column it lacks, a damaged page, a bad filter
+        why = str(e).strip().splitlines()[0]
+        raise BadInput(
+            f"{path}: cannot read {', '.join(columns or ['its rows'])} ({why}); give a featx output"
+        ) from None
 
 
 def _as_expression(filters):

@@ -77,7 +77,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         {"settings_hash": "abc"},
     )
     np.testing.assert_array_equal(back.search(X[:5], 4)[1], index.search(X[:5], 4)[1])
-    with pytest.raises(BadInput, match="--overwrite"):
+    with pytest.raises(BadInput, match="pass overwrite=True"):
         index.save(tmp_path / "ix")
     (tmp_path / "other").mkdir()
     with pytest.raises(BadInput, match="not a featx index"):

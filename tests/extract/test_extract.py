@@ -121,7 +121,7 @@ def test_other_settings_are_refused_unless_overwrite(folder, tmp_path):
     out = tmp_path / "f.parquet"
     featx.extract_features(folder / "cats", out, **SETTINGS)
     before = out.read_bytes()
-    with pytest.raises(ValueError, match=r"flip=True there, False now.*--overwrite"):
+    with pytest.raises(ValueError, match=r"flip=True there, False now.*overwrite=True"):
         featx.extract_features(folder / "cats", out, **(SETTINGS | {"flip": False}))
     assert out.read_bytes() == before
     result = featx.extract_features(folder / "cats", out, overwrite=True, **(SETTINGS | {"flip": False}))

@@ -140,7 +140,7 @@ def test_resume_computes_only_the_missing_part(on_ray, folder, tmp_path):
 def test_other_settings_are_refused_unless_overwrite(on_ray, folder, tmp_path):
     out = tmp_path / "features"
     shutil.copytree(on_ray.output, out)
-    with pytest.raises(ValueError, match=r"other settings \(scales=\[224\] there, \[256\] now.*--overwrite"):
+    with pytest.raises(ValueError, match=r"other settings \(scales=\[224\] there, \[256\] now.*overwrite=True"):
         extract_ray(folder, out, rows_per_group=PART, **(SETTINGS | {"scales": (256,)}))
     # The CLI says the same in one line, exit code 2.
     args = [

@@ -264,7 +264,7 @@ def test_changed_settings_refused_for_unfinished_run_too(kill_input, tmp_path):
         ({"precision": "bf16"}, "precision"),
         ({"aggregate": "stack"}, "aggregate"),
     ]:
-        with pytest.raises(ValueError, match=f"{name}=.*--overwrite"):
+        with pytest.raises(ValueError, match=f"{name}=.*overwrite=True"):
             featx.extract_features(inp, out, **(SETTINGS | change))
     assert json.loads(state.read_text())["settings_hash"] == "0" * 16
 

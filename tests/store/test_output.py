@@ -135,10 +135,10 @@ def test_interrupted_overwrite_also_resumes_without_the_flag(kind, tmp_path):
 def test_other_settings_are_refused_for_complete_and_unfinished_output(kind, tmp_path):
     files = images(tmp_path / "in", ["a", "b"])
     run(make(kind, tmp_path), files, 1.0)
-    with pytest.raises(SettingsMismatch, match=r"other settings \(flip=True there, False now\).*--overwrite"):
+    with pytest.raises(SettingsMismatch, match=r"other settings \(flip=True there, False now\).*overwrite=True"):
         run(make(kind, tmp_path), files, 2.0, OTHER)
     run(make(kind, tmp_path), images(tmp_path / "in", ["c", "d"]) | files, 1.0, interrupt_after=1)
-    with pytest.raises(SettingsMismatch, match="unfinished run with other settings.*--overwrite"):
+    with pytest.raises(SettingsMismatch, match="unfinished run with other settings.*overwrite=True"):
         run(make(kind, tmp_path), files, 2.0, OTHER)
 
 

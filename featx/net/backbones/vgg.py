@@ -14,8 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
-from featx.errors import BadInput
-from featx.net.backbones import VGG_TAPS
+from featx.errors import BadInput, option
+from featx.net.backbones import VGG_NAMES, VGG_TAPS
 from featx.net.shapes import layer_out_size, spoils_padding, zero_outside
 from featx.net.weights import Weights
 
@@ -285,13 +285,47 @@ def torchvision_model(model: str, weights: Weights) -> torchvision.models.VGG:
         vgg = torchvision.models.get_model(model, weights=None)
     try:
         vgg.load_state_dict(weights.state_dict, assign=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+    except RuntimeError:
         raise BadInput(
-            f"--weights {weights.identity.get('file', weights.identity)} does not fit {model} "
-            f"({first[:160]}); pass the --model it was saved from"
+            f"--weights {weights.identity.get('file', weights.identity)} does not fit {model}: "
+            + _misfit(weights.state_dict, model, vgg.state_dict())
         ) from None
     return vgg.eval()
+
+
+def _shape_of(state: dict) -> tuple[int, bool]:
+    """(conv layers, batch norm?) of a VGG state dict."""
+    convs = sum(1 for k, v in state.items() if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4)
+    return convs, any(k.startswith("features.") and k.endswith("running_mean") for k in state)
+
+
+def _misfit(given: dict, model: str, expected: dict) -> str:
+    """Why a state dict does not load into torchvision's `model`, and what to do, in full words."""
+    if not any(k.startswith("features.") for k in given):
+        first = ", ".join(list(given)[:3]) or "none"
+        return (
+            f"it is not the state dict of a torchvision VGG (its first keys are {first}); give the weights of "
+            "a torchvision VGG, saved with torch.save(model.state_dict(), FILE)"
+        )
+    convs, bn = _shape_of(given)
+    if (convs, bn) != _shape_of(expected):
+        fits = [n for n in VGG_NAMES if _shape_of(_meta_state(n)) == (convs, bn)]
+        held = f"a VGG with {convs} conv layers" + (" and batch norm" if bn else "")
+        return f"it holds {held}; " + (f"pass {option('model', fits[0])}" if fits else "no VGG of featx has that shape")
+    differ = [k for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    absent = [k for k in expected if k not in given]
+    if differ:
+        k = differ[0]
+        what = f"{k} is {'x'.join(map(str, given[k].shape))}, {model} needs {'x'.join(map(str, expected[k].shape))}"
+    else:
+        what = f"{absent[0]} is missing" if absent else "its tensors are not the ones torchvision's VGG has"
+    return f"{len(differ) + len(absent) or 1} tensor(s) differ ({what}); give the weights of torchvision's {model}"
+
+
+def _meta_state(model: str) -> dict:
+    """torchvision's `model` state dict, shapes only (on the meta device: nothing allocated)."""
+    with torch.device("meta"):
+        return torchvision.models.get_model(model, weights=None).state_dict()
 
 
 def build(model: str, weights: Weights, layer: str = "fc7") -> DenseVGG:

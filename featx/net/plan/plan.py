@@ -90,7 +90,7 @@ def winograd_suits(conv: nn.Conv2d, least_in: int, least_out: int) -> bool:
 
 def _conv_params(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int]]:
     if isinstance(conv.padding, str):
-        raise BadInput(f"string padding {conv.padding!r} is not supported by the plan")
+        raise ValueError(f"string padding {conv.padding!r} is not supported by the plan")
     return list(conv.padding), list(conv.stride), list(conv.dilation)
 
 
@@ -206,7 +206,7 @@ class Plan:
                 or (layers and m.kernel_size != (1, 1))
                 or m.kernel_size[0] != m.kernel_size[1]
             ):
-                raise BadInput(f"head module {m} is not a dense fc layer the plan can lower")
+                raise ValueError(f"head module {m} is not a dense fc layer the plan can lower")
             if not layers:
                 kernel = m.kernel_size[0]
             relu = i + 1 < len(modules) and isinstance(modules[i + 1], nn.ReLU)
