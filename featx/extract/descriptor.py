@@ -20,6 +20,7 @@ from featx.errors import BadInput
 from featx.extract.batching import (
     GRID,
     MAX_MIXING_WASTE,
+    SAME_SHAPE,
     BatchStats,
     default_batch_pixels,
     padded_size,
@@ -51,9 +52,12 @@ def pooled_per_scale(
     batch in a thread of their own, into one output. `on_batch(images, seconds)` is called
     after each batch. With a `failed` dict, a failing batch is retried image by image and each
     failing image's exception recorded there (its rows stay zero); without one, the exception
-    propagates. `grid=1, max_waste=0` batches only images of identical shape (for comparison).
+    propagates. `grid=1, max_waste=0` batches only images of identical shape (for comparison),
+    as every net that cannot keep padding out of an image (a ViT's token grid) is batched.
     """
     describers = [describer] if isinstance(describer, DenseDescriber) else list(describer)
+    if not describers[0].mixes_sizes:
+        grid, max_waste = SAME_SHAPE
     n = len(images)
     out = {q: torch.zeros(n, describers[0].channels) for q in scales}
     max_pixels = batch_pixels or default_batch_pixels(describers[0].device.type)
