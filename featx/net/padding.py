@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from featx.net.shapes import layer_out_size
@@ -42,9 +43,9 @@ def size_rule(m: nn.Module):
             # timm's Conv2dSame and kin compute their padding from the input's size: the canvas's, not the image's.
             raise Inexact(f"{type(m).__name__} pads by its input's size or not with zeros")
     elif isinstance(m, nn.AvgPool2d):
-        if (m.padding and not m.count_include_pad) or m.ceil_mode:
-            # Alone, the edge windows divide by fewer elements than the canvas gives them.
-            raise Inexact("an average pool whose edge windows count fewer elements (ceil mode or padding left out)")
+        if m.ceil_mode and m.padding and m.count_include_pad and m.divisor_override is None:
+            # Alone, a window hanging over the image's edge counts its padding up to h + p only.
+            raise Inexact("an average pool in ceil mode that counts its padding")
     elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         size = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size, m.output_size)
         if tuple(size) != (1, 1):
@@ -55,6 +56,16 @@ def size_rule(m: nn.Module):
     if layer_out_size(m, 7, 8) == (7, 8) and layer_out_size(m, 8, 7) == (8, 7):
         return None  # stride 1 and as much padding as the window reaches: every size is kept
     return lambda h, w: layer_out_size(m, h, w)
+
+
+def _same_size(h: int, w: int) -> tuple[int, int]:
+    return h, w
+
+
+def counts_its_window(m: nn.AvgPool2d) -> bool:
+    """An average pool whose edge windows divide by the positions they cover (ceil mode, or
+    padding left out of the count): an image's edge differs alone and in a larger canvas."""
+    return m.divisor_override is None and bool(m.ceil_mode or (m.padding and not m.count_include_pad))
 
 
 def mixes(m: nn.Module) -> bool:
@@ -92,6 +103,8 @@ class ExactPadding:
                 if isinstance(m, NOT_PER_POSITION):
                     raise Inexact(f"{type(m).__name__} mixes positions by their statistics")
                 rule = size_rule(m)
+                if rule is None and isinstance(m, nn.AvgPool2d) and counts_its_window(m):
+                    rule = _same_size  # keeps sizes, but its edge windows need their divisor corrected
                 if mixes(m):
                     self._handles.append(m.register_forward_pre_hook(self._fill))
                 if rule is not None:
@@ -141,13 +154,7 @@ class ExactPadding:
         else:
             value = 0.0  # in place: what lies outside an image is no image's number, in any reader
         if self.masks:
-            outside = batch.masks.get((H, W))
-            if outside is None:
-                outside = torch.ones(len(sizes), 1, H, W, dtype=torch.bool, device=x.device)
-                for i, (h, w) in enumerate(sizes):
-                    outside[i, :, :h, :w] = False
-                batch.masks[(H, W)] = outside
-            x.masked_fill_(outside, value)
+            x.masked_fill_(self._outside(batch, sizes, H, W, x.device), value)
         else:
             for i, (h, w) in enumerate(sizes):
                 if h < H:
@@ -155,6 +162,17 @@ class ExactPadding:
                 if w < W:
                     x[i, :, :h, w:] = value
         return (x, *args[1:])
+
+    @staticmethod
+    def _outside(batch: _Batch, sizes: list[tuple[int, int]], H: int, W: int, device) -> torch.Tensor:
+        """[B, 1, H, W] bool: True outside each image; made once per canvas size and batch."""
+        outside = batch.masks.get((H, W))
+        if outside is None:
+            outside = torch.ones(len(sizes), 1, H, W, dtype=torch.bool, device=device)
+            for i, (h, w) in enumerate(sizes):
+                outside[i, :, :h, :w] = False
+            batch.masks[(H, W)] = outside
+        return outside
 
     def _follow(self, rule):
         def hook(module, args, out):
@@ -168,12 +186,20 @@ class ExactPadding:
             old = batch.valid.setdefault(key, new)
             if old != new:
                 raise Inexact(f"two maps of {key[0]}x{key[1]} hold images of different sizes")
-            if batch.fill and isinstance(module, nn.AdaptiveAvgPool2d):
+            H, W = x.shape[2], x.shape[3]
+            if not batch.fill or all(s == (H, W) for s in sizes):
+                return None
+            if isinstance(module, nn.AdaptiveAvgPool2d):
                 # The mean over the canvas is the sum over the image (zeros outside) / the canvas.
-                H, W = x.shape[2], x.shape[3]
-                if any(s != (H, W) for s in sizes):
-                    scale = torch.tensor([H * W / (h * w) for h, w in sizes], dtype=out.dtype, device=out.device)
-                    return out * scale.view(-1, 1, 1, 1)
+                scale = torch.tensor([H * W / (h * w) for h, w in sizes], dtype=out.dtype, device=out.device)
+                return out * scale.view(-1, 1, 1, 1)
+            if isinstance(module, nn.AvgPool2d) and counts_its_window(module):
+                # Alone, an edge window divides by the positions inside the image; in the canvas by
+                # those inside the canvas: their ratio is the same pool of the image's mask.
+                inside = (~self._outside(batch, sizes, H, W, x.device)).to(out.dtype)
+                m = module
+                share = F.avg_pool2d(inside, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
+                return out / share.clamp_min(torch.finfo(out.dtype).tiny)
             return None
 
         return hook

@@ -151,11 +151,7 @@ def instantiate(make: Callable[[], nn.Module], weights: Weights, model: str, *, 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(weights.identity["seed"])
             return make().eval()
-    if on_meta:
-        with MetaParameters():
-            net = make()
-    else:
-        net = make()
+    net = on_meta_device(make) if on_meta else make()
     try:
         net.load_state_dict(weights.state_dict, assign=on_meta)
     except RuntimeError as e:
@@ -168,12 +164,26 @@ def instantiate(make: Callable[[], nn.Module], weights: Weights, model: str, *, 
     return net.eval()
 
 
-class MetaParameters(TorchFunctionMode):
-    """Build a net's parameters and buffers on the meta device (no memory, no init), like `with
-    torch.device("meta")`, but only the factories that make them (empty, zeros, ones): a builder's
-    own arithmetic (RegNet's widths: arange, tensor, .tolist()) stays on the CPU."""
+def on_meta_device(make: Callable[[], nn.Module]) -> nn.Module:
+    """`make()` with its parameters and buffers on the meta device (no memory, no init).
 
-    FACTORIES = (torch.empty, torch.zeros, torch.ones)
+    `with torch.device("meta")` first; a builder that computes with tensors on the way (RegNet's
+    widths: arange, .tolist()) cannot run there, and gets MetaParameters instead.
+    """
+    try:
+        with torch.device("meta"):
+            return make()
+    except (NotImplementedError, RuntimeError):
+        with MetaParameters():
+            return make()
+
+
+class MetaParameters(TorchFunctionMode):
+    """Like `with torch.device("meta")`, but only for the factories that make parameters and
+    buffers (empty, zeros, ones, full, randn, rand): a builder's own arithmetic (arange, tensor,
+    .tolist()) stays on the CPU."""
+
+    FACTORIES = (torch.empty, torch.zeros, torch.ones, torch.full, torch.randn, torch.rand)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -185,7 +195,8 @@ class MetaParameters(TorchFunctionMode):
 def reason(e: Exception) -> str:
     """The reason of a download failure, in a few words."""
     why = getattr(e, "reason", None) or e
-    return (str(why).strip().splitlines() or [type(e).__name__])[0]
+    first = (str(why).strip().splitlines() or [type(e).__name__])[0]
+    return first.split(". ")[0].rstrip(".")  # the first sentence
 
 
 def _load_file(path: Path, model: str) -> dict:

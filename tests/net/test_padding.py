@@ -32,8 +32,9 @@ class Residual(nn.Module):
 
 
 def tiny(functional_se: bool = False) -> nn.Module:
-    """Every kind of layer the hooks follow: strided and padded convs, max and average pools, a
-    residual sum, squeeze-excitation, BatchNorm, depthwise conv."""
+    """Every kind of layer the hooks follow: strided and padded convs, max and average pools (in
+    ceil mode and leaving their padding out of the count: timm's ResNet-D), a residual sum,
+    squeeze-excitation, BatchNorm, depthwise conv."""
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, stride=2, padding=1),
         nn.BatchNorm2d(8),
@@ -41,7 +42,8 @@ def tiny(functional_se: bool = False) -> nn.Module:
         nn.MaxPool2d(3, 2, padding=1),
         Residual(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.SiLU())),
         SqueezeExcite(8, functional_se),
-        nn.AvgPool2d(2),
+        nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False),
+        nn.AvgPool2d(3, 1, padding=1, count_include_pad=False),
         nn.Conv2d(8, 16, 5, stride=2, padding=2),
         nn.BatchNorm2d(16),
     )
@@ -116,8 +118,7 @@ def test_hooks_do_nothing_outside_run():
     "layer,why",
     [
         (nn.GroupNorm(2, 8), "statistics"),
-        (nn.AvgPool2d(2, ceil_mode=True), "fewer elements"),
-        (nn.AvgPool2d(3, 1, padding=1, count_include_pad=False), "fewer elements"),
+        (nn.AvgPool2d(3, 2, padding=1, ceil_mode=True), "ceil mode that counts its padding"),
         (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "not with zeros"),
         (type("Conv2dSame", (nn.Conv2d,), {})(8, 8, 3), "input's size"),
         (nn.AdaptiveAvgPool2d(2), "splits the canvas"),

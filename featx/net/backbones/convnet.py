@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from featx.errors import BadInput
 from featx.net.backbones import LayerRow, get_backbone
 from featx.net.padding import ExactPadding, Inexact, valid_mean
-from featx.net.weights import MetaParameters, Weights, instantiate
+from featx.net.weights import Weights, instantiate, on_meta_device
 
 
 class Pooled2d(nn.Module):
@@ -287,8 +287,7 @@ class TorchvisionFamily:
         """The dense net's layer table at height x width, with totals; built on the meta device."""
         import torchvision
 
-        with MetaParameters():
-            model = torchvision.models.get_model(name, weights=None).eval()
+        model = on_meta_device(lambda: torchvision.models.get_model(name, weights=None)).eval()
         total = sum(p.numel() for p in model.parameters())
         classifier = sum(p.numel() for p in self.classifier(model).parameters())
         trunk, head = self.split(model, tap)

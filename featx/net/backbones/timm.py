@@ -26,7 +26,7 @@ from featx.net.backbones import TIMM_PREFIX, LayerRow, Tap, get_backbone
 from featx.net.backbones.convnet import DenseConvNet, kernels, layer_table, lines_of
 from featx.net.backbones.convnet import table_lines as summary_lines
 from featx.net.padding import Inexact, probe, randomize_
-from featx.net.weights import MetaParameters, Weights, instantiate, reason
+from featx.net.weights import Weights, instantiate, on_meta_device, reason
 
 __all__ = ["build", "kernels", "mixes_sizes", "model_summary", "summary_lines", "tap", "torchvision_model"]
 
@@ -50,26 +50,26 @@ def create(model: str, **kwargs) -> nn.Module:
     """timm's model (no pretrained weights unless asked), ViTs with dynamic_img_size=True; eval mode."""
     timm = _timm()
     name = arch(model)
-    if not timm.is_model(name):
-        base = name.split(".")[0]
-        raise BadInput(
-            f"unknown timm model {name!r}; see timm.list_models('*{base.split('_')[0]}*') for the names"
-            if not timm.is_model(base)
-            else f"unknown pretrained tag in timm model {name!r}; see timm.list_pretrained('{base}*')"
-        )
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        raise BadInput(f"unknown timm model {name!r}; see timm.list_models('*{base.split('_')[0]}*') for the names")
     try:
-        return timm.create_model(name, dynamic_img_size=True, **kwargs).eval()
-    except TypeError as e:  # not a ViT: its class takes no dynamic_img_size
-        if "dynamic_img_size" not in str(e):
+        try:
+            return timm.create_model(name, dynamic_img_size=True, **kwargs).eval()
+        except TypeError as e:  # not a ViT: its class takes no dynamic_img_size
+            if "dynamic_img_size" not in str(e):
+                raise
+            return timm.create_model(name, **kwargs).eval()
+    except RuntimeError as e:
+        if "pretrained tag" not in str(e):
             raise
-        return timm.create_model(name, **kwargs).eval()
+        raise BadInput(f"unknown pretrained tag in timm model {name!r}; see timm.list_pretrained('{base}*')") from None
 
 
 @cache
 def _meta(model: str) -> nn.Module:
     """The model on the meta device: shapes, parameter counts and the pretrained config, no weights."""
-    with MetaParameters():
-        return create(model)
+    return on_meta_device(lambda: create(model))
 
 
 def pretrained_cfg(model: str) -> dict:
@@ -187,24 +187,63 @@ class DenseViT(nn.Module):
         return get_backbone(self.name).summary(height, width, self.tap)["flops"]
 
 
-def _convnet(model: nn.Module, name: str, tap: str, channels: int, exact: bool) -> DenseConvNet:
-    return DenseConvNet(Features(model), PreLogits(model), name=name, tap=tap, channels=channels, exact=exact)
+class SameShape(nn.Module):
+    """A timm convnet whose padding featx cannot keep out: timm's own forward_features then
+    forward_head(pre_logits=True) (its global pool), on same-shape batches only."""
+
+    mixes_sizes = False
+
+    def __init__(self, model: nn.Module, *, name: str, tap: str, channels: int):
+        super().__init__()
+        self.model, self.name, self.tap, self.channels = model, name, tap, channels
+
+    def forward_pooled(
+        self, x: torch.Tensor, sizes: list[tuple[int, int]] | None = None, rezero: bool = True
+    ) -> torch.Tensor:
+        canvas = (x.shape[2], x.shape[3])
+        if sizes is not None and any(tuple(s) != canvas for s in sizes):
+            raise Inexact(f"{self.name} batches same-shape images only; got sizes {list(sizes)} in a {canvas} canvas")
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True).flatten(1).float()
+
+    def lower(self, device: torch.device, dtype: torch.dtype, **options):
+        """forward_pooled itself (torch's kernels)."""
+        return self.forward_pooled
+
+    def flops(self, height: int, width: int) -> int:
+        """FLOPs of one forward pass on a height x width image (the layer table's, on the meta device)."""
+        return get_backbone(self.name).summary(height, width, self.tap)["flops"]
+
+
+def _convnet(model: nn.Module, name: str, tap: str, channels: int, exact: bool) -> nn.Module:
+    if not exact:
+        return SameShape(model, name=name, tap=tap, channels=channels)
+    return DenseConvNet(Features(model), PreLogits(model), name=name, tap=tap, channels=channels)
+
+
+def _pre_logits(model: nn.Module, height: int, width: int) -> torch.Tensor:
+    """timm's pre-logits of a meta-device input: its forward_features, then forward_head(pre_logits=True)."""
+    x = torch.empty(1, 3, height, width, device="meta")
+    return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
 
 
 def _least_scale(model: str) -> int:
     """The least square side a convnet's forward_features gives a position (binary search on the meta device)."""
 
-    def works(q: int) -> bool:
+    def works(q: int, r: int | None = None) -> bool:
         try:
             with torch.inference_mode():
-                y = _meta(model).forward_features(torch.empty(1, 3, q, q, device="meta"))
+                _pre_logits(_meta(model), q, r or q)
         except (RuntimeError, ValueError, AssertionError):
             return False
-        return min(y.shape[2:]) >= 1
+        return True
 
     lo, hi = 1, 1024
-    if not works(hi):
-        raise BadInput(f"{model} gives no map even at 1024x1024; featx needs a model that takes any input size")
+    if not (works(hi) and works(hi - 7, hi + 9)):
+        h, w = pretrained_cfg(model).get("input_size", (3, 224, 224))[1:]
+        raise BadInput(
+            f"{model} takes only its own input size ({h}x{w}); featx needs a model that takes any size "
+            "(timm's convnets, ViTs with dynamic_img_size)"
+        )
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if works(mid) else (mid + 1, hi)
@@ -218,14 +257,22 @@ def tap(model: str, name: str) -> Tap:
     if is_vit(model):
         if name == "cls" and getattr(meta, "cls_token", None) is None:
             raise BadInput(f"--layer cls: {model} has no class token; use --layer pre_logits (the patch tokens' mean)")
-        p = max(meta.patch_embed.patch_size)
+        (ph, pw), (h, w) = meta.patch_embed.patch_size, pretrained_cfg(model).get("input_size", (3, 224, 224))[1:]
+        try:
+            with torch.inference_mode():
+                meta.forward_features(torch.empty(1, 3, h + ph, w + 2 * pw, device="meta"))
+        except (RuntimeError, ValueError, AssertionError):
+            raise BadInput(
+                f"{model} takes only its own input size ({h}x{w}); featx needs a ViT that interpolates its "
+                "position embeddings (timm's dynamic_img_size)"
+            ) from None
+        p = max(ph, pw)
         return Tap(name, meta.num_features, p, p, f"a side under the patch ({p}) gives no token")
     if name == "cls":
         raise BadInput(f"--layer cls: {model} is a convnet (no class token); use --layer pre_logits")
     q = _least_scale(model)
     with torch.inference_mode():
-        y = meta.forward_features(torch.empty(1, 3, max(q, 64), max(q, 64), device="meta"))
-        channels = PreLogits(meta)(y.mean(dim=(2, 3))).shape[1]
+        channels = _pre_logits(meta, max(q, 64), max(q, 64)).shape[1]
     stride = (meta.feature_info[-1].get("reduction", 0) if getattr(meta, "feature_info", None) else 0) or 0
     return Tap(name, channels, stride, q, f"a smaller side under {q} leaves {model}'s map no position")
 
@@ -247,7 +294,7 @@ def exact_batches(model: str) -> bool:
     try:
         dense = _convnet(net, model, "pre_logits", 0, exact=True)
         return probe(dense.forward_pooled, scale=max(1, math.ceil(q / 48))) <= 1e-4
-    except Inexact:
+    except (Inexact, RuntimeError, ValueError):  # a layer the hooks cannot follow, or one that changes layouts
         return False
 
 
