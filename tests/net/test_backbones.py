@@ -145,3 +145,16 @@ def test_the_probe_sees_torch_when_a_net_is_built():
     code += "print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "True", proc.stderr
+
+
+def test_vggs_settings_hashes_are_what_they_were_before_other_backbones_joined():
+    """Feature files and cache entries made before the backbone seam stay valid (hashes recorded then)."""
+    from featx.extract.provenance import descriptor_hash
+
+    assert descriptor_hash(ExtractConfig(precision="fp32")) == "31b25c1f9d17abc2"
+    assert (
+        descriptor_hash(ExtractConfig(model="vgg19", weights="random", layer="pool5", scales=(32,), precision="fp32"))
+        == "8a4dbbbd10700fc0"
+    )
+    config = ExtractConfig(model="vgg16_bn", layer="fc6", aggregate="stack", precision="bf16", flip=False)
+    assert descriptor_hash(config) == "935766e4eba057cc"

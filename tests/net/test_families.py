@@ -183,3 +183,20 @@ def test_model_command_counts_parameters_as_torchvision():
     assert bad.output.count("\n") == 1
     small = runner.invoke(app, ["model", "convnext_tiny", "--size", "31x40"])
     assert small.exit_code == 2 and "--size 31x40" in small.output and small.output.count("\n") == 1
+
+
+def test_weights_that_do_not_fit_the_net_are_refused_in_one_line(tmp_path):
+    file = tmp_path / "resnet18.pth"
+    torch.save(
+        get_backbone("resnet18").torchvision_model(Weights({"kind": "random", "seed": 0}, None)).state_dict(), file
+    )
+    from featx.extract.describer import make_describer
+
+    with pytest.raises(
+        ValueError, match=r"^--weights resnet18.pth does not fit resnet34 \(.*\); pass the --model it was saved from$"
+    ):
+        make_describer(ExtractConfig(model="resnet34", weights=str(file), precision="fp32"), "cpu")
+    from featx.extract.provenance import descriptor_hash
+
+    with pytest.raises(ValueError, match=r"^unknown --weights 'IMAGENET1K_V2' for densenet121; use 'default', one of"):
+        descriptor_hash(ExtractConfig(model="densenet121", weights="IMAGENET1K_V2"))
