@@ -150,6 +150,8 @@ def config_from_provenance(
             weights = "random"
         elif kind == "torchvision":
             weights = identity["name"]
+        elif kind == "timm":  # the model's name carries the tag that names them
+            weights = "default"
         elif kind == "file":
             raise MissingData(
                 f"the features were made with the weights file {identity.get('file')} "

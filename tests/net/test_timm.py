@@ -221,3 +221,15 @@ def test_a_state_dict_file_and_random_weights_work_offline(samples, tmp_path):
     torch.save(timm.create_model("test_resnet").state_dict(), other)
     with pytest.raises(ValueError, match=r"does not fit timm:test_vit .*; pass the --model it was saved from"):
         make_describer(ExtractConfig(model=VIT, weights=str(other), precision="fp32"), "cpu")
+
+
+def test_a_timm_files_settings_are_rebuilt_for_queries():
+    """featx neighbours describes queries as a file's rows were: timm's default weights included."""
+    from featx.extract.provenance import config_from_provenance
+
+    config = ExtractConfig(model=VIT, scales=(160,), precision="fp32")
+    prov = provenance(config, "cpu")
+    assert prov["weights"]["kind"] == "timm" and prov["weights"]["name"].startswith("test_vit")
+    rebuilt = config_from_provenance(prov)
+    assert (rebuilt.model, rebuilt.weights) == (VIT, "default")
+    assert featx.descriptor_hash(rebuilt) == prov["settings_hash"]

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from featx.errors import BadInput
 from featx.net.backbones import LayerRow, get_backbone
-from featx.net.padding import ExactPadding, Inexact, valid_mean
+from featx.net.padding import ExactPadding, valid_mean
 from featx.net.weights import Weights, instantiate, on_meta_device
 
 
@@ -40,20 +40,17 @@ class Pooled2d(nn.Module):
 class DenseConvNet(nn.Module):
     """trunk -> each image's map averaged over its valid positions -> head: fp32 [B, C].
 
-    `exact`: hooks keep a padded batch's padding out of every image (featx.net.padding); False
-    (a net they cannot follow) batches same-shape images only (`mixes_sizes`).
+    Hooks keep a padded batch's padding out of every image (featx.net.padding), so images of
+    different sizes share batches (`mixes_sizes`); a trunk they cannot follow raises Inexact here.
     """
 
-    def __init__(self, trunk: nn.Module, head: nn.Module, *, name: str, tap: str, channels: int, exact: bool = True):
+    mixes_sizes = True
+
+    def __init__(self, trunk: nn.Module, head: nn.Module, *, name: str, tap: str, channels: int):
         super().__init__()
         self.trunk, self.head = trunk, head
         self.name, self.tap, self.channels = name, tap, channels
-        self.padding = ExactPadding(trunk) if exact else None
-
-    @property
-    def mixes_sizes(self) -> bool:
-        """Whether images of different sizes may share a (padded) batch."""
-        return self.padding is not None
+        self.padding = ExactPadding(trunk)
 
     def forward_pooled(
         self, x: torch.Tensor, sizes: list[tuple[int, int]] | None = None, rezero: bool = True
@@ -64,13 +61,8 @@ class DenseConvNet(nn.Module):
         """
         canvas = (x.shape[2], x.shape[3])
         sizes = [tuple(s) for s in sizes] if sizes is not None else [canvas] * x.shape[0]
-        if self.padding is None:
-            if any(s != canvas for s in sizes):
-                raise Inexact(f"{self.name} batches same-shape images only; got sizes {sizes} in a {canvas} canvas")
-            pooled = self.trunk(x).mean(dim=(2, 3), dtype=torch.float32)
-        else:
-            y, valid = self.padding.run(x, sizes, fill=rezero)
-            pooled = valid_mean(y, valid)
+        y, valid = self.padding.run(x, sizes, fill=rezero)
+        pooled = valid_mean(y, valid)
         weight = next(self.head.parameters(), None)
         if weight is None:  # nothing, or layers without parameters: in fp32
             return self.head(pooled)
@@ -79,8 +71,7 @@ class DenseConvNet(nn.Module):
     def lower(self, device: torch.device, dtype: torch.dtype, **options) -> Callable:
         """forward_pooled itself (torch's kernels, channels-last); on CUDA the padding is filled by
         one masked write per layer (few launches). Plan options (prepack, ...) are VGG's."""
-        if self.padding is not None:
-            self.padding.masks = torch.device(device).type == "cuda"
+        self.padding.masks = torch.device(device).type == "cuda"
         return self.forward_pooled
 
     def flops(self, height: int, width: int) -> int:

@@ -149,47 +149,10 @@ class PreLogits(nn.Module):
         return self.model.forward_head(x[:, :, None, None], pre_logits=True).flatten(1)
 
 
-class DenseViT(nn.Module):
-    """A timm ViT on the whole image: position embeddings interpolated to the grid (timm's
-    dynamic_img_size), patch tokens after the final norm averaged (or the class token): fp32 [B, C].
-
-    Same-shape batches only (`mixes_sizes` False): padding would be tokens the attention reads.
-    """
-
-    mixes_sizes = False
-
-    def __init__(self, model: nn.Module, *, name: str, tap: str, channels: int):
-        super().__init__()
-        self.model, self.name, self.tap, self.channels = model, name, tap, channels
-        self.patch = tuple(model.patch_embed.patch_size)
-
-    def forward_pooled(
-        self, x: torch.Tensor, sizes: list[tuple[int, int]] | None = None, rezero: bool = True
-    ) -> torch.Tensor:
-        """Batch [B, 3, H, W] of one shape -> fp32 [B, C]; sides are centre-cropped to multiples of the patch."""
-        canvas = (x.shape[2], x.shape[3])
-        if sizes is not None and any(tuple(s) != canvas for s in sizes):
-            raise Inexact(f"{self.name} batches same-shape images only; got sizes {list(sizes)} in a {canvas} canvas")
-        (ph, pw), (H, W) = self.patch, canvas
-        top, left = (H % ph) // 2, (W % pw) // 2
-        x = x[:, :, top : top + H - H % ph, left : left + W - W % pw]
-        tokens = self.model.forward_features(x)
-        if self.tap == "cls":
-            return tokens[:, 0].float()
-        return tokens[:, self.model.num_prefix_tokens :].mean(dim=1, dtype=torch.float32)
-
-    def lower(self, device: torch.device, dtype: torch.dtype, **options):
-        """forward_pooled itself (torch's kernels)."""
-        return self.forward_pooled
-
-    def flops(self, height: int, width: int) -> int:
-        """FLOPs of one forward pass on a height x width image (the layer table's, on the meta device)."""
-        return get_backbone(self.name).summary(height, width, self.tap)["flops"]
-
-
 class SameShape(nn.Module):
-    """A timm convnet whose padding featx cannot keep out: timm's own forward_features then
-    forward_head(pre_logits=True) (its global pool), on same-shape batches only."""
+    """A timm model on same-shape batches only (`mixes_sizes` False), its own forward on the
+    whole canvas: a convnet whose padding featx cannot keep out, through timm's forward_features
+    and forward_head(pre_logits=True) (its global pool). fp32 [B, C]."""
 
     mixes_sizes = False
 
@@ -203,6 +166,9 @@ class SameShape(nn.Module):
         canvas = (x.shape[2], x.shape[3])
         if sizes is not None and any(tuple(s) != canvas for s in sizes):
             raise Inexact(f"{self.name} batches same-shape images only; got sizes {list(sizes)} in a {canvas} canvas")
+        return self.pooled(x)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True).flatten(1).float()
 
     def lower(self, device: torch.device, dtype: torch.dtype, **options):
@@ -214,10 +180,27 @@ class SameShape(nn.Module):
         return get_backbone(self.name).summary(height, width, self.tap)["flops"]
 
 
+class DenseViT(SameShape):
+    """A timm ViT on the whole image: position embeddings interpolated to the grid (timm's
+    dynamic_img_size), patch tokens after the final norm averaged (or the class token): fp32 [B, C].
+
+    Same-shape batches only: padding would be tokens the attention reads. Sides are
+    centre-cropped to multiples of the patch.
+    """
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        (ph, pw), (H, W) = self.model.patch_embed.patch_size, (x.shape[2], x.shape[3])
+        top, left = (H % ph) // 2, (W % pw) // 2
+        tokens = self.model.forward_features(x[:, :, top : top + H - H % ph, left : left + W - W % pw])
+        if self.tap == "cls":
+            return tokens[:, 0].float()
+        return tokens[:, self.model.num_prefix_tokens :].mean(dim=1, dtype=torch.float32)
+
+
 def _convnet(model: nn.Module, name: str, tap: str, channels: int, exact: bool) -> nn.Module:
-    if not exact:
-        return SameShape(model, name=name, tap=tap, channels=channels)
-    return DenseConvNet(Features(model), PreLogits(model), name=name, tap=tap, channels=channels)
+    if exact:
+        return DenseConvNet(Features(model), PreLogits(model), name=name, tap=tap, channels=channels)
+    return SameShape(model, name=name, tap=tap, channels=channels)
 
 
 def _pre_logits(model: nn.Module, height: int, width: int) -> torch.Tensor:
