@@ -1,6 +1,9 @@
 """How fast `featx extract` is on this machine, next to a naive loop and the machine's peak.
 
-    python benchmarks/extract.py [FOLDER] [--images N] [--mid M] [--small K] [--json FILE]
+    python benchmarks/extract.py [FOLDER] [--model NAME] [--scales Q,...] [--images N] [--mid M] [--small K]
+
+e.g. `--model resnet50 --scales 224` or `--model convnext_tiny` (the Caltech scales 256,384,512
+by default); any backbone of featx extract (VGG16 by default).
 
 One run, on a folder of real images (default: data/samples), measures side by side:
   - featx end to end (featx.extract: decode, resize, model, aggregation, Parquet write) on a
@@ -8,8 +11,9 @@ One run, on a folder of real images (default: data/samples), measures side by si
     stage, peak RSS of the process (flat in the number of images if the two agree), and
     images/s once running (the extra images of the large run over its extra seconds);
   - a naive baseline on a small subset: a per-image torchvision loop (fp32, NCHW, batch 1,
-    the same scales and flips), and featx's speed-up over it on the same images (whole
-    processes, so both pay interpreter start, imports and building the net);
+    the same scales and flips: torchvision's own model with its last Linear removed, or VGG
+    made dense; a timm model's own forward), and featx's speed-up over it on the same images
+    (whole processes, so both pay interpreter start, imports and building the net);
   - this machine's compute peak for the precision in use (a large 3x3 convolution, timed
     before and after the runs), and featx's fraction of it;
   - numerics: per image, the cosine of featx's default descriptor to the exact fp32 one (the
@@ -93,7 +97,6 @@ def child_naive(job: dict) -> dict:
     from PIL import Image, ImageOps
 
     from featx.extract.discover import discover
-    from featx.net.backbones import get_backbone
     from featx.net.device import resolve_device
     from featx.net.weights import resolve
 
@@ -103,7 +106,7 @@ def child_naive(job: dict) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t = time.perf_counter()
     weights = resolve(s["model"], s["weights"], s.get("seed", 0), s["layer"])
-    net = get_backbone(s["model"]).build(weights, s["layer"]).to(device).eval()  # fp32, NCHW
+    net = naive_net(s["model"], s["layer"], weights).to(device).eval()  # fp32, NCHW: x -> [1, C]
     setup = time.perf_counter() - t
     rows = []
     with torch.inference_mode():
@@ -113,9 +116,9 @@ def child_naive(job: dict) -> dict:
             for q in s["scales"]:
                 x = TF.resize(image, [q], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
                 x = TF.normalize(x.float() / 255, list(weights.mean), list(weights.std))[None].to(device)
-                d = net(x).mean(dim=(2, 3))[0]
+                d = net(x)[0]
                 if s["flip"]:
-                    d = (d + net(x.flip(-1)).mean(dim=(2, 3))[0]) / 2
+                    d = (d + net(x.flip(-1))[0]) / 2
                 per_scale.append(d)
             d = torch.stack(per_scale).mean(0) if s["aggregate"] == "mean" else torch.cat(per_scale)
             rows.append(F.normalize(d, dim=0).cpu().numpy())
@@ -129,6 +132,41 @@ def child_naive(job: dict) -> dict:
         "paths": [it.path for it in items],
         "peak_rss_mb": _rss_mb(),
     }
+
+
+def naive_net(model: str, layer: str, weights):
+    """What a user would run per image: x [1, 3, h, w] -> the descriptor before L2, [1, C].
+
+    torchvision's convnets at their default tap: torchvision's own model with the classifier's
+    last Linear made an Identity (its global pool is the mean over positions); a timm convnet:
+    forward_features then forward_head(pre_logits=True); VGG, a ViT or another tap: featx's own
+    reference forward (forward_pooled), one image at a time.
+    """
+    from torch import nn
+
+    from featx.net.backbones import get_backbone
+
+    backbone = get_backbone(model)
+    layer = backbone.layer(layer)
+    if backbone.family not in ("vgg", "timm") and layer == backbone.default_tap:
+        tv = backbone.torchvision_model(weights)
+        last = {"resnet": "fc", "regnet": "fc", "densenet": "classifier"}.get(backbone.family)
+        if last:
+            setattr(tv, last, nn.Identity())
+        else:  # convnext, efficientnet, mobilenet: the classifier's last Linear
+            tv.classifier[-1] = nn.Identity()
+        return tv
+    net = backbone.build(weights, layer)
+
+    class Alone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.forward_pooled(x)
+
+    return Alone()
 
 
 def run_child(kind: str, job: dict) -> dict:
@@ -185,7 +223,7 @@ def conv_peak(precision: str, device_name: str, seconds: float = 3.0) -> dict:
 
 
 # -- figures -------------------------------------------------------------------------------
-def run_flops(table, net, scales, flip: bool, bucket: int) -> tuple[int, int]:
+def run_flops(table, flops_of, scales, flip: bool, bucket: int) -> tuple[int, int]:
     """FLOPs of every (image, scale) shape run, and the number of distinct shapes."""
     from featx.extract.decode import scaled_size
 
@@ -194,7 +232,7 @@ def run_flops(table, net, scales, flip: bool, bucket: int) -> tuple[int, int]:
         for q in scales:
             sh, sw = scaled_size(int(w), int(h), q, bucket)
             shapes.add((sh, sw))
-            total += net.flops(sh, sw) * (2 if flip else 1)
+            total += flops_of(sh, sw) * (2 if flip else 1)
     return total, len(shapes)
 
 
@@ -250,11 +288,11 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=0, help="large set: this many images (0 = all)")
     p.add_argument("--mid", type=int, default=0, help="the second size for flat memory (default: half the large set)")
     p.add_argument("--small", type=int, default=0, help="the naive baseline's images (default: a quarter, 4..12)")
-    p.add_argument("--model", default="vgg16")
+    p.add_argument("--model", default="vgg16", help="any backbone of featx extract (resnet50, convnext_tiny, ...)")
     p.add_argument(
         "--weights", default="random", help="random (default: speed does not depend on it), default, or a file"
     )
-    p.add_argument("--layer", default="fc7")
+    p.add_argument("--layer", default="default", help="the tap (default: the model's default: fc7, pre_logits)")
     p.add_argument("--scales", default="256,384,512")
     p.add_argument("--no-flip", action="store_true")
     p.add_argument("--aggregate", default="mean")
@@ -275,6 +313,8 @@ def main(argv=None) -> int:
         print(json.dumps({"featx": child_featx, "naive": child_naive}[kind](job)))
         return 0
 
+    from functools import cache
+
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -282,8 +322,6 @@ def main(argv=None) -> int:
     from featx.extract.discover import discover
     from featx.net.backbones import get_backbone
     from featx.net.device import resolve_device, resolve_precision, torch_dtype
-    from featx.net.plan import conv_kernels
-    from featx.net.weights import Weights
 
     scales = tuple(int(q) for q in args.scales.split(","))
     flip = not args.no_flip
@@ -300,19 +338,22 @@ def main(argv=None) -> int:
         workers=args.workers,
     )
     config = ExtractConfig(**settings)
+    settings["layer"] = config.layer  # the default tap, by name
+    backbone = get_backbone(config.model)
     precision = resolve_precision(config.precision, config.device)
     items = discover([args.folder])
     large = subset(items, args.images or len(items))
     mid = subset(large, args.mid or max(1, len(large) // 2))
     small = subset(large, args.small or min(12, max(4, len(large) // 4)))
-    with torch_device_meta():
-        net = get_backbone(args.model).build(Weights({"kind": "random", "seed": 0}, None), args.layer)  # shapes only
+    # FLOPs per input shape from featx's layer table (on the meta device: shapes only).
+    flops_of = cache(lambda h, w: backbone.summary(h, w, config.layer)["flops"])
     report: dict = {
         "machine": machine(),
         "folder": str(args.folder),
         "settings": config.to_dict() | {"precision_resolved": precision, "scales": list(scales)},
         "load_average_start": os.getloadavg(),
-        "conv_kernels": conv_kernels(resolve_device(config.device), torch_dtype(precision)),
+        "conv_kernels": backbone.kernels(resolve_device(config.device), torch_dtype(precision)),
+        "winograd": backbone.family == "vgg",
     }
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -358,7 +399,7 @@ def main(argv=None) -> int:
 
         def figures(run: dict, bucket: int = 0) -> dict:
             table = pq.read_table(run["parquet"], columns=["path", "width", "height"]).to_pydict()
-            flops, shapes = run_flops(table, net, scales, flip, bucket)
+            flops, shapes = run_flops(table, flops_of, scales, flip, bucket)
             # Setup: building and packing the net (and anything else outside the stages).
             setup = run["seconds"] - sum(v for k, v in run["stage_seconds"].items() if k != "decode")
             return run | {
@@ -448,19 +489,6 @@ def main(argv=None) -> int:
     return 0
 
 
-class torch_device_meta:
-    """Build the net on the meta device: the FLOP counter needs its shapes, not its numbers."""
-
-    def __enter__(self):
-        import torch
-
-        self._ctx = torch.device("meta")
-        return self._ctx.__enter__()
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
-
-
 def print_report(r: dict) -> None:
     s, fl, fm, fs, nv = r["settings"], r["featx_large"], r["featx_mid"], r["featx_small"], r["naive"]
     flip = "with flips" if s["flip"] else "no flips"
@@ -504,10 +532,11 @@ def print_report(r: dict) -> None:
         f"GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of peak (model stage {fl['model_gflops']:.0f} = "
         f"{100 * fl['model_gflops'] / pk:.0f}%" + (f"; once running {100 * st['gflops'] / pk:.0f}%)" if st else ")")
     )
-    print(
-        "  (featx's GFLOP/s count a direct convolution's FLOPs; its Winograd layers do 2.25x (bf16) or 4x (fp32) fewer "
-        "multiplications, so the model stage can pass the direct kernel's peak)"
-    )
+    if r.get("winograd", True):
+        print(
+            "  (featx's GFLOP/s count a direct convolution's FLOPs; its Winograd layers do 2.25x (bf16) or 4x (fp32) "
+            "fewer multiplications, so the model stage can pass the direct kernel's peak)"
+        )
     print(
         f"batches (large set): {fl.get('images_per_batch', 0):.1f} images per batch, "
         f"{100 * fl.get('padding', 0):.0f}% padding (exact mixed-size batches)"

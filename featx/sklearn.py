@@ -1,9 +1,10 @@
 """`Features` (and its VGG name `VGGFeatures`): the paper's descriptor as a scikit-learn transformer.
 
-Paper: Simonyan & Zisserman, arXiv 1409.1556, Appendix B. Images in, [n, D] out; the numbers
-are `featx extract`'s for the same settings: the same decoding (featx.extract.decode), the same
-dense net (featx.net.backbones, featx.net.weights) and the same pooling, flip and aggregation
-(featx.extract.descriptor).
+Paper: Simonyan & Zisserman, arXiv 1409.1556, Appendix B, for any backbone (VGG, the paper's
+reference; torchvision's ResNet, ConvNeXt, EfficientNet, ...; timm:NAME). Images in, [n, D] out;
+the numbers are `featx extract`'s for the same settings: the same decoding
+(featx.extract.decode), the same dense net (featx.net.backbones, featx.net.weights) and the same
+pooling, flip and aggregation (featx.extract.descriptor).
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ class Features(TransformerMixin, BaseEstimator):
     `featx extract --regions` for the same box.
 
     Paper: arXiv 1409.1556, Appendix B. Equal to `featx extract` for the same settings (see
-    its options); `fit` ignores X and y, and loads the net once per process for all clones.
-    `weights="random"` is for tests and demos only: its features mean nothing.
+    its options: `model` any backbone, e.g. "resnet50" or "timm:vit_small_patch14_dinov2";
+    `layer="default"` its default tap); `fit` ignores X and y, and loads the net once per
+    process for all clones. `weights="random"` is for tests and demos only: its features mean nothing.
     """
 
     def __init__(
@@ -137,7 +139,7 @@ class Features(TransformerMixin, BaseEstimator):
         scales: tuple[int, ...] = DEFAULT_SCALES,
         flip: bool = True,
         aggregate: str = "mean",
-        layer: str = "fc7",
+        layer: str = "default",
         precision: str = ExtractConfig.precision,  # the CLI's default, so defaults agree
         device: str = "auto",
         batch_size: int = ExtractConfig.batch_size,  # the CLI's default, so defaults agree
@@ -207,7 +209,8 @@ class Features(TransformerMixin, BaseEstimator):
         return out
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
-        """The tap's name and index: `fc7_0` ... for aggregate="mean"; `fc7_q256_0` ... per scale for "stack"."""
+        """The tap's name and index: `fc7_0` (VGG), `pre_logits_0` ... for aggregate="mean"; `fc7_q256_0` ...
+        per scale for "stack"."""
         check_is_fitted(self)
         config = self.config_
         per_scale = self.n_features_out_ // (len(config.scales) if config.aggregate == "stack" else 1)

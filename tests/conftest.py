@@ -17,7 +17,7 @@ SHARED_MINI = REPO.parent / "shared" / "data" / "caltech101-mini" / "101_ObjectC
 @pytest.fixture(autouse=True)
 def _quiet_random_weights_warning():
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*randomly initialised VGG.*")
+        warnings.filterwarnings("ignore", message=".*randomly initialised .*")
         yield
 
 

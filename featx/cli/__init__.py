@@ -12,6 +12,6 @@ from featx.cli import evaluate  # noqa: F401
 from featx.cli import downstream  # noqa: F401
 
 # isort: on
-from featx.cli.common import Layer, Model, Precision, app
+from featx.cli.common import Precision, app
 
-__all__ = ["Layer", "Model", "Precision", "app"]
+__all__ = ["Precision", "app"]

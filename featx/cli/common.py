@@ -23,7 +23,6 @@ from typing import Annotated
 import typer
 
 from featx.errors import FeatxError, cli_words
-from featx.net.backbones import NAMES, TAP_NAMES
 from featx.net.device import PRECISIONS
 
 BUG_LINE = (
@@ -142,10 +141,9 @@ app = App(
     pretty_exceptions_enable=False,
 )
 
-# Choices from the one list of each: backbones and their taps (featx.net.backbones), precisions
-# (featx.net.device). A layer that the chosen model lacks is refused by ExtractConfig.
-Model = Enum("Model", {m: m for m in NAMES}, type=str)
-Layer = Enum("Layer", {t: t for t in TAP_NAMES}, type=str)
+# Choices from the one list of each: precisions (featx.net.device). Models and layers are open
+# sets (timm:NAME, each net's taps): ExtractConfig refuses what does not fit, in one line that
+# lists the choices, before torch loads (featx.net.backbones).
 Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
 
 
@@ -159,9 +157,18 @@ class HeadName(str, Enum):
     logreg = "logreg"
 
 
-# Options that several commands share, word for word.
-ModelOption = Annotated[Model, typer.Option(help="torchvision VGG: D = vgg16, E = vgg19.")]
-LayerOption = Annotated[Layer, typer.Option(help="fc7 (the paper's), fc6, or pool5 (512-D).")]
+# Options that `featx extract` and `featx probe` share, word for word.
+MODEL_HELP = (
+    "The backbone: vgg16 (the paper's Net-D), vgg19 (Net-E) or another VGG; a torchvision ResNet, ResNeXt, "
+    "Wide-ResNet, ConvNeXt, EfficientNet(V2), RegNet, DenseNet or MobileNetV3 (resnet50, convnext_tiny, ...); "
+    "or timm:NAME, any timm model (pip install 'featx[timm]')."
+)
+LAYER_HELP = (
+    "The tap: default = fc7 for VGG (the paper's; fc6, pool5 also), pre_logits for the others (what the model "
+    "runs before its last Linear); `featx model NAME` lists a net's taps."
+)
+ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
+LayerOption = Annotated[str, typer.Option(help=LAYER_HELP)]
 ScalesOption = Annotated[str, typer.Option(help="Smaller-side sizes Q, comma-separated.")]
 FlipOption = Annotated[bool, typer.Option("--flip/--no-flip", help="Average with the horizontally flipped image.")]
 AggregateOption = Annotated[Aggregate, typer.Option(help="Combine scales by mean (VOC) or stack (Caltech).")]

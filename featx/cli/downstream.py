@@ -16,7 +16,6 @@ from featx.cli.common import (
     DeviceOption,
     FlipOption,
     HeadName,
-    Layer,
     LayerOption,
     ModelOption,
     Precision,
@@ -73,7 +72,7 @@ def probe(
     weights: Annotated[
         str, typer.Option(help="'default' (ImageNet), a state-dict FILE, or 'random' (tests only: chance level).")
     ] = "default",
-    layer: LayerOption = Layer.fc7,
+    layer: LayerOption = "default",
     scales: ScalesOption = ",".join(map(str, DEFAULT_SCALES)),
     flip: FlipOption = True,
     aggregate: AggregateOption = Aggregate.mean,

@@ -15,7 +15,6 @@ from featx.cli.common import (
     BatchSizeOption,
     DeviceOption,
     HeadName,
-    Model,
     Precision,
     QuietOption,
     WeightsSeedOption,
@@ -52,8 +51,10 @@ def evaluate(
         bool, typer.Option(help="Fetch the dataset from its official host into --root (md5-checked, resumable).")
     ] = False,
     model: Annotated[
-        list[Model] | None,
-        typer.Option(help="Net(s) to evaluate, repeatable; two give their late fusion too (D & E)."),
+        list[str] | None,
+        typer.Option(
+            help="Net(s) to evaluate, repeatable (any --model of featx extract); two give their late fusion too."
+        ),
     ] = None,
     weights: Annotated[
         str | None,
@@ -136,7 +137,7 @@ def evaluate(
     chosen = call(pipeline_for, dataset.value if dataset else None, pipeline)
     chosen = call(
         chosen.override,
-        models=[m.value for m in model] if model else None,
+        models=list(model) if model else None,
         weights=weights,
         scales=parse_scales(scales) if scales else None,
         aggregate=aggregate.value if aggregate else None,

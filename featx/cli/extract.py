@@ -16,9 +16,7 @@ from featx.cli.common import (
     BatchSizeOption,
     DeviceOption,
     FlipOption,
-    Layer,
     LayerOption,
-    Model,
     ModelOption,
     Precision,
     QuietOption,
@@ -49,10 +47,14 @@ def extract(
     weights: Annotated[
         str,
         typer.Option(
-            help="'default' (torchvision IMAGENET1K_V1, downloaded once), a state-dict FILE, or 'random' (tests only)."
+            help=(
+                "'default' (the model's published weights, downloaded once: torchvision's DEFAULT, for VGG "
+                "IMAGENET1K_V1; a timm model's pretrained tag), a torchvision weights name, a state-dict FILE, or "
+                "'random' (tests only)."
+            )
         ),
     ] = "default",
-    layer: LayerOption = Layer.fc7,
+    layer: LayerOption = "default",
     scales: ScalesOption = ",".join(map(str, DEFAULT_SCALES)),
     flip: FlipOption = True,
     aggregate: AggregateOption = Aggregate.mean,
@@ -137,7 +139,7 @@ def extract(
         ),
     ] = None,
 ) -> None:
-    """Describe every image with the paper's dense multi-scale VGG descriptor; write Parquet."""
+    """Describe every image with the paper's dense multi-scale descriptor (VGG, or any backbone); write Parquet."""
     weights_seed = _weights_seed(weights_seed, seed)
     # Everything the arguments alone can refute is refuted before torch loads (seconds).
     config = extract_config(
@@ -238,9 +240,14 @@ def info(
 
 @app.command()
 def model(
-    name: Annotated[Model, typer.Argument(help="torchvision VGG: vgg11 (A) ... vgg19 (E), _bn with batch norm.")],
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="Any --model of featx extract: vgg11 (A) ... vgg19 (E), resnet50, convnext_tiny, ..., timm:NAME."
+        ),
+    ],
     size: Annotated[str, typer.Option(help="Input height x width, e.g. 224x224 or 256x341.")] = "224x224",
-    layer: Annotated[Layer, typer.Option(help="The layer the dense net ends at.")] = Layer.fc7,
+    layer: Annotated[str, typer.Option(help="The tap the dense net ends at (default: the net's default).")] = "default",
     quiet: QuietOption = False,
 ) -> None:
     """The dense net's layer table at one input size: output shapes, parameters, FLOPs (no weights loaded)."""
@@ -250,5 +257,9 @@ def model(
             raise ValueError
     except ValueError:
         fail(f"--size {size!r} is not HxW; give e.g. --size 224x224")
-    for line in call(get_backbone(name.value).summary_lines, height, width, layer.value):
+    backbone = call(get_backbone, name)
+    for line in call(backbone.summary_lines, height, width, layer):
         typer.echo(line)
+    tap = call(backbone.tap, layer)
+    taps = ", ".join(t + (" (default)" if t == backbone.default_tap else "") for t in backbone.tap_names)
+    typer.echo(f"taps (--layer): {taps}; {tap.name}: {tap.channels} channels per scale, stride {tap.stride}")

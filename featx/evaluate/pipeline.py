@@ -16,7 +16,8 @@ from pathlib import Path
 from featx.errors import BadInput, MissingData
 from featx.evaluate.datasets import DATASETS
 from featx.evaluate.protocol import PIPELINE_FIELDS, Head, Protocol
-from featx.extract.config import MODELS, ExtractConfig
+from featx.extract.config import ExtractConfig
+from featx.net.backbones import get_backbone
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,14 @@ class Features:
 
     models: tuple[str, ...] = ("vgg16",)
     weights: str = "default"
-    layer: str = "fc7"
+    layer: str = "default"  # each net's default tap: fc7 for VGG (the paper's), pre_logits for the others
     scales: tuple[int, ...] = (256, 384, 512)
     flip: bool = True
     aggregate: str = "stack"
+
+    def tap(self, model: str) -> str:
+        """The layer `model` is described at: its default tap when the pipeline says 'default'."""
+        return get_backbone(model).layer(self.layer)
 
     def config(self, model: str, base: ExtractConfig | None = None) -> ExtractConfig:
         """The extraction settings for one net: these descriptor settings over `base`'s others
@@ -93,8 +98,10 @@ class Pipeline:
         if not f.models:
             raise BadInput(f"no model given{where}; name at least one, e.g. --model vgg16")
         for m in f.models:
-            if m not in MODELS:
-                raise BadInput(f"unknown --model {m!r}{where}; choose one of {', '.join(MODELS)}")
+            try:
+                get_backbone(m)
+            except BadInput as e:
+                raise BadInput(f"{e}{where}") from None
         if len(set(f.models)) != len(f.models):
             raise BadInput(f"--model {list(f.models)} repeats a net; give each once")
         f.config(f.models[0])  # the extraction settings check themselves (scales, layer, ...)

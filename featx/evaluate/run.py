@@ -270,9 +270,13 @@ def _index_from_features(spec, path: Path, background: bool) -> DatasetIndex:
 def _setting_mismatches(pipeline: Pipeline, nets: list[_Net]) -> list[str]:
     """Say where given feature files differ from the pipeline's descriptor (they are used as they are)."""
     f = pipeline.features
-    want = {"scales": list(f.scales), "flip": f.flip, "aggregate": f.aggregate, "layer": f.layer}
+    want = {"scales": list(f.scales), "flip": f.flip, "aggregate": f.aggregate}
     notes = []
     for n in nets:
+        try:
+            want["layer"] = f.tap(n.model)
+        except BadInput:  # a file of a net featx does not know: its layer is its own
+            want.pop("layer", None)
         got = n.provenance.get("settings", {})
         diffs = [f"{k}={got.get(k)!r}" for k, v in want.items() if k in got and got[k] != v]
         if diffs:

@@ -1,13 +1,15 @@
 """Which images share a forward pass: mixed sizes, ordered by aspect, capped, few shapes.
 
 Images of one scale Q but different sizes share a batch: each sits top-left in a zero-padded
-canvas and featx.net.plan.Plan keeps the padding out of every image's numbers, so a batch
-is exact whatever it holds (arXiv 1409.1556, Sec. 3.2: the net is applied densely to each
-whole image). Planning only decides speed: images are ordered by aspect ratio within the
-window (a row group, so memory stays flat), a batch closes at `max_images` images or
-`max_pixels` padded pixels, whichever comes first, or when mixing would waste more than
-MAX_MIXING_WASTE of it, and canvases are rounded up to a GRID so only a few distinct batch
-shapes exist (what lets oneDNN's primitive cache be reused).
+canvas and the net keeps the padding out of every image's numbers (VGG's featx.net.plan.Plan,
+other convnets' featx.net.padding), so a batch is exact whatever it holds (arXiv 1409.1556,
+Sec. 3.2: the net is applied densely to each whole image). A net that cannot (a ViT: padding
+would be tokens its attention reads) gets batches of one shape only (SAME_SHAPE). Planning only
+decides speed: images are ordered by aspect ratio within the window (a row group, so memory
+stays flat), a batch closes at `max_images` images or `max_pixels` padded pixels, whichever
+comes first, or when mixing would waste more than MAX_MIXING_WASTE of it, and canvases are
+rounded up to a GRID so only a few distinct batch shapes exist (what lets oneDNN's primitive
+cache be reused).
 
 On CUDA, cuDNN autotunes every new batch shape, and a shape includes the image count: batches
 are bucketed instead (bucket_batches): each image goes to the smallest canvas of a coarse
@@ -30,6 +32,8 @@ GRID = 16
 # of its canvas (beyond each image's own grid rounding): portrait and landscape images stay
 # apart. 0.05: 5-7 images per batch at 4-5% padding on those images; 0.10: 7-12 at 7-10%.
 MAX_MIXING_WASTE = 0.05
+# (grid, max_waste) that batch identical shapes only: no rounding, no mixing.
+SAME_SHAPE = (1, 0.0)
 # Padded pixels per batch (before the flip doubles it) when --batch-pixels is 0 (auto).
 # CPU: the trunk runs in passes of its own size anyway (featx.net.plan.plan.CPU_PASS_PIXELS);
 # a larger batch feeds the head GEMMs more rows. CUDA: ~22 images at 512x512 per batch, with

@@ -18,7 +18,8 @@ from featx.errors import BadInput
 from featx.net.backbones import NAMES, get_backbone
 from featx.net.device import check_precision, resolve_precision
 
-# The backbones and their taps come from featx.net.backbones, precisions from featx.net.device.
+# The backbones and their taps come from featx.net.backbones (and timm:NAME, any timm model),
+# precisions from featx.net.device.
 MODELS = NAMES
 AGGREGATES = ("mean", "stack")
 # The paper's Caltech setting (Appendix B); VOC uses 256..768 with aggregate="mean".
@@ -43,10 +44,14 @@ DESCRIPTOR_FIELDS = (
 class ExtractConfig:
     """What to compute for every image; `descriptor_hash()` identifies the descriptor."""
 
+    # A backbone of featx.net.backbones (vgg16: the paper's Net-D; resnet50, convnext_tiny, ...) or timm:NAME.
     model: str = "vgg16"
-    # "default" (torchvision IMAGENET1K_V1), a torchvision weights name, "random", or a file.
+    # "default" (the weights enum's DEFAULT; VGG: IMAGENET1K_V1; timm: its pretrained tag), a
+    # torchvision weights name, "random", or a state-dict file.
     weights: str = "default"
-    layer: str = "fc7"  # a tap of the model (featx.net.backbones): pool5, fc6, fc7 for VGG
+    # A tap of the model, or "default": its default tap (VGG: fc7, the paper's; others: pre_logits).
+    # Resolved to the tap's name on construction.
+    layer: str = "default"
     scales: tuple[int, ...] = DEFAULT_SCALES
     flip: bool = True
     aggregate: Literal["mean", "stack"] = "mean"
@@ -72,10 +77,12 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(int(q) for q in self.scales))
+        object.__setattr__(self, "layer", get_backbone(self.model).layer(self.layer))
         self.validate()
 
     def validate(self) -> None:
-        tap = get_backbone(self.model).tap(self.layer)
+        # Torch-free for torchvision's nets; a timm model's taps are checked when it is built.
+        tap = get_backbone(self.model).checked_tap(self.layer)
         if self.aggregate not in AGGREGATES:
             raise BadInput(f"unknown --aggregate {self.aggregate!r}; choose mean or stack")
         check_precision(self.precision)
@@ -83,7 +90,9 @@ class ExtractConfig:
             raise BadInput("--scales is empty; give at least one scale, e.g. --scales 256,384,512")
         if len(set(self.scales)) != len(self.scales):
             raise BadInput(f"--scales {list(self.scales)} repeats a scale; give each Q once")
-        if min(self.scales) < tap.min_scale:
+        if min(self.scales) < 1:
+            raise BadInput(f"--scales {min(self.scales)}: a scale is the smaller side in pixels; give positive Q")
+        if tap is not None and min(self.scales) < tap.min_scale:
             raise BadInput(
                 f"--scales {min(self.scales)} is below {tap.min_scale}: {self.layer} needs a smaller side of "
                 f"at least {tap.min_scale} pixels ({tap.why}); use larger scales"
@@ -107,10 +116,15 @@ class ExtractConfig:
             raise BadInput(f"--bucket {self.bucket} must be 0 (exact) or a positive grid step")
 
     def replace(self, **changes) -> ExtractConfig:
+        """A copy with `changes`; a layer that was its model's default follows a new model to its default."""
+        model = changes.get("model", self.model)
+        if model != self.model and "layer" not in changes and self.layer == get_backbone(self.model).default_tap:
+            changes["layer"] = "default"
         return dataclasses.replace(self, **changes)
 
     @property
     def dim(self) -> int:
+        """The descriptor's dimension (a timm model's: from the model, which imports timm)."""
         per_scale = get_backbone(self.model).tap(self.layer).channels
         return per_scale * (len(self.scales) if self.aggregate == "stack" else 1)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from featx.errors import BadInput
 from featx.extract.config import ExtractConfig
 from featx.extract.provenance import forget_file_hashes, weights_identity
 from featx.net.backbones import DenseNet, get_backbone
@@ -116,10 +117,12 @@ class DenseDescriber:
     n+1 overlaps the compute of batch n), normalised on the device in fp32, the padding set
     to zero after normalising, flipped per image (each flip anchored top-left too), then run
     channels-last in the model's precision through the net's forward_pooled, lowered to its
-    fast form (VGG: a featx.net.plan.Plan), which keeps the padding out of every image's
-    numbers. On a CPU with oneDNN the Plan packs every weight once and fuses ReLU
-    (`prepack=False` runs the plain F.conv2d/F.linear kernels CUDA uses); `lower=False` runs
-    the net's own forward_pooled (the reference the lowering is tested against).
+    fast form (VGG: a featx.net.plan.Plan; other convnets: their own forward with
+    featx.net.padding's hooks), which keeps the padding out of every image's numbers; a net
+    that cannot (a ViT) is given same-shape batches only (`mixes_sizes`). On a CPU with oneDNN
+    the Plan packs every weight once and fuses ReLU (`prepack=False` runs the plain
+    F.conv2d/F.linear kernels CUDA uses); `lower=False` runs the net's own forward_pooled (the
+    reference the lowering is tested against).
 
     A batch may hold spare slots (empty images that round its count up to a bucket, so cuDNN
     sees few shapes: featx.extract.batching); they run and are dropped. On CUDA the batch is
@@ -158,6 +161,8 @@ class DenseDescriber:
             self.net = net.eval().to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
             # What runs a batch: (B, 3, H, W) channels-last, valid sizes -> fp32 [B, C].
             self.plan = self.net.lower(device, self.dtype, **options) if lower else self.net.forward_pooled
+        # False for a net that takes same-shape batches only (a ViT): featx.extract.descriptor plans so.
+        self.mixes_sizes = bool(getattr(net, "mixes_sizes", True))
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
         self.cuda = device.type == "cuda"
@@ -310,8 +315,17 @@ def clear_cache() -> None:
 
 
 def build_net(config: ExtractConfig, weights: Weights) -> DenseNet:
-    """The dense net of `config.model` up to `config.layer` with `weights` (on the CPU, fp32)."""
-    return get_backbone(config.model).build(weights, config.layer)
+    """The dense net of `config.model` up to `config.layer` with `weights` (on the CPU, fp32).
+
+    A timm model's least scale is known only now: smaller scales are refused here, in one line.
+    """
+    backbone = get_backbone(config.model)
+    tap = backbone.tap(config.layer)
+    if min(config.scales) < tap.min_scale:
+        raise BadInput(
+            f"--scales {min(config.scales)} is below {tap.min_scale} for {config.model}: {tap.why}; use larger scales"
+        )
+    return backbone.build(weights, config.layer)
 
 
 def make_describer(

@@ -21,6 +21,7 @@ from featx.errors import DeviceFailed
 from featx.extract.batching import (
     GRID,
     MAX_MIXING_WASTE,
+    SAME_SHAPE,
     Batch,
     BatchStats,
     bucket_batches,
@@ -58,13 +59,19 @@ def pooled_per_scale(
     (down to one image). With a `failed` dict, a batch failing otherwise is retried image by
     image and each failing image's exception recorded there (its rows stay zero); without one,
     the exception propagates. A device that stops working raises DeviceFailed, whatever
-    `failed`. `grid=1, max_waste=0` batches only images of identical shape (for comparison).
+    `failed`. `grid=1, max_waste=0` batches only images of identical shape (for comparison),
+    as every net that cannot keep padding out of an image (a ViT's token grid) is batched,
+    never in buckets.
     """
     describers = [describer] if isinstance(describer, DenseDescriber) else list(describer)
+    mixes_sizes = describers[0].mixes_sizes
+    if not mixes_sizes:
+        grid, max_waste = SAME_SHAPE
     n = len(images)
     out = {q: torch.zeros(n, describers[0].channels) for q in scales}
     max_pixels = batch_pixels or default_batch_pixels(describers[0].device.type)
-    bucketed = describers[0].cuda if buckets is None else buckets
+    # Buckets pad images to shared canvases: only for a net that keeps the padding out.
+    bucketed = mixes_sizes and (describers[0].cuda if buckets is None else buckets)
     work: list[tuple[int, Batch]] = []
     for q in scales:
         sizes = [tuple(images[i][q].shape[1:]) for i in range(n)]

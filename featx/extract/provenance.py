@@ -18,9 +18,9 @@ from featx import __version__
 from featx.errors import BadInput, MissingData, SettingsMismatch, option
 from featx.extract.config import ExtractConfig, descriptor_settings, settings_hash
 from featx.extract.decode import RESIZE
+from featx.net.backbones import get_backbone
 from featx.net.device import torch_dtype
-from featx.net.plan import conv_kernels
-from featx.net.weights import identify, normalization
+from featx.net.weights import identify, normalization, preprocessing
 
 # Weights files are identified by their sha256; hashing 0.5 GB per call would cost more than
 # the call, so the hash is remembered while the file's size and mtime stay the same: for the
@@ -75,6 +75,13 @@ def provenance(
     settings = descriptor_settings(config, weights_id, _preprocess(mean, std))
     if regions is not None:
         settings["regions"] = regions
+    backbone = get_backbone(config.model)
+    mixed = backbone.mixes_sizes()
+    libraries = {"torch": torch.__version__, "torchvision": torchvision.__version__}
+    if backbone.family == "timm":
+        import timm
+
+        libraries["timm"] = timm.__version__
     return {
         "featx_version": __version__,
         "settings": settings,
@@ -90,19 +97,44 @@ def provenance(
         "dim": config.dim,
         "normalize": _normalize_record(mean, std),
         "resize": RESIZE,
-        "descriptor": (
-            f"{config.layer} map averaged over positions"
-            + (", averaged with the flipped image" if config.flip else "")
-            + f", {config.aggregate} over Q={list(config.scales)}, L2-normalised"
-        ),
+        # How the weights' publisher resized and cropped (featx resizes by its own rule, above).
+        "weights_preprocessing": preprocessing(config.model, config.weights),
+        "descriptor": describe(config),
         "device": str(device),
-        "conv_kernels": conv_kernels(torch.device(str(device).split(",")[0]), torch_dtype(settings["precision"])),
+        "conv_kernels": backbone.kernels(torch.device(str(device).split(",")[0]), torch_dtype(settings["precision"])),
+        "batching": (
+            "mixed sizes share padded batches, exactly (the padding is kept out of every image)"
+            if mixed
+            else "same-shape images only (this net cannot keep a padded batch's padding out of an image)"
+        ),
         "batch_size": config.batch_size,
         "batch_pixels": config.batch_pixels,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        **libraries,
         "python": platform.python_version(),
     }
+
+
+def describe(config: ExtractConfig) -> str:
+    """The descriptor `config` defines, in words (the paper's protocol, arXiv 1409.1556, Appendix B)."""
+    backbone = get_backbone(config.model)
+    if backbone.family == "timm" and backbone.module().is_vit(config.model):
+        what = (
+            ("class token" if config.layer == "cls" else "patch tokens averaged")
+            + " after the final norm, position embeddings interpolated to each scale's grid, sides centre-cropped "
+            "to multiples of the patch"
+        )
+    elif backbone.family == "vgg" or config.layer != "pre_logits":
+        what = f"{config.layer} map averaged over positions"
+    else:
+        what = (
+            "pre_logits: the last map averaged over positions (the global pool), then what the model runs "
+            "before its last Linear"
+        )
+    return (
+        what
+        + (", averaged with the flipped image" if config.flip else "")
+        + f", {config.aggregate} over Q={list(config.scales)}, L2-normalised"
+    )
 
 
 def config_from_provenance(
@@ -127,6 +159,8 @@ def config_from_provenance(
             weights = "random"
         elif kind == "torchvision":
             weights = identity["name"]
+        elif kind == "timm":  # the model's name carries the tag that names them
+            weights = "default"
         elif kind == "file":
             raise MissingData(
                 f"the features were made with the weights file {identity.get('file')} "

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 def out_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1, ceil: bool = False) -> int:
     """Output length of a conv or pool along one axis (torch's formula, floor or ceil mode)."""
     span = size + 2 * padding - dilation * (kernel - 1) - 1
-    return (-(-span // stride) if ceil else span // stride) + 1
+    out = (-(-span // stride) if ceil else span // stride) + 1
+    if ceil and (out - 1) * stride >= size + padding:  # torch: the last window must start inside
+        out -= 1
+    return out
 
 
 def _pair(v) -> tuple[int, int]:
@@ -26,8 +29,8 @@ def _pair(v) -> tuple[int, int]:
 
 
 def layer_out_size(m: nn.Module, height: int, width: int) -> tuple[int, int] | None:
-    """(h, w) out of a Conv2d or MaxPool2d for an h x w input; None for a layer that keeps the
-    size and keeps zeros at zero (ReLU, Identity, ...). BatchNorm keeps the size but not the zeros:
+    """(h, w) out of a Conv2d, MaxPool2d or AvgPool2d for an h x w input; None for a layer that keeps
+    the size and keeps zeros at zero (ReLU, Identity, ...). BatchNorm keeps the size but not the zeros:
     see `spoils_padding`."""
     from torch import nn
 
@@ -35,12 +38,12 @@ def layer_out_size(m: nn.Module, height: int, width: int) -> tuple[int, int] | N
         if isinstance(m.padding, str):
             raise ValueError(f"string padding {m.padding!r}: featx needs the conv's padding in pixels")
         ceil = False
-    elif isinstance(m, nn.MaxPool2d):
+    elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
         ceil = m.ceil_mode
     else:
         return None
     (kh, kw), (sh, sw) = _pair(m.kernel_size), _pair(m.stride or m.kernel_size)
-    (ph, pw), (dh, dw) = _pair(m.padding), _pair(m.dilation)
+    (ph, pw), (dh, dw) = _pair(m.padding), _pair(getattr(m, "dilation", 1))
     return out_size(height, kh, sh, ph, dh, ceil), out_size(width, kw, sw, pw, dw, ceil)
 
 

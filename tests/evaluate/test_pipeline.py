@@ -61,8 +61,8 @@ def test_overrides_replace_single_fields():
 
 def test_bad_overrides_are_refused():
     p = builtin_pipeline("voc2007")
-    with pytest.raises(ValueError, match="unknown --model 'resnet50'"):
-        p.override(models=["resnet50"])
+    with pytest.raises(ValueError, match="unknown --model 'resnet5'"):
+        p.override(models=["resnet5"])
     with pytest.raises(ValueError, match="--splits 0"):
         p.override(splits=0)
     with pytest.raises(ValueError, match="--scales 100 is below 224"):

@@ -8,16 +8,14 @@ featx.net.plan's Plan.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torchvision
 from torch import nn
 
 from featx.errors import BadInput, option
-from featx.net.backbones import VGG_NAMES, VGG_TAPS
+from featx.net.backbones import VGG_NAMES, VGG_TAPS, LayerRow
 from featx.net.shapes import layer_out_size, spoils_padding, zero_outside
-from featx.net.weights import Weights
+from featx.net.weights import Weights, instantiate
 
 LAYERS = tuple(t.name for t in VGG_TAPS)  # pool5, fc6, fc7: in order from the input
 
@@ -31,6 +29,8 @@ class DenseVGG(nn.Module):
     `forward_pooled` is what the describer calls (featx.net.backbones.DenseNet); `lower` makes
     it fast (featx.net.plan.Plan).
     """
+
+    mixes_sizes = True  # images of different sizes share a padded batch exactly
 
     def __init__(self, trunk: nn.Sequential, head: nn.Sequential):
         super().__init__()
@@ -140,17 +140,6 @@ def _through(modules: nn.Sequential, height: int, width: int) -> tuple[int, int]
     for m in modules:
         height, width = layer_out_size(m, height, width) or (height, width)
     return height, width
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    """One line of the architecture summary: a layer, its output shape, parameters and FLOPs."""
-
-    name: str
-    kind: str
-    shape: tuple[int, int, int]  # C, H, W of the output
-    params: int
-    flops: int
 
 
 def layer_table(net: DenseVGG, height: int, width: int) -> list[LayerRow]:
@@ -276,21 +265,12 @@ def dense_from_torchvision(vgg: torchvision.models.VGG, layer: str = "fc7") -> D
 
 def torchvision_model(model: str, weights: Weights) -> torchvision.models.VGG:
     """torchvision's own VGG with the given weights (a seeded random init for 'random')."""
-    if weights.state_dict is None:
-        # Seeded without disturbing the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(weights.identity["seed"])
-            return torchvision.models.get_model(model, weights=None).eval()
-    with torch.device("meta"):  # no random init of 138M parameters that the state dict replaces
-        vgg = torchvision.models.get_model(model, weights=None)
-    try:
-        vgg.load_state_dict(weights.state_dict, assign=True)
-    except RuntimeError:
-        raise BadInput(
-            f"--weights {weights.identity.get('file', weights.identity)} does not fit {model}: "
-            + _misfit(weights.state_dict, model, vgg.state_dict())
-        ) from None
-    return vgg.eval()
+    return instantiate(
+        lambda: torchvision.models.get_model(model, weights=None),
+        weights,
+        model,
+        misfit=lambda g, e: _misfit(g, model, e),
+    )
 
 
 def _shape_of(state: dict) -> tuple[int, bool]:
@@ -331,3 +311,15 @@ def _meta_state(model: str) -> dict:
 def build(model: str, weights: Weights, layer: str = "fc7") -> DenseVGG:
     """The dense `model` up to `layer` with `weights`, in eval mode on the CPU."""
     return dense_from_torchvision(torchvision_model(model, weights), layer)
+
+
+def kernels(device: torch.device, dtype: torch.dtype) -> str:
+    """How the Plan runs VGG on `device` in `dtype`, in words (provenance)."""
+    from featx.net.plan import conv_kernels
+
+    return conv_kernels(device, dtype)
+
+
+def mixes_sizes(model: str) -> bool:
+    """VGG keeps a padded batch's padding out of every image (DenseVGG.forward_features, the Plan)."""
+    return True
