@@ -41,7 +41,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from featx.errors import BadInput
 from featx.evaluate.rows import MatrixRows, is_rows
@@ -129,8 +129,11 @@ class LinearHead(ClassifierMixin, BaseEstimator):
         (single-label) or int8 {1, -1, 0} per row and class (multi-label)."""
         if y.ndim == 2:
             bad = np.setdiff1d(np.unique(y), (1, -1, 0))
-            if bad.size:
+            if bad.size and y.shape[1] == 1:
+                y = column_or_1d(y, warn=True)  # labels as a column, as scikit-learn takes them
+            elif bad.size:
                 raise BadInput(f"multi-label targets must be 1, -1 or 0 (ignored), got {bad.tolist()}")
+        if y.ndim == 2:
             Y = y.astype(np.int8)
             positive, negative = (Y > 0).any(axis=0), (Y < 0).any(axis=0)
             self.multi_label_ = True
