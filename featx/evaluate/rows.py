@@ -16,8 +16,8 @@ import numpy as np
 
 from featx.store.read import feature_batches, read_features_into
 
-# Rows per piece: this many bytes of float32 rows (4,096 rows of 4,096 dims).
-PIECE_BYTES = 64 << 20
+# Rows per piece: this many bytes of float32 rows (2,048 rows of 4,096 dims).
+PIECE_BYTES = 32 << 20
 
 
 def piece_rows(dim: int) -> int:
