@@ -112,6 +112,7 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     chosen C's; `grid_params` are set for the held-out fits only (e.g. a looser tol). Without it
     each C is fit on its own, in `n_jobs` processes. X may be rows of featx.evaluate.rows (a
     matrix's rows or a feature file, never copied whole) for an estimator that reads them.
+    `walked_` keeps the held-out fits of a warm walk, by C.
     """
 
     def __init__(
@@ -153,10 +154,11 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         fit, val = holdout_split(y_arr, self.holdout, self.random_state, stratify=y_arr.ndim == 1)
         self.scores_ = {}
         self.convergence_warnings_ = 0
-        start = None
+        start = self.walked_ = None
         if len(Cs) > 1:
             if self.warm_start:
                 runs, start = self._walk(base, Cs, take_rows(X, fit), y_arr[fit], take_rows(X, val), y_arr[val])
+                self.walked_ = start
             else:
                 # Each C is fit and scored on its own (in processes with n_jobs: liblinear's random
                 # state is global, so threads would make the result depend on timing).
@@ -176,7 +178,8 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         refit = clone(base).set_params(C=self.C_)
         if start is not None:
             # From the held-out fit of the chosen C, with the refit's own parameters.
-            refit = start[self.C_].set_params(**{k: base.get_params()[k] for k in self.grid_params or {}})
+            own = {k: base.get_params()[k] for k in self.grid_params or {}}
+            refit = copy.deepcopy(start[self.C_]).set_params(**own)
         self.estimator_, n_warned = _fit(refit, X, y_arr)
         self.convergence_warnings_ += n_warned
         return self

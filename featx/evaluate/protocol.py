@@ -222,7 +222,8 @@ def _fit_scalable(X, y: np.ndarray, split: Split, protocol: Protocol, head: Head
 
 
 def _torch_facts(est: HeldOutC) -> dict:
-    """What the report says of a torch fit: where it ran, and the refit's iterations and passes."""
+    """What the report says of a torch fit: where it ran, the refit's iterations and passes over
+    its rows, and the passes of the held-out fits that chose C."""
     import torch
 
     head = est.estimator_
@@ -231,6 +232,7 @@ def _torch_facts(est: HeldOutC) -> dict:
         "threads": torch.get_num_threads() if head.device_ == "cpu" else None,
         "iterations": head.n_iter_,
         "passes": head.n_passes_,
+        "holdout_passes": sum(fitted.n_passes_ for fitted in (est.walked_ or {}).values()),
         "tol": head.tol,
         "holdout_tol": GRID_TOL,
     }

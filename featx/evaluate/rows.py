@@ -9,6 +9,8 @@ out to choose C) costs no copy, and a file larger than memory is read from disk 
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,7 +98,11 @@ class StoredRows:
         return StoredRows(self.path, positions, self._dim)
 
     def pieces(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(positions, float32 rows) in the file's order, a batch of row groups at a time."""
+        """(positions, float32 rows) in the file's order, a batch of row groups at a time, the
+        next one read on a thread while this one is used (reading overlaps computing)."""
+        return read_ahead(self._read())
+
+    def _read(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start, block in feature_batches(self.path, piece_rows(self._dim)):
             where = self.positions[start : start + len(block)]
             keep = where >= 0
@@ -106,6 +112,55 @@ class StoredRows:
     def matrix(self) -> np.ndarray:
         """The rows in memory (float32 [n, D]), filled row group by row group."""
         return read_features_into(self.path, np.empty((self.n, self._dim), np.float32), self.positions)
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_DONE = object()
+
+
+def read_ahead(items: Iterator) -> Iterator:
+    """`items` in order, each made on a thread while the one before is used: at most three
+    alive (the one used, the one waiting, the one being made). Stops the thread when the
+    consumer stops early; an error in making an item is raised where that item would be."""
+    waiting: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                waiting.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def make() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as error:  # raised again in the consumer's thread
+            put(_Failed(error))
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=make, name="featx-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = waiting.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def is_rows(X) -> bool:

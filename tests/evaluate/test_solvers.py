@@ -60,6 +60,7 @@ def test_each_split_records_its_solver_and_auto_switches_by_size(monkeypatch):
     assert scalable.fit["head_solver"] == "scalable"
     facts = scalable.fit["solver"]
     assert facts["device"] == "cpu" and facts["threads"] >= 1 and facts["passes"] >= facts["iterations"] >= 1
+    assert facts["holdout_passes"] >= len(head.C)  # the walk: at least a pass per C
     assert (facts["tol"], facts["holdout_tol"]) == (REFIT_TOL, GRID_TOL)
     # Both fit the same objective: the same C, and (nearly) the same answers.
     assert scalable.fit["C"] == exact.fit["C"]
