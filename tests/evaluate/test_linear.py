@@ -161,6 +161,27 @@ def test_a_streamed_fit_follows_the_in_memory_fit(tmp_path, monkeypatch, loss):
     np.testing.assert_array_equal(stored.take(test).matrix(), X[order][test])
 
 
+def test_rows_kept_on_the_device_give_the_fit_read_piece_by_piece(monkeypatch):
+    """On a GPU the rows are copied there once when they fit; the same fit (tried here on the
+    CPU, the device's free memory stubbed), its rows read once in all."""
+    monkeypatch.setattr(rows_module, "piece_rows", lambda dim: 64)
+    X, y = blobs(n=400, seed=7)
+    reads = []
+
+    class Counted(MatrixRows):
+        def pieces(self):
+            reads.append(1)
+            return super().pieces()
+
+    piecewise = LinearHead("logreg", 1.0, tol=1e-6).fit(Counted(X), y)
+    assert len(reads) == piecewise.n_passes_
+    monkeypatch.setattr("featx.evaluate.linear._free_memory", lambda device: 1 << 40)
+    reads.clear()
+    resident = LinearHead("logreg", 1.0, tol=1e-6).fit(Counted(X), y)
+    assert len(reads) == 1 < resident.n_passes_
+    np.testing.assert_array_equal(resident.coef_, piecewise.coef_)
+
+
 class CountingRows:
     """`n` rows made a piece at a time on demand, counting the pieces alive at once."""
 
