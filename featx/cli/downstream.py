@@ -28,7 +28,7 @@ from featx.cli.common import (
     fail,
     parse_scales,
 )
-from featx.evaluate.solvers import SOLVERS
+from featx.evaluate.solvers import EXACT_MAX_ROWS, MEMORY_SHARE, SOLVERS
 from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES
 
 Solver = Enum("Solver", {s: s for s in SOLVERS}, type=str)
@@ -60,7 +60,8 @@ def probe(
             help=(
                 "exact: liblinear (the paper's); scalable: torch on every core or the GPU, same objective; streamed: "
                 "scalable reading the features from their file for every pass (memory flat in the rows); auto: exact "
-                "up to 20,000 training images, scalable above, streamed when they exceed half the memory."
+                f"up to {EXACT_MAX_ROWS:,} training images, scalable above, streamed when the features exceed "
+                f"{MEMORY_SHARE:.0%} of the memory."
             )
         ),
     ] = Solver.auto,

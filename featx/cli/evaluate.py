@@ -24,7 +24,7 @@ from featx.cli.common import (
     parse_scales,
 )
 from featx.evaluate.datasets import DATASETS
-from featx.evaluate.solvers import SOLVERS
+from featx.evaluate.solvers import EXACT_MAX_ROWS, SOLVERS
 
 Dataset = Enum("Dataset", {d: d for d in DATASETS}, type=str)
 # featx evaluate holds its features in memory: every solver but the probe's streamed one.
@@ -70,7 +70,7 @@ def evaluate(
         typer.Option(
             help=(
                 "exact: liblinear (the paper's); scalable: torch on every core or the GPU, same objective; "
-                "auto: exact up to 20,000 training images (every paper protocol), scalable above."
+                f"auto: exact up to {EXACT_MAX_ROWS:,} training images (every paper protocol), scalable above."
             )
         ),
     ] = None,

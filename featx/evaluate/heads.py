@@ -187,6 +187,11 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     def _walk(self, base, Cs, X_fit, y_fit, X_val, y_val):
         """The grid from the smallest C up, each fit from the last one's solution: per C its
         (held-out score, convergence warnings), and its fitted estimator (a start for the refit)."""
+        if "warm_start" not in base.get_params():
+            raise BadInput(
+                f"HeldOutC(warm_start=True) walks the grid by warm starts; {type(base).__name__} has no warm_start "
+                "parameter: use featx.evaluate.linear.LinearHead, or warm_start=False"
+            )
         est = clone(base).set_params(warm_start=True, **(self.grid_params or {}))
         runs, fitted = [], {}
         for C in Cs:

@@ -8,6 +8,7 @@ import weakref
 
 import numpy as np
 import pytest
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
@@ -227,6 +228,14 @@ def test_memory_of_a_streamed_fit_does_not_grow_with_the_rows(monkeypatch, loss)
         assert source.alive == 0
         assert all(v.size <= 16 * 4 for v in vars(head).values() if isinstance(v, np.ndarray))
     assert seen[400] == seen[1600] <= 2
+
+
+def test_a_fit_cut_short_says_so():
+    X, y = blobs(n=300, k=4, seed=8)
+    with pytest.warns(ConvergenceWarning, match="stopped after [23] iterations before reaching tol 1e-08"):
+        head = LinearHead("svm", 100.0, tol=1e-8, max_iter=3).fit(X, y)
+    assert not head.converged_ and head.n_iter_ <= 3
+    assert LinearHead("svm", 0.1).fit(X, y).converged_
 
 
 @parametrize_with_checks([LinearHead(), LinearHead("logreg")])
