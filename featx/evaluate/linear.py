@@ -197,7 +197,6 @@ class _Objective:
     def __init__(self, head: LinearHead, rows, targets: np.ndarray, device: torch.device):
         self.head, self.rows, self.targets, self.device = head, rows, targets, device
         self.multinomial = head.loss == "logreg" and not head.multi_label_ and head.outputs_ > 1
-        self.norm = float(head.C) * max(len(rows), 1)
         self.resident = _resident(rows, device)
         self.passes = self.n_iter = 0
         self.converged = True
