@@ -28,7 +28,10 @@ from featx.cli.common import (
     fail,
     parse_scales,
 )
+from featx.evaluate.solvers import EXACT_MAX_ROWS, MEMORY_SHARE, SOLVERS
 from featx.extract.config import DEFAULT_MAX_PIXELS, DEFAULT_SCALES, ExtractConfig
+
+Solver = Enum("Solver", {s: s for s in SOLVERS}, type=str)
 
 
 @app.command()
@@ -51,6 +54,17 @@ def probe(
         HeadName,
         typer.Option(help="Classifier: svm (linear SVM, the paper's) or logreg; C chosen on held-out training images."),
     ] = HeadName.svm,
+    solver: Annotated[
+        Solver,
+        typer.Option(
+            help=(
+                "exact: liblinear (the paper's); scalable: torch on every core or the GPU, same objective; streamed: "
+                "scalable reading the features from their file for every pass (memory flat in the rows); auto: exact "
+                f"up to {EXACT_MAX_ROWS:,} training images, scalable above, streamed when the features exceed "
+                f"{MEMORY_SHARE:.0%} of the memory."
+            )
+        ),
+    ] = Solver.auto,
     seed: Annotated[int, typer.Option(help="Seed of the first split (split i uses seed + i).")] = 0,
     drop_small_classes: Annotated[
         bool, typer.Option(help="Probe without the classes that have too few images (default: refuse, naming them).")
@@ -87,7 +101,12 @@ def probe(
         int, typer.Option(help="0 = exact resize; N = snap the longer side to a multiple of N (changes numbers).")
     ] = 0,
     weights_seed: WeightsSeedOption = 0,
-    jobs: Annotated[int | None, typer.Option(help="Processes fitting the C grid in parallel (same results).")] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes fitting liblinear's C grid in parallel (same results; the torch head uses every core)."
+        ),
+    ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """How well do the features transfer to your labelled images? The paper's protocol on your folder."""
@@ -131,7 +150,7 @@ def probe(
         source,
         config,
         protocol,
-        head=Head(head.value),
+        head=Head(head.value, solver=solver.value),
         labels=labels,
         cache_dir=cache_dir,
         jobs=jobs,

@@ -25,9 +25,12 @@ from featx.cli.common import (
     parse_scales,
 )
 from featx.evaluate.datasets import DATASETS
+from featx.evaluate.solvers import EXACT_MAX_ROWS, SOLVERS
 from featx.extract.config import ExtractConfig
 
 Dataset = Enum("Dataset", {d: d for d in DATASETS}, type=str)
+# featx evaluate holds its features in memory: every solver but the probe's streamed one.
+Solver = Enum("Solver", {s: s for s in SOLVERS if s != "streamed"}, type=str)
 
 
 @app.command()
@@ -66,6 +69,15 @@ def evaluate(
     ] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Override flip averaging.")] = None,
     head: Annotated[HeadName | None, typer.Option(help="Classifier: svm (linear SVM, the paper's) or logreg.")] = None,
+    solver: Annotated[
+        Solver | None,
+        typer.Option(
+            help=(
+                "exact: liblinear (the paper's); scalable: torch on every core or the GPU, same objective; "
+                f"auto: exact up to {EXACT_MAX_ROWS:,} training images (every paper protocol), scalable above."
+            )
+        ),
+    ] = None,
     splits: Annotated[int | None, typer.Option(help="Override the number of seeded splits.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the first split (split i uses seed + i).")] = None,
     weights_seed: WeightsSeedOption = 0,
@@ -101,7 +113,11 @@ def evaluate(
     batch_size: BatchSizeOption = ExtractConfig.batch_size,
     workers: Annotated[int, typer.Option(help="Decode threads.")] = 2,
     jobs: Annotated[
-        int | None, typer.Option(help="Processes fitting the C grid in parallel (same results; -1: all cores).")
+        int | None,
+        typer.Option(
+            help="Processes fitting liblinear's C grid in parallel (same results; -1: all cores; the torch head "
+            "uses every core itself)."
+        ),
     ] = None,
     quiet: QuietOption = False,
     results: Annotated[
@@ -143,6 +159,7 @@ def evaluate(
         aggregate=aggregate.value if aggregate else None,
         flip=flip,
         head=head.value if head else None,
+        solver=solver.value if solver else None,
         splits=splits,
         seed=seed,
         background=False if no_background else None,

@@ -2,7 +2,10 @@
 described through the feature cache) with their labels (class folders, or a labels file).
 
 Problems do not stop the probe: failed images and empty class folders are collected as rows of
-the errors table, and anything left out is said in a note.
+the errors table, and anything left out is said in a note. Paths and labels are read first; the
+features of the rows kept are then read once, row group by row group, into one preallocated
+matrix (never the Parquet table and a NumPy copy at once), or left in the file to be streamed
+(featx.evaluate.rows.StoredRows) when the matrix would not fit in memory.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import pyarrow.parquet as pq
 from featx import store
 from featx.errors import BadInput, MissingData, option
 from featx.evaluate.cache import cached_features
+from featx.evaluate.rows import StoredRows
+from featx.evaluate.solvers import keep_on_disk
 from featx.extract.config import ExtractConfig
 from featx.extract.discover import discover
-from featx.store.read import is_feature_source
+from featx.store.read import is_feature_source, read_features_into
 
 
 @dataclass
@@ -31,7 +36,7 @@ class Labelled:
     """Features with their labels: single-label (y: class index) or multi-label (Y: ±1)."""
 
     paths: np.ndarray
-    X: np.ndarray
+    X: np.ndarray | StoredRows  # float32 [n, D], or the rows left in the feature file (streamed)
     classes: tuple[str, ...]
     y: np.ndarray  # [n] class index, or [n, C] in {1, -1} when multi_label
     multi_label: bool
@@ -43,11 +48,12 @@ class Labelled:
 
 @dataclass
 class _Rows:
-    """The rows of a feature source, sorted by path, before labels are applied."""
+    """The rows of a feature source, sorted by path, before labels are applied: their paths,
+    folder labels and row numbers in the file (features are read once labels have chosen rows)."""
 
     file: Path
     paths: np.ndarray
-    X: np.ndarray
+    stored: np.ndarray
     folder_labels: list[str | None]
     errors: list[dict]
     notes: list[str]
@@ -61,11 +67,13 @@ def load_labelled(
     cache_dir: str | Path | None = None,
     progress: bool = False,
     log=None,
+    solver: str = "auto",
 ) -> Labelled:
     """Features and labels of `source` (image folder or feature file/folder), problems collected.
 
     An image folder is described with `config` (default: ExtractConfig()) through the cached,
-    resumable extraction of `featx evaluate`; a feature source is used as it is.
+    resumable extraction of `featx evaluate`; a feature source is used as it is. The features
+    stay in their file (streamed) where `solver` says so (featx.evaluate.solvers.keep_on_disk).
     """
     source = Path(source).expanduser()
     if not source.exists():
@@ -74,11 +82,12 @@ def load_labelled(
         check_class_folders(source)  # before minutes of extraction
     rows = _rows(source, config, cache_dir=cache_dir, progress=progress, log=log)
     if labels is not None:
-        paths, X, row_labels, multi = _from_labels_file(rows, labels, source)
+        paths, stored, row_labels, multi = _from_labels_file(rows, labels, source)
     else:
-        paths, X, row_labels, multi = _from_class_folders(rows)
+        paths, stored, row_labels, multi = _from_class_folders(rows)
     classes, y = _encode(row_labels, multi)
     prov = store.read_provenance(rows.file)
+    X = features(rows.file, stored, paths, solver)
     return Labelled(paths, X, classes, y, multi, prov, str(rows.file), rows.errors, rows.notes)
 
 
@@ -98,6 +107,26 @@ def check_class_folders(folder: Path) -> None:
         + "; a probe needs 2 or more classes: put each class's images in a subfolder of its own "
         f"(e.g. {folder / 'CLASS'}), or label them with {option('labels', 'FILE')}"
     )
+
+
+def features(file: Path, stored: np.ndarray, paths: np.ndarray, solver: str = "auto") -> np.ndarray | StoredRows:
+    """The feature rows `stored` (row numbers in the file; `paths` theirs), in that order: one
+    float32 matrix filled row group by row group (rows of NaN or infinity refused), or the rows
+    left in the file for `solver` to stream."""
+    files = store.feature_files(file) if file.is_dir() else [file]
+    positions = -np.ones(sum(pq.ParquetFile(f).metadata.num_rows for f in files), np.int64)
+    positions[stored] = np.arange(len(stored))
+    dim = pq.read_schema(files[0]).field("feature").type.list_size
+    if keep_on_disk(solver, len(stored), dim):
+        return StoredRows(file, positions, dim)
+    X = read_features_into(file, np.empty((len(stored), dim), np.float32), positions)
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        raise BadInput(
+            f"{file}: {int(bad.sum())} rows hold NaN or infinity (first: {paths[bad][0]}); featx extract never "
+            "writes them: extract the features again"
+        )
+    return X
 
 
 def _rows(source: Path, config: ExtractConfig | None, *, cache_dir, progress: bool, log) -> _Rows:
@@ -122,28 +151,23 @@ def _rows(source: Path, config: ExtractConfig | None, *, cache_dir, progress: bo
         file, keep, failed = folder_features(source, config or ExtractConfig(), cache_dir, progress, log)
         errors += failed
         errors += empty_folders(source)
-    table = store.read_table(file, ["path", "label", "feature"])
+    table = store.read_table(file, ["path", "label"])
     paths = np.asarray(table.column("path").to_pylist(), dtype=object)
-    X = store.feature_matrix(table.column("feature"))
-    bad = ~np.isfinite(X).all(axis=1)
-    if bad.any():
-        raise BadInput(
-            f"{file}: {int(bad.sum())} rows hold NaN or infinity (first: {paths[bad][0]}); featx extract never "
-            "writes them: extract the features again"
-        )
+    stored = np.arange(len(paths))
     folder_labels = table.column("label").to_pylist()
     if keep is not None:
         # The cache may hold images that have since left the folder: use the folder as it is.
         mask = np.fromiter((p in keep for p in paths), bool, len(paths))
-        paths, X = paths[mask], X[mask]
+        paths, stored = paths[mask], stored[mask]
         folder_labels = [label for label, m in zip(folder_labels, mask) if m]
     order = np.argsort(paths, kind="stable")
-    return _Rows(file, paths[order], X[order], [folder_labels[i] for i in order], errors, notes)
+    return _Rows(file, paths[order], stored[order], [folder_labels[i] for i in order], errors, notes)
 
 
 def _from_labels_file(rows: _Rows, labels: str | Path, source: Path):
-    """(paths, X, labels per row, multi-label?) with the labels of a CSV or Parquet file."""
-    paths, X = rows.paths, rows.X
+    """(paths, row numbers in the file, labels per row, multi-label?) with the labels of a CSV or
+    Parquet file."""
+    paths, stored = rows.paths, rows.stored
     given = read_labels(labels)
     multi = isinstance(next(iter(given.values()), ""), list)
     have = np.fromiter((p in given for p in paths), bool, len(paths))
@@ -157,22 +181,23 @@ def _from_labels_file(rows: _Rows, labels: str | Path, source: Path):
     missing = len(set(given) - set(paths))
     if missing:
         rows.notes.append(f"{missing} paths of {labels} have no features (not found or failed) and are left out")
-    paths, X = paths[have], X[have]
-    return paths, X, [given[p] for p in paths], multi
+    paths, stored = paths[have], stored[have]
+    return paths, stored, [given[p] for p in paths], multi
 
 
 def _from_class_folders(rows: _Rows):
-    """(paths, X, labels per row, False): each image's class folder, loose images left out."""
-    paths, X, row_labels = rows.paths, rows.X, rows.folder_labels
+    """(paths, row numbers in the file, labels per row, False): each image's class folder, loose
+    images left out."""
+    paths, stored, row_labels = rows.paths, rows.stored, rows.folder_labels
     unlabelled = sum(1 for label in row_labels if label is None)
     if unlabelled:
         rows.notes.append(
             f"{unlabelled} images are not in a class folder and are left out (use {option('labels', 'FILE')})"
         )
         have = np.array([label is not None for label in row_labels])
-        paths, X = paths[have], X[have]
+        paths, stored = paths[have], stored[have]
         row_labels = [label for label in row_labels if label is not None]
-    return paths, X, row_labels, False
+    return paths, stored, row_labels, False
 
 
 def class_key(name: str) -> tuple[str, str]:

@@ -32,6 +32,7 @@ from featx.evaluate.protocol import (
     run_protocol,
     top_k,
 )
+from featx.evaluate.rows import StoredRows, piece_rows
 from featx.evaluate.splits import Split
 from featx.extract.config import ExtractConfig
 from featx.store.text import weights_text
@@ -64,13 +65,16 @@ def probe(
     `source` is an image folder (labels: its subfolders, or `labels`) described with `config`
     through the cached, resumable extraction of `featx evaluate`, or a feature file/folder from
     `featx extract`. `protocol` says how to split (its `seed` seeds the splits; the config's,
-    random weights) and `head` which classifier (a Head, or its name). Single settings may be
-    given as keywords instead: the protocol's (splits, test_size, train_per_class, holdout,
-    seed, drop_small_classes), the head's (Cs) and the config's (model, weights, ...;
-    `weights_seed` for the config's seed), e.g. `featx.probe("features.parquet", splits=5)`.
+    random weights) and `head` which classifier and solver (a Head, or its name). Single settings
+    may be given as keywords instead: the protocol's (splits, test_size, train_per_class,
+    holdout, seed, drop_small_classes), the head's (Cs, solver) and the config's (model,
+    weights, ...; `weights_seed` for the config's seed), e.g.
+    `featx.probe("features.parquet", splits=5, solver="scalable")`.
     """
     config, protocol, head = _with_keywords(config, protocol, head, settings)
-    data = load_labelled(source, config, labels=labels, cache_dir=cache_dir, progress=progress, log=log)
+    data = load_labelled(
+        source, config, labels=labels, cache_dir=cache_dir, progress=progress, log=log, solver=head.solver
+    )
     return run_probe(data, protocol, head, jobs=jobs)
 
 
@@ -94,12 +98,14 @@ def _with_keywords(config, protocol, head, keywords: dict) -> tuple[ExtractConfi
             by_kind["protocol"][_PROTOCOL_KEYWORDS[key]] = value
         elif key == "Cs":
             by_kind["head"]["C"] = value
+        elif key == "solver":
+            by_kind["head"]["solver"] = value
         elif key in _CONFIG_KEYWORDS:
             by_kind["config"][_CONFIG_KEYWORDS[key]] = value
         else:
             raise BadInput(
                 f"probe() got an unknown setting {key!r}; protocol settings are {', '.join(_PROTOCOL_KEYWORDS)}, "
-                f"Cs; extraction settings are {', '.join(_CONFIG_KEYWORDS)}"
+                f"Cs, solver; extraction settings are {', '.join(_CONFIG_KEYWORDS)}"
             )
     protocol = dataclasses.replace(protocol or Protocol(), **by_kind["protocol"])
     head = Head(head) if isinstance(head, str) else head or Head()
@@ -176,10 +182,10 @@ def check_classes(data: Labelled, protocol: Protocol) -> Labelled:
             )
         data.notes.append(f"left out {len(small)} classes with fewer than {need} images: {_listed(small)}")
         kept = [i for i, n in enumerate(counts) if n >= need]
-        rows = np.isin(data.y, kept)
+        rows = np.flatnonzero(np.isin(data.y, kept))
         remap = -np.ones(len(data.classes), np.int64)
         remap[kept] = np.arange(len(kept))
-        data.paths, data.X, data.y = data.paths[rows], data.X[rows], remap[data.y[rows]]
+        data.paths, data.X, data.y = data.paths[rows], keep_rows(data.X, rows), remap[data.y[rows]]
         data.classes = tuple(data.classes[i] for i in kept)
     if len(data.classes) < 2:
         raise BadInput(
@@ -260,6 +266,7 @@ def _report(data: Labelled, protocol: Protocol, head: Head, records: list[dict])
             "train_per_class": protocol.n_train,
             "head": head.name,
             "Cs": list(head.C),
+            "solver": head.solver,
             "holdout": protocol.holdout,
             "seed": protocol.seed,
             "drop_small_classes": protocol.drop_small_classes,
@@ -279,6 +286,19 @@ def _report(data: Labelled, protocol: Protocol, head: Head, records: list[dict])
         "notes": data.notes,
         "featx_version": __version__,
     }
+
+
+def keep_rows(X, rows: np.ndarray):
+    """Rows `rows` (increasing) of the features: a matrix compacted in place, a piece at a time
+    (no second copy of it), or stored rows renumbered."""
+    if isinstance(X, StoredRows):
+        return X.take(rows)
+    step = piece_rows(X.shape[1])
+    for start in range(0, len(rows), step):
+        # Each row moves to a lower or equal place, so a piece never overwrites rows still to move.
+        piece = rows[start : start + step]
+        X[start : start + len(piece)] = X[piece]
+    return X[: len(rows)]
 
 
 def _listed(pairs: list[tuple[str, int]], n: int = 8) -> str:

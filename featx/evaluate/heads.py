@@ -8,6 +8,7 @@ estimator contract, so they clone, grid and pickle like any estimator.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -22,6 +23,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 
 from featx.errors import BadInput
 from featx.evaluate.metrics import mean_ap, mean_class_recall, voc07_ap, voc_ap
+from featx.evaluate.rows import is_rows, take_rows
 from featx.evaluate.splits import holdout_split
 
 HEADS = ("svm", "logreg")
@@ -104,6 +106,13 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
     Paper: Appendix B (C is never chosen on test data). `scoring` is the protocol's metric:
     "mean_class_recall" (Caltech), "voc07_ap" / "voc_ap" (mean AP, VOC) or "accuracy".
     Among equally good C the smallest (the most regularised) wins.
+
+    `warm_start`: walk the grid from the smallest C up, each fit starting from the last one's
+    solution (an estimator with a `warm_start` parameter, e.g. LinearHead), and refit from the
+    chosen C's; `grid_params` are set for the held-out fits only (e.g. a looser tol). Without it
+    each C is fit on its own, in `n_jobs` processes. X may be rows of featx.evaluate.rows (a
+    matrix's rows or a feature file, never copied whole) for an estimator that reads them.
+    `walked_` keeps the held-out fits of a warm walk, by C.
     """
 
     def __init__(
@@ -114,6 +123,8 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         scoring: str = "mean_class_recall",
         random_state: int = 0,
         n_jobs: int | None = None,
+        warm_start: bool = False,
+        grid_params: dict | None = None,
     ):
         self.estimator = estimator
         self.Cs = Cs
@@ -121,9 +132,14 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         self.scoring = scoring
         self.random_state = random_state
         self.n_jobs = n_jobs
+        self.warm_start = warm_start
+        self.grid_params = grid_params
 
     def fit(self, X, y):
-        X, y = validate_data(self, X, y, multi_output=True, dtype=np.float32)
+        if is_rows(X):
+            self.n_features_in_ = X.dim
+        else:
+            X, y = validate_data(self, X, y, multi_output=True, dtype=np.float32)
         if self.scoring not in SCORINGS:
             raise BadInput(f"unknown scoring {self.scoring!r}; choose one of {', '.join(SCORINGS)}")
         Cs = sorted(float(c) for c in np.atleast_1d(self.Cs))
@@ -138,12 +154,17 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
         fit, val = holdout_split(y_arr, self.holdout, self.random_state, stratify=y_arr.ndim == 1)
         self.scores_ = {}
         self.convergence_warnings_ = 0
+        start = self.walked_ = None
         if len(Cs) > 1:
-            # Each C is fit and scored on its own (in processes with n_jobs: liblinear's random
-            # state is global, so threads would make the result depend on timing).
-            runs = Parallel(n_jobs=self.n_jobs, prefer="processes")(
-                delayed(_fit_and_score)(base, C, X[fit], y_arr[fit], X[val], y_arr[val], self.scoring) for C in Cs
-            )
+            if self.warm_start:
+                runs, start = self._walk(base, Cs, take_rows(X, fit), y_arr[fit], take_rows(X, val), y_arr[val])
+                self.walked_ = start
+            else:
+                # Each C is fit and scored on its own (in processes with n_jobs: liblinear's random
+                # state is global, so threads would make the result depend on timing).
+                runs = Parallel(n_jobs=self.n_jobs, prefer="processes")(
+                    delayed(_fit_and_score)(base, C, X[fit], y_arr[fit], X[val], y_arr[val], self.scoring) for C in Cs
+                )
             for C, (score, n_warned) in zip(Cs, runs):
                 self.scores_[C] = score
                 self.convergence_warnings_ += n_warned
@@ -154,18 +175,41 @@ class HeldOutC(MetaEstimatorMixin, ClassifierMixin, BaseEstimator):
             self.C_ = Cs[0]
         self.n_fit_, self.n_holdout_ = len(fit), len(val)
         self.solver_ = {k: v for k, v in base.get_params(deep=False).items() if k == "dual"}
-        self.estimator_, n_warned = _fit(clone(base).set_params(C=self.C_), X, y_arr)
+        refit = clone(base).set_params(C=self.C_)
+        if start is not None:
+            # From the held-out fit of the chosen C, with the refit's own parameters.
+            own = {k: base.get_params()[k] for k in self.grid_params or {}}
+            refit = copy.deepcopy(start[self.C_]).set_params(**own)
+        self.estimator_, n_warned = _fit(refit, X, y_arr)
         self.convergence_warnings_ += n_warned
         return self
 
+    def _walk(self, base, Cs, X_fit, y_fit, X_val, y_val):
+        """The grid from the smallest C up, each fit from the last one's solution: per C its
+        (held-out score, convergence warnings), and its fitted estimator (a start for the refit)."""
+        if "warm_start" not in base.get_params():
+            raise BadInput(
+                f"HeldOutC(warm_start=True) walks the grid by warm starts; {type(base).__name__} has no warm_start "
+                "parameter: use featx.evaluate.linear.LinearHead, or warm_start=False"
+            )
+        est = clone(base).set_params(warm_start=True, **(self.grid_params or {}))
+        runs, fitted = [], {}
+        for C in Cs:
+            est, n_warned = _fit(est.set_params(C=C), X_fit, y_fit)
+            runs.append((_score(est, X_val, y_val, self.scoring), n_warned))
+            fitted[C] = copy.deepcopy(est)
+        return runs, fitted
+
     def decision_function(self, X) -> np.ndarray:
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float32)
+        if not is_rows(X):
+            X = validate_data(self, X, reset=False, dtype=np.float32)
         return self.estimator_.decision_function(X)
 
     def predict(self, X) -> np.ndarray:
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float32)
+        if not is_rows(X):
+            X = validate_data(self, X, reset=False, dtype=np.float32)
         return self.estimator_.predict(X)
 
     def __sklearn_tags__(self):

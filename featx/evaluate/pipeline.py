@@ -95,6 +95,11 @@ class Pipeline:
             )
         if kind == "caltech" and not p.n_train:
             raise BadInput(f"[protocol] n_train is missing{where}; Caltech needs it (e.g. 30)")
+        if self.head.solver == "streamed":
+            raise BadInput(
+                f"[head] solver 'streamed'{where} reads features from a file for every pass (featx probe); "
+                "featx evaluate holds them in memory: use auto, exact or scalable"
+            )
         if not f.models:
             raise BadInput(f"no model given{where}; name at least one, e.g. --model vgg16")
         for m in f.models:
@@ -119,6 +124,7 @@ class Pipeline:
         aggregate: str | None = None,
         flip: bool | None = None,
         head: str | None = None,
+        solver: str | None = None,
         splits: int | None = None,
         seed: int | None = None,
         background: bool | None = None,
@@ -134,7 +140,8 @@ class Pipeline:
         p = {"splits": splits, "seed": seed, "background": background}
         features = dataclasses.replace(self.features, **{k: v for k, v in f.items() if v is not None})
         protocol = dataclasses.replace(self.protocol, **{k: v for k, v in p.items() if v is not None})
-        h = dataclasses.replace(self.head, name=head) if head is not None else self.head
+        h = {"name": head, "solver": solver}
+        h = dataclasses.replace(self.head, **{k: v for k, v in h.items() if v is not None})
         return dataclasses.replace(self, features=features, protocol=protocol, head=h)
 
     def rows(self) -> list[tuple[str, ...]]:

@@ -17,6 +17,8 @@ import numpy as np
 from featx.errors import BadInput
 from featx.evaluate.heads import DEFAULT_CS, HEADS, HeldOutC, OneVsRest, fixed_solver, make_head, span_coordinates
 from featx.evaluate.metrics import mean_ap, mean_class_recall, percent, precision_recall, voc07_ap, voc_ap
+from featx.evaluate.rows import StoredRows, as_rows
+from featx.evaluate.solvers import check_solver, choose_solver
 from featx.evaluate.splits import Split, caltech_splits, fixed_splits, test_fraction_splits
 
 # What C is chosen by and what is reported: Caltech's mean class recall, or VOC's mean AP
@@ -28,6 +30,10 @@ STACK_NORMS = ("final", "blocks")
 PIPELINE_FIELDS = ("splits", "seed", "n_train", "n_test", "holdout", "metric", "background", "box_margin", "stack_norm")
 # Single-label reports give top-5 accuracy when there are more classes than this.
 TOP_K = 5
+# The scalable head's tolerances (featx.evaluate.linear.LinearHead's tol): the refit's, and the
+# looser one of the held-out fits that choose C (the same C wins on the tests).
+REFIT_TOL = 1e-5
+GRID_TOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,13 @@ class Protocol:
 
 @dataclass(frozen=True)
 class Head:
-    """The classifier and the grid its C is chosen from (Appendix B: a linear SVM)."""
+    """The classifier, the grid its C is chosen from (Appendix B: a linear SVM), and what
+    solves it: `solver` one of featx.evaluate.solvers.SOLVERS (auto: liblinear, the paper's, for
+    paper-sized problems; the scalable torch head above EXACT_MAX_ROWS training rows)."""
 
     name: str = "svm"
     C: tuple[float, ...] = DEFAULT_CS
+    solver: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "C", tuple(float(c) for c in self.C))
@@ -90,6 +99,7 @@ class Head:
             raise BadInput(f"unknown --head {self.name!r}; choose one of {', '.join(HEADS)}")
         if not self.C or min(self.C) <= 0:
             raise BadInput(f"[head] C {list(self.C)} must list positive values, e.g. [0.1, 1, 10]")
+        check_solver(self.solver)
 
 
 def fuse(blocks: Sequence[np.ndarray], norm: str = "final") -> np.ndarray:
@@ -130,7 +140,8 @@ class Outcome:
     """One split fitted and scored: the fit's facts, and the test rows' labels and decision scores."""
 
     split: Split
-    # seed, n_train, n_test, C, n_holdout, holdout_scores, convergence_warnings, solver
+    # seed, n_train, n_test, C, n_holdout, holdout_scores, convergence_warnings, head_solver
+    # (exact, scalable or streamed) and solver (liblinear's dual or primal; the torch fit's facts)
     fit: dict
     truth: np.ndarray  # [n] class index, or [n, classes] in {1, -1, 0} (multi-label)
     # [n, classes]; single-label: -inf for a class the split has no training image of.
@@ -142,14 +153,40 @@ class Outcome:
         return np.argmax(self.scores, axis=1)
 
 
-def fit_split(
-    X: np.ndarray, y: np.ndarray, split: Split, protocol: Protocol, head: Head, n_classes: int, *, jobs=None
-) -> Outcome:
+def fit_split(X, y: np.ndarray, split: Split, protocol: Protocol, head: Head, n_classes: int, *, jobs=None) -> Outcome:
     """Fit on the split's training rows (C chosen on a held-out part of them, by the protocol's
-    metric), refit on all of them, and score the test rows. `y` is a class index per row, or
-    {1, -1, 0} per row and class (one-vs-rest; 0 is left out of that class)."""
+    metric), refit on all of them, and score the test rows. `X` is a float32 matrix, or rows of
+    a feature file (featx.evaluate.rows.StoredRows, streamed); `y` is a class index per row, or
+    {1, -1, 0} per row and class (one-vs-rest; 0 is left out of that class). The solver is
+    `head.solver`'s choice for this split (featx.evaluate.solvers.choose_solver)."""
+    solver = choose_solver(head.solver, len(split.train), isinstance(X, StoredRows))
+    if solver == "exact":
+        est, scores = _fit_exact(X.matrix() if isinstance(X, StoredRows) else X, y, split, protocol, head, jobs)
+        details = est.solver_
+    else:
+        est, scores = _fit_scalable(X, y, split, protocol, head)
+        details = _torch_facts(est)
     multi_label = y.ndim == 2
-    if multi_label:
+    scores = np.asarray(scores, dtype=np.float64)
+    if not multi_label:
+        scores = _class_columns(scores, est.classes_, n_classes)
+    fit = {
+        "seed": split.seed,
+        "n_train": len(split.train),
+        "n_test": len(split.test),
+        "C": est.C_,
+        "n_holdout": est.n_holdout_,
+        "holdout_scores": {f"{C:g}": round(100 * s, 4) for C, s in est.scores_.items()},
+        "convergence_warnings": est.convergence_warnings_,
+        "head_solver": solver,
+        "solver": details,
+    }
+    return Outcome(split, fit, y[split.test], scores)
+
+
+def _fit_exact(X: np.ndarray, y: np.ndarray, split: Split, protocol: Protocol, head: Head, jobs):
+    """liblinear (the paper's head), the C grid in `jobs` processes."""
+    if y.ndim == 2:
         base = OneVsRest(head.name, random_state=split.seed)
     else:
         base = make_head(head.name, random_state=split.seed)
@@ -162,24 +199,47 @@ def fit_split(
     )
     X_train, X_test = span_coordinates(X[split.train], X[split.test])
     est.fit(X_train, y[split.train])
-    scores = np.asarray(est.decision_function(X_test), dtype=np.float64)
-    if not multi_label:
-        scores = _class_columns(scores, est.classes_, n_classes)
-    fit = {
-        "seed": split.seed,
-        "n_train": len(split.train),
-        "n_test": len(split.test),
-        "C": est.C_,
-        "n_holdout": est.n_holdout_,
-        "holdout_scores": {f"{C:g}": round(100 * s, 4) for C, s in est.scores_.items()},
-        "convergence_warnings": est.convergence_warnings_,
-        "solver": est.solver_,
+    return est, est.decision_function(X_test)
+
+
+def _fit_scalable(X, y: np.ndarray, split: Split, protocol: Protocol, head: Head):
+    """The torch head (featx.evaluate.linear) on every core or the GPU: the C grid one value
+    after another, each from the last one's solution, on the rows without copying them."""
+    from featx.evaluate.linear import LinearHead  # torch: loaded when this head runs
+
+    est = HeldOutC(
+        LinearHead(head.name, tol=REFIT_TOL, device="auto"),
+        Cs=head.C,
+        holdout=protocol.holdout,
+        scoring=protocol.metric,
+        random_state=split.seed,
+        warm_start=True,
+        grid_params={"tol": GRID_TOL},
+    )
+    rows = as_rows(X)
+    est.fit(rows.take(split.train), y[split.train])
+    return est, est.decision_function(rows.take(split.test))
+
+
+def _torch_facts(est: HeldOutC) -> dict:
+    """What the report says of a torch fit: where it ran, the refit's iterations and passes over
+    its rows, and the passes of the held-out fits that chose C."""
+    import torch
+
+    head = est.estimator_
+    return {
+        "device": head.device_,
+        "threads": torch.get_num_threads() if head.device_ == "cpu" else None,
+        "iterations": head.n_iter_,
+        "passes": head.n_passes_,
+        "holdout_passes": sum(fitted.n_passes_ for fitted in (est.walked_ or {}).values()),
+        "tol": head.tol,
+        "holdout_tol": GRID_TOL,
     }
-    return Outcome(split, fit, y[split.test], scores)
 
 
 def run_protocol(
-    X: np.ndarray, y: np.ndarray, splits: Sequence[Split], protocol: Protocol, head: Head, n_classes: int, *, jobs=None
+    X, y: np.ndarray, splits: Sequence[Split], protocol: Protocol, head: Head, n_classes: int, *, jobs=None
 ) -> list[Outcome]:
     """Every split of `splits` fitted and scored (`fit_split`), in order."""
     return [fit_split(X, y, split, protocol, head, n_classes, jobs=jobs) for split in splits]

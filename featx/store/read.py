@@ -152,3 +152,39 @@ def load_xy(path: str | Path, filters=None) -> tuple[np.ndarray, np.ndarray]:
     X = feature_matrix(table.column("feature"))
     y = table.column("label").to_numpy(zero_copy_only=False).astype(object, copy=False)
     return X, y
+
+
+def feature_batches(path: str | Path, rows: int = 1024):
+    """The feature rows of a file or folder in their stored order, `rows` at a time: (number of
+    the first row, float32 [m, D], a read-only view of Arrow memory). Memory: one batch (Arrow's
+    pre-buffering, which would read a file's whole column ahead, is off)."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingData(f"{path}: no such feature file or folder; run `featx extract` first")
+    if path.is_dir():
+        read_provenance(path)  # one descriptor per folder, or a clear error
+    start = 0
+    for file in feature_files(path) if path.is_dir() else [path]:
+        parquet = pq.ParquetFile(file, pre_buffer=False)
+        dim = parquet.schema_arrow.field("feature").type.list_size
+        for batch in parquet.iter_batches(batch_size=rows, columns=["feature"]):
+            block = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            yield start, block
+            start += len(block)
+
+
+def read_features_into(path: str | Path, out: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+    """Fill the preallocated float32 `out` with the feature rows of a file or folder, a batch of
+    row groups at a time (never a second copy of the whole matrix): stored row i goes to
+    out[positions[i]], or is skipped where that is negative; without `positions`, in order."""
+    for start, block in feature_batches(path):
+        if positions is None:
+            out[start : start + len(block)] = block
+        else:
+            where = positions[start : start + len(block)]
+            keep = where >= 0
+            if keep.all():
+                out[where] = block
+            else:
+                out[where[keep]] = block[keep]
+    return out

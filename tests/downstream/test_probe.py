@@ -243,3 +243,63 @@ def test_report_folders_are_made(tmp_path):
     written = write_report(result, tmp_path / "new" / "r.json")
     assert written[0] == tmp_path / "new" / "r.json" and written[0].is_file()
     assert write_predictions(result, tmp_path / "other" / "p.parquet").is_file()
+
+
+def test_cli_probe_with_the_scalable_solver_end_to_end(tmp_path):
+    y, X = clusters(5, 30, spread=1.0)
+    f = feature_file(tmp_path / "f.parquet", y, X)
+    args = ["probe", str(f), "--splits", "2", "--report", str(tmp_path / "r.json"), "--predictions"]
+    result = runner.invoke(app, [*args, str(tmp_path / "p.parquet"), "--solver", "scalable"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["protocol"]["solver"] == "scalable"
+    assert [s["head_solver"] for s in report["splits"]] == ["scalable", "scalable"]
+    assert report["metrics"]["mean_class_recall"]["mean"] >= 90
+    assert len(pq.read_table(tmp_path / "p.parquet")) == sum(s["n_test"] for s in report["splits"])
+    # The default on 150 images: liblinear, the paper's head.
+    result = runner.invoke(app, [*args, str(tmp_path / "q.parquet")])
+    assert result.exit_code == 0, result.output
+    assert {s["head_solver"] for s in json.loads((tmp_path / "r.json").read_text())["splits"]} == {"exact"}
+
+
+def test_a_streamed_probe_reads_the_file_for_every_pass_and_answers_as_in_memory(tmp_path):
+    y, X = clusters(4, [30, 30, 30, 2], spread=0.8, seed=4)
+    f = feature_file(tmp_path / "f.parquet", y, X)
+    streamed = probe(f, splits=2, solver="streamed", drop_small_classes=True)
+    memory = probe(f, splits=2, solver="scalable", drop_small_classes=True)
+    assert [s["head_solver"] for s in streamed.report["splits"]] == ["streamed", "streamed"]
+    assert streamed.report["classes"] == memory.report["classes"] == ["class000", "class001", "class002"]
+    for a, b in zip(streamed.report["splits"], memory.report["splits"]):
+        assert a["C"] == b["C"] and a["n_test"] == b["n_test"]
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=100 / b["n_test"] + 1e-9)
+    assert list(streamed.predictions["path"]) == list(memory.predictions["path"])
+
+
+READ_PEAKS = """
+import sys, tracemalloc
+import pyarrow as pa
+from featx.downstream.labelled import load_labelled
+tracemalloc.start()
+data = load_labelled(sys.argv[1])
+print(data.X.nbytes, tracemalloc.get_traced_memory()[1], pa.default_memory_pool().max_memory())
+"""
+
+
+def test_features_are_read_into_one_matrix_without_a_second_copy(tmp_path):
+    """NumPy's allocations (traced) peak near the matrix, Arrow's at a batch of row groups: never
+    the table and its NumPy copy at once (a fresh process: Arrow's peak is per process)."""
+    import subprocess
+    import sys
+
+    y, X = clusters(10, 1000, d=512, seed=5)  # 10,000 x 512: a 20 MB matrix
+    f = tmp_path / "f.parquet"
+    prov = {"settings_hash": "0" * 16, "dim": 512, "model": "vgg16", "descriptor": "generated"}
+    schema = store.feature_schema(512, prov)
+    table = store.rows_table(schema, [f"{c}/{i:05d}.jpg" for i, c in enumerate(y)], y, [1] * len(y), [1] * len(y), X)
+    pq.write_table(table, f, row_group_size=64)  # as featx extract writes: small row groups
+    proc = subprocess.run([sys.executable, "-c", READ_PEAKS, str(f)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    matrix, numpy_peak, arrow_peak = map(int, proc.stdout.split())
+    assert matrix == 10_000 * 512 * 4
+    assert numpy_peak < 1.25 * matrix
+    assert arrow_peak < 0.5 * matrix

@@ -144,6 +144,26 @@ def test_features_file_is_evaluated_without_extracting(caltech):
     assert report["results"][0]["mean"] == pytest.approx(first["results"][0]["mean"])
 
 
+def test_solver_is_chosen_per_split_and_overridable(caltech):
+    tmp, _ = caltech
+    (cached,) = (tmp / "cache").glob("caltech101-*.parquet")
+    first = json.loads((tmp / "out" / "report.json").read_text())
+    # auto on the paper's sizes: liblinear, as always.
+    assert {s["head_solver"] for s in first["results"][0]["splits"]} == {"exact"}
+    assert first["config"]["pipeline"]["head"]["solver"] == "auto"
+    out = tmp / "out" / "scalable.json"
+    pipeline = ("--pipeline", tmp / "tiny.toml", "--features", cached)
+    result = run(*pipeline, "--solver", "scalable", "--report", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["config"]["pipeline"]["head"]["solver"] == "scalable"
+    for s in report["results"][0]["splits"]:
+        assert s["head_solver"] == "scalable" and s["solver"]["passes"] >= 1
+        assert s["C"] in (0.1, 10.0) and (s["n_train"], s["n_test"]) == (12, 8)
+    result = run(*pipeline, "--solver", "streamed")
+    assert result.exit_code == 2 and "streamed" in result.output
+
+
 def test_user_errors_are_one_line_and_exit_2(caltech, tmp_path):
     tmp, _ = caltech
     result = run("--dataset", "caltech101", "--weights", "random")

@@ -112,3 +112,9 @@ def test_one_vs_rest_without_positives_scores_constant():
     Y = np.array([[1, -1], [-1, -1], [1, -1], [-1, 0], [1, -1], [-1, -1]])
     scores = OneVsRest().fit(X, Y).decision_function(X)
     assert np.all(scores[:, 1] == -1.0)
+
+
+def test_a_warm_walk_needs_an_estimator_that_warm_starts():
+    X, y = _two_class_data()
+    with pytest.raises(ValueError, match="LinearSVC has no warm_start parameter"):
+        HeldOutC(LinearSVC(), warm_start=True).fit(X, y)

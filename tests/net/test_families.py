@@ -194,7 +194,7 @@ def test_weights_that_do_not_fit_the_net_are_refused_in_one_line(tmp_path):
 
     with pytest.raises(
         ValueError,
-        match=r"^weights=resnet18.pth does not fit resnet34: .* differ \(.*\); give model=NAME of the net they"
+        match=r"^weights=resnet18.pth does not fit resnet34: .* differ \(.*\); give model=NAME of the net they",
     ):
         make_describer(ExtractConfig(model="resnet34", weights=str(file), precision="fp32"), "cpu")
     from featx.extract.provenance import descriptor_hash
