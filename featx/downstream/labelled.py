@@ -120,7 +120,9 @@ def features(file: Path, stored: np.ndarray, paths: np.ndarray, solver: str = "a
     if keep_on_disk(solver, len(stored), dim):
         return StoredRows(file, positions, dim)
     X = read_features_into(file, np.empty((len(stored), dim), np.float32), positions)
-    bad = ~np.isfinite(X).all(axis=1)
+    # By blocks of rows: a whole-matrix mask would be a quarter of the matrix again.
+    bad = np.concatenate([~np.isfinite(X[i : i + 4096]).all(axis=1) for i in range(0, len(X), 4096)] or [[]])
+    bad = bad.astype(bool)
     if bad.any():
         raise BadInput(
             f"{file}: {int(bad.sum())} rows hold NaN or infinity (first: {paths[bad][0]}); featx extract never "

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from featx.errors import BadInput
+from featx.errors import BadInput, Damaged, option
 from featx.store import atomic
 from featx.store.output import (
     LAST_RUN_KEY,
@@ -55,17 +55,17 @@ class SingleFile(Output):
         (never read under --overwrite, which replaces it whatever it holds)."""
         if not self.target.exists():
             return None
-        replace = "pass --overwrite to replace it, or choose another -o"
+        replace = f"pass {option('overwrite')} to replace it, or choose another output"
         try:
             schema = pq.read_schema(self.target)
         except (OSError, pa.ArrowException) as e:
-            raise BadInput(f"-o {self.target} is not a Parquet file featx can read ({e}); {replace}") from None
+            raise Damaged(f"{self.target} is not a Parquet file featx can read ({e}); {replace}", self.target) from None
         try:
             prov = json.loads((schema.metadata or {})[METADATA_KEY])
         except (KeyError, ValueError):
             prov = None
         if not isinstance(prov, dict) or "path" not in schema.names:
-            raise BadInput(f"-o {self.target} is a Parquet file featx did not write (no featx rows in it); {replace}")
+            raise BadInput(f"{self.target} is a Parquet file featx did not write (no featx rows in it); {replace}")
         return prov
 
     def _unfinished(self) -> dict | None:

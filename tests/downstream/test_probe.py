@@ -111,7 +111,7 @@ def test_small_classes_are_named_and_dropped_only_when_asked(tmp_path):
     y, X = clusters(4, [8, 8, 2, 1])
     f = feature_file(tmp_path / "f.parquet", y, X)
     with pytest.raises(
-        BadInput, match=r"2 classes have fewer than 3 images.*class002 \(2\), class003 \(1\).*--drop-small-classes"
+        BadInput, match=r"2 classes have fewer than 3 images.*class002 \(2\), class003 \(1\).*drop_small_classes=True"
     ):
         probe(f)
     result = probe(f, drop_small_classes=True, splits=1)

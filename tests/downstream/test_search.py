@@ -133,7 +133,7 @@ def test_config_from_provenance_needs_the_weights_file():
             "weights": {"kind": "file", "file": "mine.pth", "sha256": "ab" * 32},
         }
     }
-    with pytest.raises(MissingData, match="mine.pth.*--weights FILE"):
+    with pytest.raises(MissingData, match="mine.pth.*weights=FILE"):
         config_from_provenance(prov)
 
 

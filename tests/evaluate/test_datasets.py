@@ -59,7 +59,7 @@ def test_missing_caltech_says_where_to_put_the_files(tmp_path):
     message = str(err.value)
     assert "\n" not in message
     assert str(tmp_path / "caltech101" / "101_ObjectCategories") in message
-    assert "caltech-101.zip" in message and "--download" in message
+    assert "caltech-101.zip" in message and "download=True" in message
     assert "3138e1922a9193bfa496528edbbc45d0" in message
 
 

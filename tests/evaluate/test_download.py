@@ -105,7 +105,7 @@ def test_checksum_match_downloads_unpacks_and_lists(server, archive, tmp_path):
 def test_checksum_mismatch_is_refused_and_nothing_kept(server, archive, tmp_path):
     server.files["caltech-101.zip"] = archive
     dest = tmp_path / "caltech-101.zip"
-    with pytest.raises(ChecksumError, match=r"gave md5 [0-9a-f]{32}, expected 0{32}.*rerun with --download"):
+    with pytest.raises(ChecksumError, match=r"gave md5 [0-9a-f]{32}, expected 0{32}.*rerun with download=True"):
         fetch(f"{server.url}/caltech-101.zip", dest, "0" * 32)
     assert not dest.exists()
     assert not dest.with_name("caltech-101.zip.part").exists()
@@ -147,7 +147,7 @@ def test_archive_put_by_hand_is_verified_and_unpacked_without_network(archive, t
 def test_wrong_file_put_by_hand_is_refused(tmp_path):
     dest = tmp_path / "VOCtest_06-Nov-2007.tar"
     dest.write_bytes(b"not the archive")
-    with pytest.raises(ChecksumError, match="delete it and rerun with --download"):
+    with pytest.raises(ChecksumError, match="delete it and rerun with download=True"):
         fetch("http://127.0.0.1:9/x", dest, DATASETS["voc2007"].archives[1].md5)
 
 

@@ -173,7 +173,7 @@ def test_a_second_writer_is_refused_naming_the_holder(held, kind, tmp_path):
     target, proc = held
     cls, _ = FLAVOURS[kind]
     # A local run (file) and a Ray run (folder) on one -o take the same lock.
-    with pytest.raises(Locked, match=rf"{target} is being written by pid {proc.pid} on .*--wait"), cls(target):
+    with pytest.raises(Locked, match=rf"{target} is being written by pid {proc.pid} on .*wait=True"), cls(target):
         pass
 
 
@@ -240,7 +240,7 @@ def damaged_outputs(folder: Path) -> dict[str, Path]:
 def test_an_output_featx_cannot_read_is_refused_in_one_line_and_overwrite_replaces_it(damage, tmp_path):
     target = damaged_outputs(tmp_path)[damage]
     files = images(tmp_path / "in", ["a", "b"])
-    with pytest.raises(BadInput, match=rf"-o {target} .*pass --overwrite to replace it, or choose another -o"):
+    with pytest.raises(BadInput, match=rf"{target} .*pass overwrite=True to replace it, or choose another output"):
         run(store.SingleFile(target), files, 2.0)
     todo, done = run(store.SingleFile(target), files, 2.0, overwrite=True)
     assert sorted(todo) == ["a", "b"] and done.rows == 2
