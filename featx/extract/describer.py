@@ -67,12 +67,18 @@ class DenseDescriber:
         self.device, self.flip = device, flip
         self.precision = resolve_precision(precision, device)
         self.dtype = torch_dtype(self.precision)
-        # In place, as before: callers that share one net across describers find it moved.
-        # Cast first, then lower: the transient copies are then in the (smaller) dtype.
-        self.net = net.eval().to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
         options = {"prepack": prepack, "pass_pixels": pass_pixels, "head_rows": head_rows}
-        # What runs a batch: (B, 3, H, W) channels-last, valid sizes -> fp32 [B, C].
-        self.plan = self.net.lower(device, self.dtype, **options) if lower else self.net.forward_pooled
+        # What runs a batch: (B, 3, H, W) channels-last, valid sizes -> fp32 [B, C]. Lowered, the
+        # plan holds its own weights on the device, each rounded once from the net's own numbers
+        # (in bf16 a Winograd kernel is transformed, a BatchNorm folded, before rounding), and the
+        # net is left as it is, so every plan made from it is the same. Not lowered, the net
+        # itself runs: it is moved to the device and precision in place.
+        if lower:
+            self.net = net.eval()
+            self.plan = net.lower(device, self.dtype, **options)
+        else:
+            self.net = net.eval().to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
+            self.plan = self.net.forward_pooled
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255.0
         self.cuda = device.type == "cuda"
@@ -229,7 +235,6 @@ def make_describer(
         _NETS.move_to_end(key)
         net, mean, std, describers = _NETS[key]
         if config.flip not in describers:
-            # The first describer moves the net to the device and precision in place; a
-            # second one (the other flip) finds it there and shares its parameters.
+            # Each describer lowers the net to its own plan; the net itself stays as built.
             describers[config.flip] = DenseDescriber(net, mean, std, device, precision, config.flip)
         return describers[config.flip]
