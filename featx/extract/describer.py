@@ -220,15 +220,16 @@ def make_describer(
     """
     device = resolve_device(config.device) if device is None else torch.device(device)
     precision = resolve_precision(config.precision, device)
+    # The identity first: a weights file's remembered hash spares reading it twice.
+    identity = weights.identity if weights is not None else weights_identity(config)
     if not cache:
-        weights = weights or resolve(config.model, config.weights, config.seed, config.layer)
+        weights = weights or resolve(config.model, config.weights, config.seed, config.layer, identity)
         net = build_net(config, weights)
         return DenseDescriber(net, weights.mean, weights.std, device, precision, config.flip)
-    identity = weights.identity if weights is not None else weights_identity(config)
     key = (config.model, json.dumps(identity, sort_keys=True), config.layer, precision, str(device))
     with _NETS_LOCK:
         if key not in _NETS:
-            weights = weights or resolve(config.model, config.weights, config.seed, config.layer)
+            weights = weights or resolve(config.model, config.weights, config.seed, config.layer, identity)
             _NETS[key] = (build_net(config, weights), weights.mean, weights.std, {})
             while len(_NETS) > NET_CACHE_SIZE:
                 _NETS.popitem(last=False)

@@ -8,6 +8,8 @@ new images as a file's rows were described.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 from pathlib import Path
 
@@ -20,16 +22,60 @@ from featx.extract.config import ExtractConfig, descriptor_settings, settings_ha
 from featx.extract.decode import RESIZE
 from featx.net.device import torch_dtype
 from featx.net.plan import conv_kernels
-from featx.net.weights import identify, normalization
+from featx.net.weights import identify, normalization, sha256_file
+from featx.store.atomic import write_json
+from featx.userdirs import cache_dir
 
 # Weights files are identified by their sha256; hashing 0.5 GB per call would cost more than
 # the call, so the hash is remembered while the file's size and mtime stay the same.
 _FILE_IDS: dict[tuple, dict] = {}
+# ...and across processes: hashing VGG16's 528 MB took ~0.5 s of every run's start-up. One small
+# JSON file per file state (path, size, mtime, inode) in the user's cache folder, written
+# atomically: concurrent processes at worst hash a file twice and write the same entry; a
+# changed file is another state, so it is hashed again. At most HASHES_KEPT entries are kept.
+HASHES_KEPT = 256
 
 
 def forget_file_hashes() -> None:
-    """Forget the remembered weights-file hashes."""
+    """Forget the remembered weights-file hashes (in this process; the cache folder's stay)."""
     _FILE_IDS.clear()
+
+
+def _file_state(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a weights file, remembered in the cache folder while the file is unchanged."""
+    state = _file_state(path)
+    folder = cache_dir() / "weights-sha256"
+    entry = folder / (hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32] + ".json")
+    try:
+        known = json.loads(entry.read_text(encoding="utf-8"))
+        if known.get("state") == state and isinstance(known.get("sha256"), str) and len(known["sha256"]) == 64:
+            return known["sha256"]
+    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: hash the file
+        pass
+    digest = sha256_file(path)
+    if _file_state(path) != state:  # changed while it was read: do not remember either state
+        return digest
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json({"state": state, "sha256": digest}, entry)
+        _forget_oldest(folder)
+    except OSError:  # a read-only or full cache folder costs a hash per run, nothing else
+        pass
+    return digest
+
+
+def _forget_oldest(folder: Path) -> None:
+    entries = list(folder.glob("*.json"))
+    if len(entries) <= HASHES_KEPT:
+        return
+    by_age = sorted(entries, key=lambda f: f.stat().st_mtime_ns if f.exists() else 0)
+    for old in by_age[: len(entries) - HASHES_KEPT]:
+        old.unlink(missing_ok=True)
 
 
 def weights_identity(config: ExtractConfig) -> dict:
@@ -39,7 +85,7 @@ def weights_identity(config: ExtractConfig) -> dict:
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns, config.model, config.layer)
         if key not in _FILE_IDS:
-            _FILE_IDS[key] = identify(config.model, config.weights, config.seed, config.layer)
+            _FILE_IDS[key] = identify(config.model, config.weights, config.seed, config.layer, file_sha256)
         return _FILE_IDS[key]
     return identify(config.model, config.weights, config.seed, config.layer)
 
