@@ -6,6 +6,7 @@ Each command runs in a fresh interpreter, which then reports the modules it impo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -94,3 +95,32 @@ def test_extract_imports_only_what_it_uses(tmp_path, samples):
     unused = ("pandas", "pyarrow.dataset", "sklearn", "scipy", "matplotlib", "faiss", "ray", "rich")
     assert imported_by(*args, "--scales", "32", "--no-flip", "--quiet", heavy=unused) == []
     assert out.is_file()
+
+
+@pytest.mark.slow
+def test_a_second_process_reuses_the_compiled_winograd_transforms(tmp_path, samples):
+    """Start-up: the first run on a machine compiles the Winograd transforms into featx's cache
+    folder; the next process loads them (compiler runs counted, not timed)."""
+    import shutil
+
+    compiler = shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler here: featx runs the transforms by torch ops")
+    calls = tmp_path / "cc-calls.txt"
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {compiler} "$@"\n')
+    wrapper.chmod(0o755)
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "CC": str(wrapper)}
+    image = str(sorted(samples.rglob("*.jpg"))[0])
+    args = ["extract", image, "--model", "vgg11", "--weights", "random", "--layer", "pool5", "--scales", "32"]
+    args += ["--no-flip", "--quiet", "--device", "cpu", "--overwrite"]
+    counts = []
+    for run in ("first", "second"):
+        out = tmp_path / f"{run}.parquet"
+        proc = subprocess.run(
+            [sys.executable, "-m", "featx", *args, "-o", str(out)], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts.append(len(calls.read_text().splitlines()) if calls.exists() else 0)
+    assert counts[0] >= 1 and counts[1] == counts[0], counts
+    assert list((tmp_path / "xdg" / "featx" / "kernels").glob("winograd-*.so"))
