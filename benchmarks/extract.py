@@ -18,7 +18,11 @@ One run, on a folder of real images (default: data/samples), measures side by si
     before and after the runs), and featx's fraction of it;
   - numerics: per image, the cosine of featx's default descriptor to the exact fp32 one (the
     naive loop's) after centring both by the set's mean exact descriptor (>= 0.995 required);
-  - opt-in bucketing (--bucket N): its effect on throughput and on that cosine.
+  - opt-in bucketing (--bucket N): its effect on throughput and on that cosine;
+  - other engines, where installed (`pip install -e '.[benchmark]'`; --engines): OpenVINO bf16
+    and f32 and ONNX Runtime fp32 on the same images and descriptor (featx's dense net exported
+    to ONNX once per settings, kept in --onnx-cache), whole processes, once running, and their
+    centred cosines (min, mean) beside featx's own and featx in fp32 (benchmarks/engines.py).
 Every run is a fresh subprocess (peak memory is its own). Weights default to random: speed
 does not depend on the weights' values (same shapes, same kernels). All figures go to JSON.
 """
@@ -35,6 +39,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import engines
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -304,14 +310,22 @@ def main(argv=None) -> int:
         "--bucket", type=int, default=0, help="grid step of an INEXACT bucketing run for comparison (0 = skip)"
     )
     p.add_argument("--rounds", type=int, default=2, help="naive and featx on the small set, alternately; best counts")
+    p.add_argument(
+        "--engines", default="auto", help="other engines on the small set: auto (those installed), none, or a list"
+    )
+    p.add_argument(
+        "--onnx-cache", default=None, help="where the engines' ONNX export is kept (default: the temp folder)"
+    )
+    p.add_argument("--fp32", action="store_true", help="featx in fp32 beside its default precision (on with engines)")
     p.add_argument("--json", default="bench-extract.json", help="where to write every figure")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.child:
         kind, job = args.child[0], json.loads(args.child[1])
-        print(json.dumps({"featx": child_featx, "naive": child_naive}[kind](job)))
+        print(json.dumps({"featx": child_featx, "naive": child_naive, "engine": engines.child}[kind](job)))
         return 0
+    engine_names = engines.available(args.engines)
 
     from functools import cache
 
@@ -364,14 +378,16 @@ def main(argv=None) -> int:
         }
         jsonable = settings | {"scales": list(scales)}
 
-        def featx_run(name: str, **extra) -> dict:
-            out = tmp / f"{name}{'-bucket' if extra else ''}.parquet"
+        def featx_run(name: str, tag: str = "", **extra) -> dict:
+            out = tmp / f"{name}{tag}.parquet"
             run = run_child("featx", {"folder": str(folders[name]), "out": str(out), "settings": jsonable | extra})
             return run | {"parquet": str(out)}
 
         log(f"peak: a large 3x3 convolution in {precision} ...")
         peaks = [conv_peak(precision, args.device)]
-        naive_runs, fast_runs = [], []
+        naive_runs, fast_runs, fp32_runs = [], [], []
+        # featx in fp32 beside its bf16 (the engines' side by side), where its default is not fp32.
+        with_fp32 = precision != "fp32" and (engine_names or args.fp32)
         for r in range(args.rounds):
             log(f"round {r + 1}/{args.rounds}: naive loop on {len(small)} images (fp32, NCHW, batch 1) ...")
             naive_runs.append(
@@ -386,10 +402,18 @@ def main(argv=None) -> int:
             )
             log(f"round {r + 1}/{args.rounds}: featx on the same {len(small)} images ...")
             fast_runs.append(featx_run("small"))
+            if with_fp32:
+                log(f"round {r + 1}/{args.rounds}: featx in fp32 on the same {len(small)} images ...")
+                fp32_runs.append(featx_run("small", "-fp32", precision="fp32"))
+        exact_small = dict(zip(naive_runs[-1]["paths"], np.load(tmp / "naive.npy")))
+        others = engines.measure(
+            engine_names, folders["small"], jsonable | {"seed": 0}, tmp, exact_small, run_child, centred_cosines,
+            args.rounds, log, args.onnx_cache,
+        )  # fmt: skip
         bucketed = None
         if args.bucket:
             log(f"featx --bucket {args.bucket} on the {len(small)} images ...")
-            bucketed = featx_run("small", bucket=args.bucket)
+            bucketed = featx_run("small", "-bucket", bucket=args.bucket)
         log(f"featx on {len(mid)} images ...")
         fast_mid = featx_run("mid")
         log(f"featx on {len(large)} images ...")
@@ -433,6 +457,7 @@ def main(argv=None) -> int:
             return {
                 "images": len(c),
                 "centred_min": float(c.min()),
+                "centred_mean": float(c.mean()),
                 "centred_median": float(np.median(c)),
                 "raw_min": float(raw.min()),
                 "max_abs_diff": float(np.abs(fast - ref).max()),
@@ -470,7 +495,15 @@ def main(argv=None) -> int:
                 "large_second_half_mb": fl["rss_max_second_half_mb"],
             },
             "numerics": {"precision": precision, **cosines(fs["parquet"])},
+            "engines": others,
         }
+        if fp32_runs:
+            f32 = figures(min(fp32_runs, key=lambda x: x["process_seconds"]))
+            report["featx_small_fp32"] = f32 | {
+                "all_seconds": [r["seconds"] for r in fp32_runs],
+                "numerics": {"precision": "fp32", **cosines(f32["parquet"])},
+            }
+            report["featx_small_fp32"].pop("parquet")
         if bucketed:
             fb = figures(bucketed, args.bucket)
             report["bucket"] = fb | {
@@ -560,6 +593,7 @@ def print_report(r: dict) -> None:
         f"min {nm['centred_min']:.5f}, "
         f"median {nm['centred_median']:.5f} -> {'OK' if nm['ok'] else 'BELOW 0.995'} (raw min {nm['raw_min']:.5f})"
     )
+    engines.print_rows(r)
     if "bucket" in r:
         b = r["bucket"]
         print(

@@ -8,6 +8,8 @@ and their flips at each size, times every trunk step and the fc6/fc7 head (best 
 the same plan with oneDNN's direct kernel for every conv (no Winograd). GFLOP/s count a direct
 convolution's FLOPs (featx.net.backbones.vgg.layer_table) for both, so Winograd's show as "effective".
 `ONEDNN_MAX_CPU_ISA=AVX2` in front emulates an AVX2-only CPU (precision auto is then fp32).
+`--errors` adds each conv's relative L2 error against fp32 on the same input (the exact fp32
+trunk's, rounded to the precision), featx's step beside oneDNN's direct kernel.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
         action="store_true",
         help="allocate every activation afresh (Plan(reuse_activations=False)), for comparison",
     )
+    p.add_argument("--errors", action="store_true", help="also each conv's error against fp32 (featx and direct)")
     args = p.parse_args()
 
     config = ExtractConfig(model=args.model, weights="random", precision=args.precision, device="cpu")
@@ -102,6 +105,30 @@ def main() -> None:
             print(
                 f"  {name:<24} {t * 1e3:8.1f} ms {rate} {100 * t / total:5.1f}%  {kind:<14} {td * 1e3:6.1f} ms {rate_d}"
             )
+        if args.errors:
+            print_errors(describer.net, plans, x, names)
+
+
+def print_errors(net, plans: dict, x, names: list[str]) -> None:
+    """Per conv: relative L2 error of featx's step and of the direct kernel against fp32, each on
+    the exact fp32 trunk's input to that layer rounded to the plan's precision."""
+    import torch
+
+    exact = net.lower(torch.device("cpu"), torch.float32, fast_conv=False, reuse_activations=False)
+    dtype = plans["featx"].dtype
+    print(f"  per-layer error against fp32 (relative L2), inputs rounded to {dtype}:")
+    print(f"  {'layer':<24} {'featx':>9} {'direct':>9}")
+    xin = x.float()
+    with torch.inference_mode():
+        for i, step in enumerate(exact.trunk):
+            y = step(xin)
+            if hasattr(step, "bias"):  # a conv
+                errors = [
+                    float((plans[kind].trunk[i](xin.to(dtype)).float() - y).norm() / y.norm())
+                    for kind in ("featx", "direct")
+                ]
+                print(f"  {names[i]:<24} {errors[0]:9.5f} {errors[1]:9.5f}")
+            xin = y
 
 
 if __name__ == "__main__":

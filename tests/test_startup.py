@@ -6,6 +6,7 @@ Each command runs in a fresh interpreter, which then reports the modules it impo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -24,13 +25,15 @@ try:
     app(sys.argv[1:])
 except SystemExit:
     pass
-print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy})), file=sys.stderr)
+heavy = {heavy}
+loaded = sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in heavy))
+print(json.dumps(loaded), file=sys.stderr)
 """
 
 
-def imported_by(*args: str, pre: str = "") -> list[str]:
-    code = PROBE.replace("{heavy}", repr(set(HEAVY))).replace("{pre}", pre)
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+def imported_by(*args: str, pre: str = "", heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    code = PROBE.replace("{heavy}", repr(set(heavy))).replace("{pre}", pre)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     return json.loads(proc.stderr.strip().splitlines()[-1])
 
 
@@ -81,3 +84,44 @@ def test_import_featx_is_light_and_names_resolve_lazily():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.slow
+def test_extract_imports_only_what_it_uses(tmp_path, samples):
+    # pandas (0.2 s) came in through pyarrow's pandas shim (pa.array, pq.read_table) and
+    # featx.store.read; none of these is needed to write a feature file.
+    out = tmp_path / "f.parquet"
+    image = str(sorted(samples.rglob("*.jpg"))[0])
+    args = ["extract", image, "-o", str(out), "--model", "vgg11", "--weights", "random", "--layer", "pool5"]
+    unused = ("pandas", "pyarrow.dataset", "sklearn", "scipy", "matplotlib", "faiss", "ray", "rich")
+    assert imported_by(*args, "--scales", "32", "--no-flip", "--quiet", heavy=unused) == []
+    assert out.is_file()
+
+
+@pytest.mark.slow
+def test_a_second_process_reuses_the_compiled_winograd_transforms(tmp_path, samples):
+    """Start-up: the first run on a machine compiles the Winograd transforms into featx's cache
+    folder; the next process loads them (compiler runs counted, not timed)."""
+    import shutil
+
+    compiler = shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler here: featx runs the transforms by torch ops")
+    calls = tmp_path / "cc-calls.txt"
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {compiler} "$@"\n')
+    wrapper.chmod(0o755)
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "CC": str(wrapper)}
+    image = str(sorted(samples.rglob("*.jpg"))[0])
+    args = ["extract", image, "--model", "vgg11", "--weights", "random", "--layer", "pool5", "--scales", "32"]
+    args += ["--no-flip", "--quiet", "--device", "cpu", "--overwrite"]
+    counts = []
+    for run in ("first", "second"):
+        out = tmp_path / f"{run}.parquet"
+        proc = subprocess.run(
+            [sys.executable, "-m", "featx", *args, "-o", str(out)], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        counts.append(len(calls.read_text().splitlines()) if calls.exists() else 0)
+    assert counts[0] >= 1 and counts[1] == counts[0], counts
+    assert list((tmp_path / "xdg" / "featx" / "kernels").glob("winograd-*.so"))

@@ -16,7 +16,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from featx.errors import BadInput
 from featx.extract.config import ExtractConfig
@@ -149,18 +148,18 @@ class DenseDescriber:
         self.precision = resolve_precision(precision, device)
         self.dtype = torch_dtype(self.precision)
         options = {"prepack": prepack, "pass_pixels": pass_pixels, "head_rows": head_rows}
-        # In place, as before: callers that share one net across describers find it moved.
-        if lower and any(isinstance(m, nn.BatchNorm2d) for m in net.modules()):
-            # The lowering folds BatchNorm into its conv in fp32 and then casts: cast first, its
-            # statistics and the conv's weight would each be rounded before folding.
-            net = net.eval().to(device=device, memory_format=torch.channels_last)
+        # What runs a batch: (B, 3, H, W) channels-last, valid sizes -> fp32 [B, C]. Lowered, the
+        # plan holds its own weights on the device, each rounded once from the net's own numbers
+        # (in bf16 a Winograd kernel is transformed, a BatchNorm folded, before rounding), and the
+        # net is left as it is, so every plan made from it is the same (a net run by torch's own
+        # kernels, any other than VGG, is moved to the device and precision by its lower()). Not lowered, the net
+        # itself runs: it is moved to the device and precision in place.
+        if lower:
+            self.net = net.eval()
             self.plan = net.lower(device, self.dtype, **options)
-            self.net = net.to(dtype=self.dtype)
         else:
-            # Cast first, then lower: the transient copies are then in the (smaller) dtype.
             self.net = net.eval().to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
-            # What runs a batch: (B, 3, H, W) channels-last, valid sizes -> fp32 [B, C].
-            self.plan = self.net.lower(device, self.dtype, **options) if lower else self.net.forward_pooled
+            self.plan = self.net.forward_pooled
         # False for a net that takes same-shape batches only (a ViT): featx.extract.descriptor plans so.
         self.mixes_sizes = bool(getattr(net, "mixes_sizes", True))
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
@@ -344,22 +343,22 @@ def make_describer(
     """
     device = resolve_device(config.device) if device is None else torch.device(device)
     precision = resolve_precision(config.precision, device)
+    # The identity first: a weights file's remembered hash spares reading it twice.
+    identity = weights.identity if weights is not None else weights_identity(config)
     if not cache:
-        weights = weights or resolve(config.model, config.weights, config.seed, config.layer)
+        weights = weights or resolve(config.model, config.weights, config.seed, config.layer, identity)
         net = build_net(config, weights)
         return DenseDescriber(net, weights.mean, weights.std, device, precision, config.flip)
-    identity = weights.identity if weights is not None else weights_identity(config)
     key = (config.model, json.dumps(identity, sort_keys=True), config.layer, precision, str(device))
     with _NETS_LOCK:
         if key not in _NETS:
-            weights = weights or resolve(config.model, config.weights, config.seed, config.layer)
+            weights = weights or resolve(config.model, config.weights, config.seed, config.layer, identity)
             _NETS[key] = (build_net(config, weights), weights.mean, weights.std, {})
             while len(_NETS) > NET_CACHE_SIZE:
                 _NETS.popitem(last=False)
         _NETS.move_to_end(key)
         net, mean, std, describers = _NETS[key]
         if config.flip not in describers:
-            # The first describer moves the net to the device and precision in place; a
-            # second one (the other flip) finds it there and shares its parameters.
+            # Each describer lowers the net to its own plan; the net itself stays as built.
             describers[config.flip] = DenseDescriber(net, mean, std, device, precision, config.flip)
         return describers[config.flip]

@@ -8,6 +8,8 @@ new images as a file's rows were described.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 from pathlib import Path
 
@@ -20,18 +22,62 @@ from featx.extract.config import ExtractConfig, descriptor_settings, settings_ha
 from featx.extract.decode import RESIZE
 from featx.net.backbones import get_backbone
 from featx.net.device import torch_dtype
-from featx.net.weights import identify, normalization, preprocessing
+from featx.net.weights import identify, normalization, preprocessing, sha256_file
+from featx.store.atomic import write_json
+from featx.userdirs import cache_dir
 
 # Weights files are identified by their sha256; hashing 0.5 GB per call would cost more than
 # the call, so the hash is remembered while the file's size and mtime stay the same: for the
 # last few files only, so that a long-lived process (a notebook, a server) does not grow.
 _FILE_IDS: dict[tuple, dict] = {}
 FILE_IDS_KEPT = 16
+# ...and across processes: hashing VGG16's 528 MB took ~0.5 s of every run's start-up. One small
+# JSON file per file state (path, size, mtime, inode) in the user's cache folder, written
+# atomically: concurrent processes at worst hash a file twice and write the same entry; a
+# changed file is another state, so it is hashed again. At most HASHES_KEPT entries are kept.
+HASHES_KEPT = 256
 
 
 def forget_file_hashes() -> None:
-    """Forget the remembered weights-file hashes."""
+    """Forget the remembered weights-file hashes (in this process; the cache folder's stay)."""
     _FILE_IDS.clear()
+
+
+def _file_state(path: Path) -> dict:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a weights file, remembered in the cache folder while the file is unchanged."""
+    state = _file_state(path)
+    folder = cache_dir() / "weights-sha256"
+    entry = folder / (hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32] + ".json")
+    try:
+        known = json.loads(entry.read_text(encoding="utf-8"))
+        if known.get("state") == state and isinstance(known.get("sha256"), str) and len(known["sha256"]) == 64:
+            return known["sha256"]
+    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: hash the file
+        pass
+    digest = sha256_file(path)
+    if _file_state(path) != state:  # changed while it was read: do not remember either state
+        return digest
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json({"state": state, "sha256": digest}, entry)
+        _forget_oldest(folder)
+    except OSError:  # a read-only or full cache folder costs a hash per run, nothing else
+        pass
+    return digest
+
+
+def _forget_oldest(folder: Path) -> None:
+    entries = list(folder.glob("*.json"))
+    if len(entries) <= HASHES_KEPT:
+        return
+    by_age = sorted(entries, key=lambda f: f.stat().st_mtime_ns if f.exists() else 0)
+    for old in by_age[: len(entries) - HASHES_KEPT]:
+        old.unlink(missing_ok=True)
 
 
 def weights_identity(config: ExtractConfig) -> dict:
@@ -43,7 +89,7 @@ def weights_identity(config: ExtractConfig) -> dict:
         if key not in _FILE_IDS:
             while len(_FILE_IDS) >= FILE_IDS_KEPT:
                 del _FILE_IDS[next(iter(_FILE_IDS))]  # the oldest
-            _FILE_IDS[key] = identify(config.model, config.weights, config.seed, config.layer)
+            _FILE_IDS[key] = identify(config.model, config.weights, config.seed, config.layer, file_sha256)
         return _FILE_IDS[key]
     return identify(config.model, config.weights, config.seed, config.layer)
 

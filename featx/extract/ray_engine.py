@@ -237,7 +237,7 @@ def _run(
     size = max(1, min(config.rows_per_group, math.ceil(len(todo) / (PARTS_PER_ACTOR * n_actors))))
     parts = [(first + i, todo[s : s + size]) for i, s in enumerate(range(0, len(todo), size))]
     if parts:
-        weights = resolve(config.model, config.weights, config.seed, config.layer)
+        weights = resolve(config.model, config.weights, config.seed, config.layer, prov["weights"])
         weights_ref = [ray.put(weights)]  # in a list: the actors fetch it, Ray does not inline it
         del weights
         with _quiet_ray_data(ray), writing(folder.target):

@@ -38,6 +38,7 @@ from featx.store.lock import OutputLock, holder_path
 from featx.store.schema import (
     ERROR_COLUMNS,
     METADATA_KEY,
+    column,
     differing,
     errors_path,
     errors_table,
@@ -110,7 +111,7 @@ def stamp(table: pa.Table, stats: Mapping[str, Stat]) -> pa.Table:
     row_stats = [stats[p] for p in table.column("path").to_pylist()]
     for i, name in enumerate(STAT_COLUMNS):
         table = table.append_column(
-            pa.field(name, pa.int64(), nullable=False), pa.array([s[i] for s in row_stats], pa.int64())
+            pa.field(name, pa.int64(), nullable=False), column([s[i] for s in row_stats], pa.int64())
         )
     return table
 
@@ -124,11 +125,12 @@ def recorded(source: Path, stats: Mapping[str, Stat]) -> list[tuple[Key, Stat | 
         names = pq.read_schema(source).names
         keyed = [c for c in ("path", "region") if c in names]
         if all(c in names for c in STAT_COLUMNS):
-            t = pq.read_table(source, columns=[*keyed, *STAT_COLUMNS])
+            # ParquetFile, not pq.read_table (a dataset scan, which imports pandas into `featx extract`).
+            t = pq.ParquetFile(source).read(columns=[*keyed, *STAT_COLUMNS])
             return list(
                 zip(row_keys(t), zip(t.column(STAT_COLUMNS[0]).to_pylist(), t.column(STAT_COLUMNS[1]).to_pylist()))
             )
-        keys = row_keys(pq.read_table(source, columns=keyed))
+        keys = row_keys(pq.ParquetFile(source).read(columns=keyed))
     except (pa.ArrowException, OSError, KeyError) as e:  # cut short, overwritten, or not featx's
         if isinstance(e, OSError) and e.errno is not None:
             raise  # the OS speaking (permission, ...), not a damaged file

@@ -41,22 +41,42 @@ def feature_schema(dim: int, provenance: dict | None = None, regions: bool = Fal
 ERROR_SCHEMA = pa.schema([pa.field(c, pa.string()) for c in ERROR_COLUMNS])
 
 
+def column(values, type: pa.DataType) -> pa.Array:
+    """pa.array(values, type) for strings (None: null) and fixed-width numbers, built from buffers:
+    pa.array asks pyarrow's pandas shim first, which imports pandas (0.2 s) into `featx extract`."""
+    n = len(values)
+    if pa.types.is_string(type):
+        encoded = [None if v is None else str(v).encode() for v in values]
+        offsets = np.zeros(n + 1, np.int32)
+        np.cumsum([0 if b is None else len(b) for b in encoded], out=offsets[1:])
+        nulls = [i for i, b in enumerate(encoded) if b is None]
+        valid = None
+        if nulls:
+            mask = np.ones(n, bool)
+            mask[nulls] = False
+            valid = pa.py_buffer(np.packbits(mask, bitorder="little"))
+        data = pa.py_buffer(b"".join(b for b in encoded if b is not None))
+        return pa.Array.from_buffers(type, n, [valid, pa.py_buffer(offsets), data], null_count=len(nulls))
+    flat = np.ascontiguousarray(values, dtype=type.to_pandas_dtype())
+    return pa.Array.from_buffers(type, n, [None, pa.py_buffer(flat)])
+
+
 def rows_table(
     schema: pa.Schema, paths, labels, widths, heights, features: np.ndarray, regions=None, boxes=None
 ) -> pa.Table:
     """Rows in `schema`; a region schema also takes the region ids and their (x1, y1, x2, y2)."""
     features = np.ascontiguousarray(features, dtype=np.float32)
     dim = schema.field("feature").type.list_size
-    flat = pa.array(features.reshape(-1), type=pa.float32())
+    flat = column(features.reshape(-1), pa.float32())
     columns = [
-        pa.array(paths, pa.string()),
-        pa.array(labels, pa.string()),
-        pa.array(widths, pa.int32()),
-        pa.array(heights, pa.int32()),
+        column(paths, pa.string()),
+        column(labels, pa.string()),
+        column(widths, pa.int32()),
+        column(heights, pa.int32()),
     ]
     if "region" in schema.names:
         xyxy = np.asarray(boxes, dtype=np.int32).reshape(-1, 4)
-        columns += [pa.array(regions, pa.string())] + [pa.array(xyxy[:, j]) for j in range(4)]
+        columns += [column(regions, pa.string())] + [column(xyxy[:, j], pa.int32()) for j in range(4)]
     return pa.Table.from_arrays([*columns, pa.FixedSizeListArray.from_arrays(flat, dim)], schema=schema)
 
 

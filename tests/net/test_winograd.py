@@ -30,10 +30,10 @@ def direct(x, weight, bias, relu):
 
 
 def winograd_conv(x, weight, bias, relu, packed: bool, workspace=None, algorithm=winograd.F2, compiled=True):
-    u = winograd.transform_weight(weight, algorithm).to(x.dtype)
+    u = winograd.transform_weight(weight, algorithm)
     return winograd.conv3x3(
         x,
-        winograd.pack(u) if packed else u,
+        winograd.gemm_weights(u, x.dtype, algorithm, packed),
         bias.to(x.dtype),
         relu,
         workspace or winograd.Workspace(),

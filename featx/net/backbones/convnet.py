@@ -72,6 +72,7 @@ class DenseConvNet(nn.Module):
         """forward_pooled itself (torch's kernels, channels-last); on CUDA the padding is filled by
         one masked write per layer (few launches). Plan options (prepack, ...) are VGG's."""
         self.padding.masks = torch.device(device).type == "cuda"
+        self.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)  # in place: torch runs it
         return self.forward_pooled
 
     def flops(self, height: int, width: int) -> int:

@@ -172,7 +172,8 @@ class SameShape(nn.Module):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True).flatten(1).float()
 
     def lower(self, device: torch.device, dtype: torch.dtype, **options):
-        """forward_pooled itself (torch's kernels)."""
+        """forward_pooled itself (torch's kernels), the net moved to `device` and `dtype` in place."""
+        self.eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         return self.forward_pooled
 
     def flops(self, height: int, width: int) -> int:

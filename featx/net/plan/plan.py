@@ -60,7 +60,8 @@ def winograd_channels(dtype: torch.dtype) -> tuple[int, int, bool]:
     """(least input channels, least output channels, transforms compiled) for Winograd in `dtype`
     on this machine (builds featx.net.plan.winograd_kernels on first use)."""
     algorithm = winograd_algorithm(dtype)
-    compiled = winograd_kernels.kernels(algorithm, dtype) is not None
+    wide = winograd.wide_components(algorithm, dtype)
+    compiled = winograd_kernels.kernels(algorithm, dtype, wide) is not None
     return (*WINOGRAD_MIN_CHANNELS[(algorithm, compiled)], compiled)
 
 
@@ -68,9 +69,13 @@ def conv_kernels(device: torch.device, dtype: torch.dtype) -> str:
     """In words, which kernels a default Plan runs the convolutions with (for provenance)."""
     if device.type == "cpu" and onednn_prepack_works(dtype):
         least_in, least_out, compiled = winograd_channels(dtype)
+        algorithm = winograd_algorithm(dtype)
+        wide = winograd.wide_components(algorithm, dtype)
         return (
             f"oneDNN, weights pre-packed; 3x3 convs of >= {least_in} -> {least_out} channels by Winograd "
-            f"{winograd_algorithm(dtype).name}, transforms {'compiled' if compiled else 'by torch ops'}"
+            f"{algorithm.name}"
+            + (f" ({len(wide)} of its {algorithm.t**2} products in fp32)" if wide else "")
+            + f", transforms {'compiled' if compiled else 'by torch ops'}"
         )
     return "cuDNN (its own algorithm choice)" if device.type == "cuda" else "torch's default kernels"
 
@@ -156,9 +161,11 @@ class Plan:
         if self.winograd and winograd_suits(conv, *self.winograd_channels):
             algorithm = winograd_algorithm(self.dtype)
             w, b = folded(conv, bn, torch.float32)  # transform in fp32, then round once
-            u = winograd.transform_weight(w.to(self.device), algorithm).to(self.dtype)
-            # Only the packed copy is kept: U itself is 4x (fp32, F(4x4)) the conv's weight.
-            return WinogradConv(winograd.pack(u), b.to(self.device, self.dtype), relu, self.workspace, algorithm)
+            u = winograd.transform_weight(w.to(self.device), algorithm)
+            # Only the packed copy is kept: U itself is 4x (fp32, F(4x4)) the conv's weight. The
+            # bias stays fp32: it rides on a product that is fp32 in bf16 (Algorithm.wide).
+            weights = winograd.gemm_weights(u, self.dtype, algorithm, packed=True)
+            return WinogradConv(weights, b.to(self.device), relu, self.workspace, algorithm)
         w, b = folded(conv, bn, self.dtype)
         w, b = w.to(self.device).contiguous(memory_format=torch.channels_last), b.to(self.device)
         plain = w if self.packed and self.dtype == torch.float32 else None

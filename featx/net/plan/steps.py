@@ -118,8 +118,8 @@ class Conv:
 class WinogradConv:
     """A 3x3 conv (stride 1, padding 1) [+ folded BN] [+ ReLU] by Winograd (featx.net.plan.winograd)."""
 
-    weights: list[torch.Tensor] = field(repr=False)  # the transformed kernel, packed for oneDNN's GEMMs
-    bias: torch.Tensor
+    weights: list[torch.Tensor] = field(repr=False)  # the transformed kernel: winograd.gemm_weights, packed
+    bias: torch.Tensor  # fp32
     relu: bool
     workspace: winograd.Workspace = field(repr=False)
     algorithm: winograd.Algorithm = winograd.F2

@@ -11,6 +11,15 @@ bf16: 3% relative L2 error per layer against F(2x2)'s 0.6% and direct bf16's 0.3
 larger max error; so the plan runs it in fp32 only). F(3x3, 3x3) in bf16 was 6-14% faster than
 F(2x2) per layer at 1.8% error: not used.
 
+In bf16 one of F(2x2)'s 16 products carries most of its error: B's row (0, 1, 1, 0) sums the
+two middle inputs, so on non-negative, smooth maps (what follows a ReLU) the tile's middle
+component V[1,1] is ~4x the others, and the rounding of V[1,1], U[1,1] and M[1,1] to bf16 made
+~80% of the layer's error (relative L2 on VGG16's activations: 0.0017 each, the other 15
+components 0.0001-0.0004 each). That component (Algorithm.wide) is kept in fp32 throughout:
+its input transform written in fp32, its GEMM in fp32 (1 of 16 at half bf16's rate: ~6% more
+GEMM time), its bias exact. Per layer a bf16 F(2x2) then errs less than oneDNN's direct bf16
+conv (benchmarks/layers.py --errors), and the descriptor is closer to fp32 than direct bf16's.
+
 Lavin & Gray benchmarked it on VGG: on a CPU the GEMMs dominate where channels are many. With
 the transforms as torch ops their memory traffic costs more than the saved products below 128
 input channels; with featx.net.plan.winograd_kernels' one-pass transforms Winograd pays from 64 (VGG's
@@ -42,6 +51,9 @@ class Algorithm:
     bt: tuple[tuple[float, ...], ...]
     g: tuple[tuple[float, ...], ...]
     at: tuple[tuple[float, ...], ...]
+    # Components a*t + b computed in fp32 when the layer runs in a narrower dtype (bf16): where
+    # the transformed values are largest on non-negative maps (see the module docstring).
+    wide: tuple[int, ...] = ()
 
     @property
     def m(self) -> int:
@@ -62,6 +74,7 @@ F2 = Algorithm(
     bt=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
     g=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
     at=((1, 1, 1, 0), (0, 1, -1, -1)),
+    wide=(1 * 4 + 1,),  # V[1,1] = (d11 + d12 + d21 + d22) - ...: the sum of the tile's middle
 )
 F4 = Algorithm(
     "F(4x4, 3x3)",
@@ -130,11 +143,15 @@ class Workspace:
     def __init__(self):
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def get(
+        self, role: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """A buffer of `shape` on `like`'s device, in `dtype` (default: `like`'s)."""
         n = math.prod(shape)
+        dtype = dtype or like.dtype
         buf = self._buffers.get(role)
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.empty(n, dtype=like.dtype, device=like.device)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != like.device:
+            buf = torch.empty(n, dtype=dtype, device=like.device)
             self._buffers[role] = buf
         return buf[:n].view(shape)
 
@@ -144,9 +161,21 @@ class Workspace:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
 
-def pack(u: torch.Tensor) -> list[torch.Tensor]:
-    """U [t*t, C, K] as oneDNN-packed linear weights (5-20% faster GEMMs than torch.mm here)."""
-    return [torch.ops.mkldnn._reorder_linear_weight(u[a].t().contiguous(), None) for a in range(u.shape[0])]
+def wide_components(algorithm: Algorithm, dtype: torch.dtype) -> tuple[int, ...]:
+    """The components a layer in `dtype` computes in fp32: the algorithm's wide ones below fp32."""
+    return algorithm.wide if dtype in (torch.bfloat16, torch.float16) else ()
+
+
+def gemm_weights(u: torch.Tensor, dtype: torch.dtype, algorithm: Algorithm, packed: bool) -> list[torch.Tensor]:
+    """U [t*t, C, K] (fp32, from transform_weight) as conv3x3's t*t GEMM weights: each rounded
+    once to `dtype`, the wide components (wide_components) kept in fp32; oneDNN-packed linear
+    weights (5-20% faster GEMMs than torch.mm here) or plain [C, K] for torch.mm."""
+    wide = wide_components(algorithm, dtype)
+    out = []
+    for a in range(u.shape[0]):
+        ua = u[a].to(torch.float32 if a in wide else dtype)
+        out.append(torch.ops.mkldnn._reorder_linear_weight(ua.t().contiguous(), None) if packed else ua.contiguous())
+    return out
 
 
 def conv3x3(
@@ -160,35 +189,41 @@ def conv3x3(
     compiled: bool = True,
 ) -> torch.Tensor:
     """3x3 conv, stride 1, padding 1, of a channels-last batch `x` [N, C, H, W] -> channels-last
-    [N, K, H, W] (+ bias, ReLU if asked), written into `out` if given. `weights`: U from
-    transform_weight(weight, algorithm) for torch.mm (any device), or pack(U) for oneDNN's GEMMs (CPU).
-    `compiled`: run the transforms by featx.net.plan.winograd_kernels where they can be built (CPU,
-    fp32/bf16; per layer 1.11-1.31x in bf16 F(2x2), 1.07-1.11x in fp32 F(4x4) over the torch
-    ops on a 2-core Zen); False, or where they cannot, by torch ops."""
+    [N, K, H, W] (+ bias, ReLU if asked), written into `out` if given. `weights`: the t*t GEMM
+    weights from gemm_weights (oneDNN-packed on the CPU, or plain for torch.mm on any device; a
+    component whose weight is fp32 while `x` is narrower runs in fp32 throughout), or U from
+    transform_weight in `x`'s dtype (one torch.bmm). `compiled`: run the transforms by
+    featx.net.plan.winograd_kernels where they can be built (CPU, fp32/bf16; per layer
+    1.11-1.31x in bf16 F(2x2), 1.07-1.11x in fp32 F(4x4) over the torch ops on a 2-core Zen);
+    False, or where they cannot, by torch ops."""
     n, c, h, w = x.shape
     k = bias.shape[0]
     m, t = algorithm.m, algorithm.t
     th, tw = -(-h // m), -(-w // m)  # tiles down and across (the last may hang over)
     xn = x.permute(0, 2, 3, 1)  # NHWC view of channels-last memory
     y = x.new_empty(n, h, w, k) if out is None else out.permute(0, 2, 3, 1)  # NHWC view
+    per_component = isinstance(weights, list)
+    wide = tuple(a for a in range(t * t) if per_component and weights[a].dtype != x.dtype)
     native = None
     if compiled and x.device.type == "cpu" and xn.is_contiguous() and y.is_contiguous():
-        native = winograd_kernels.kernels(algorithm, x.dtype)
-    band = max(1, min(th, BAND_BYTES // max(1, t * t * n * tw * (c + k) * x.element_size())))
+        native = winograd_kernels.kernels(algorithm, x.dtype, wide)
+    # Bytes per tile: t*t transformed inputs and products, the wide ones in fp32.
+    per_tile = (t * t - len(wide)) * (c + k) * x.element_size() + len(wide) * (c + k) * 4
+    band = max(1, min(th, BAND_BYTES // max(1, n * tw * per_tile)))
     band = max(band, min(th, -(-MIN_BAND_TILES // (n * tw))))
+    at_bias = algorithm.bias_at * (t + 1)  # the bias rides on the one product every output sums once
     for t0 in range(0, th, band):
         rows = min(th, t0 + band) - t0
         p = n * rows * tw
+        vw = workspace.get("v wide", (len(wide), p, c), x, torch.float32) if wide else None
         if native is not None:  # one pass: tiles read (zero outside the image), transformed, written
             vv = workspace.get("v", (t * t, p, c), x)
-            native.input(xn, vv, t0, rows, tw)
+            native.input(xn, vv, t0, rows, tw, vw)
         else:
-            vv = _input_transform(xn, workspace, algorithm, t0, rows, tw)
-        # t*t GEMMs over channels; the bias rides on the one product every output sums once.
-        at_bias = algorithm.bias_at * (t + 1)
-        if isinstance(weights, list):
+            vv = _input_transform(xn, workspace, algorithm, t0, rows, tw, wide, vw)
+        if per_component:  # t*t GEMMs over channels
             mats = [
-                torch.ops.mkldnn._linear_pointwise(vv[a], weights[a], bias if a == at_bias else None, "none", [], "")
+                _gemm(vw[wide.index(a)] if a in wide else vv[a], weights[a], bias if a == at_bias else None)
                 for a in range(t * t)
             ]
         else:
@@ -202,10 +237,27 @@ def conv3x3(
     return y.permute(0, 3, 1, 2)
 
 
+def _gemm(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """v [tiles, C] times one component's weight (packed [K, C] or plain [C, K]) [+ bias], in v's dtype."""
+    if bias is not None:
+        bias = bias.to(v.dtype)
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(v, weight, bias, "none", [], "")
+    return torch.mm(v, weight) if bias is None else torch.addmm(bias, v, weight)
+
+
 def _input_transform(
-    xn: torch.Tensor, workspace: Workspace, algorithm: Algorithm, t0: int, rows: int, tw: int
+    xn: torch.Tensor,
+    workspace: Workspace,
+    algorithm: Algorithm,
+    t0: int,
+    rows: int,
+    tw: int,
+    wide: tuple[int, ...] = (),
+    vw: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """V = B' d B for the tiles of tile rows t0 .. t0 + rows by torch ops -> [t*t, tiles, C]."""
+    """V = B' d B for the tiles of tile rows t0 .. t0 + rows by torch ops -> [t*t, tiles, C];
+    the `wide` components are also written in fp32 into `vw` [len(wide), tiles, C]."""
     n, h, w, c = xn.shape
     m, t, bt = algorithm.m, algorithm.t, algorithm.bt
     # Zero-padded input slab: input rows m*t0 - 1 .. m*t1, columns -1 .. m*tw.
@@ -227,6 +279,10 @@ def _input_transform(
         col_views = [half[a][:, :, j : j + m * tw : m] for j in range(t)]
         for b in range(t):
             _combine(bt[b], col_views, v[a, b])
+    for j, ab in enumerate(wide):  # from the exact inputs, every sum in fp32
+        a, b = divmod(ab, t)
+        half32 = _combine(bt[a], [r.float() for r in row_views], torch.empty_like(half[a], dtype=torch.float32))
+        _combine(bt[b], [half32[:, :, i : i + m * tw : m] for i in range(t)], vw[j].view(n, rows, tw, c))
     return v.view(t * t, n * rows * tw, c)
 
 
@@ -240,15 +296,17 @@ def _output_transform(
     tw: int,
     relu: bool,
 ) -> None:
-    """y = A' M A for tile rows t0 .. t0 + rows by torch ops, into NHWC `y` (+ ReLU)."""
+    """y = A' M A for tile rows t0 .. t0 + rows by torch ops, into NHWC `y` (+ ReLU). Where a
+    product is fp32 (a wide component of a bf16 layer) the sums are too, and `y` is rounded once."""
     n, h, w, k = y.shape
     m, t, at = algorithm.m, algorithm.t, algorithm.at
     t1 = t0 + rows
+    wide = any(mat.dtype != y.dtype for mat in mats)
     # Along rows (o[i, b] = sum_a A'[i, a] M[a, b]), then columns into y.
-    o = workspace.get("o", (m, t, n * rows * tw, k), y)
+    o = workspace.get("o", (m, t, n * rows * tw, k), y, torch.float32 if wide else None)
     for i in range(m):
         for b in range(t):
-            _combine(at[i], [mats[a * t + b] for a in range(t)], o[i, b])
+            _combine(at[i], [mats[a * t + b].to(o.dtype) for a in range(t)], o[i, b])
     for i in range(m):
         nr = min(t1, (h - i + m - 1) // m) - t0  # output rows m*r + i of this band inside the image
         if nr <= 0:
@@ -257,6 +315,9 @@ def _output_transform(
         for j in range(m):
             nc = (w - j + m - 1) // m
             dest = y[:, m * t0 + i : m * (t0 + nr - 1) + i + 1 : m, j : m * (nc - 1) + j + 1 : m]
-            _combine(at[j], [qb[:, :, :nc] for qb in q], dest)
+            exact = dest if dest.dtype == o.dtype else torch.empty(dest.shape, dtype=o.dtype, device=dest.device)
+            _combine(at[j], [qb[:, :, :nc] for qb in q], exact)
             if relu:
-                dest.relu_()
+                exact.relu_()
+            if exact is not dest:
+                dest.copy_(exact)

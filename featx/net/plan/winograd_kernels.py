@@ -7,7 +7,9 @@ one loop nest: a tile's t x t inputs are read once (zero outside the image), com
 registers with the matrices' coefficients as compile-time constants (zeros and +-1 fold
 away), and written once; the inner loop runs over channels, which channels-last memory keeps
 contiguous, so the compiler vectorises it. Values are combined in fp32 and rounded once to
-the dtype (bf16: round to nearest even), one rounding fewer than the torch path per op.
+the dtype (bf16: round to nearest even), one rounding fewer than the torch path per op. A bf16
+layer's wide components (featx.net.plan.winograd.Algorithm.wide) are written to, and read
+from, fp32 buffers of their own, unrounded.
 
 The source is generated per algorithm and compiled on first use with the system's C compiler
 (`cc -O3 -march=native -fopenmp`) into featx's cache folder, keyed by the source and this CPU,
@@ -81,8 +83,9 @@ def _linear(coefficients, terms: list[str]) -> str:
     return "".join(parts).lstrip("+") or "0.0f"
 
 
-def _source(algorithm, dtype: torch.dtype, name: str) -> str:
-    """C for the input and output transforms of `algorithm` in `dtype`."""
+def _source(algorithm, dtype: torch.dtype, name: str, wide: tuple[int, ...] = ()) -> str:
+    """C for the input and output transforms of `algorithm` in `dtype`; the `wide` components
+    (a*t + b) go to and come from fp32 buffers instead (vw: [len(wide), tiles, c]; ms[a]: float*)."""
     ctype, load, store = _TYPES[dtype]
     m, t, bt, at = algorithm.m, algorithm.t, algorithm.bt, algorithm.at
     # Input: d[i][j] loaded, rows combined (s[a][j] = sum_i B'[a][i] d[i][j]), then columns.
@@ -94,12 +97,14 @@ def _source(algorithm, dtype: torch.dtype, name: str) -> str:
         for a in range(t)
         for j in range(t)
     )
-    cols = "\n".join(
-        f"            v[((long){a * t + b} * tiles + p) * c + ch] = "
-        f"{store.format(x=_linear(bt[b], [f's{a}_{j}' for j in range(t)]))};"
-        for a in range(t)
-        for b in range(t)
-    )
+
+    def v_store(a: int, b: int) -> str:
+        value = _linear(bt[b], [f"s{a}_{j}" for j in range(t)])
+        if a * t + b in wide:
+            return f"            vw[((long){wide.index(a * t + b)} * tiles + p) * c + ch] = {value};"
+        return f"            v[((long){a * t + b} * tiles + p) * c + ch] = {store.format(x=value)};"
+
+    cols = "\n".join(v_store(a, b) for a in range(t) for b in range(t))
     pointers = "\n".join(
         f"            const {ctype}* p{i}_{j} = (y0 + {i} >= 0 && y0 + {i} < h && x0 + {j} >= 0 && x0 + {j} < w)"
         f" ? x + ((img * h + y0 + {i}) * w + x0 + {j}) * c : zeros;"
@@ -108,7 +113,12 @@ def _source(algorithm, dtype: torch.dtype, name: str) -> str:
     )
     # Output: q[a][j] = sum_b M[a][b] A'[j][b] (columns), then o[i][j] = sum_a A'[i][a] q[a][j].
     mloads = "\n".join(
-        f"            float g{a}_{b} = {load.format(x=f'ms[{a * t + b}][p * k + ch]')};"
+        f"            float g{a}_{b} = "
+        + (
+            f"((const float*)ms[{a * t + b}])[p * k + ch];"
+            if a * t + b in wide
+            else f"{load.format(x=f'((const {ctype}*)ms[{a * t + b}])[p * k + ch]')};"
+        )
         for a in range(t)
         for b in range(t)
     )
@@ -133,9 +143,10 @@ def _source(algorithm, dtype: torch.dtype, name: str) -> str:
         for j in range(m)
     )
     return f"""
-/* Input transform, {algorithm.name}, {dtype}: tile rows u0..u1 of a band (u = image * rows + row). */
-void {name}_in(const {ctype}* x, {ctype}* __restrict v, const {ctype}* zeros, long n, long h, long w, long c,
-               long t0, long rows, long tw, long u0, long u1) {{
+/* Input transform, {algorithm.name}, {dtype}: tile rows u0..u1 of a band (u = image * rows + row);
+   components {list(wide)} to vw in fp32. */
+void {name}_in(const {ctype}* x, {ctype}* __restrict v, float* __restrict vw, const {ctype}* zeros,
+               long n, long h, long w, long c, long t0, long rows, long tw, long u0, long u1) {{
     const long tiles = n * rows * tw;
     #pragma omp parallel for schedule(static) if (u1 - u0 > 1)
     for (long u = u0; u < u1; u++) {{
@@ -155,8 +166,9 @@ void {name}_in(const {ctype}* x, {ctype}* __restrict v, const {ctype}* zeros, lo
 }}
 
 /* Output transform, {algorithm.name}, {dtype}: GEMM outputs ms[t*t] ([tiles, k] each, bias
-   included) to y (NHWC, image size h x w), ReLU if asked, for tile rows u0..u1 of the band. */
-void {name}_out({ctype}* const* ms, {ctype}* y, long n, long h, long w, long k,
+   included; fp32 for components {list(wide)}) to y (NHWC, image size h x w), ReLU if asked,
+   for tile rows u0..u1 of the band. */
+void {name}_out(const void* const* ms, {ctype}* y, long n, long h, long w, long k,
                 long t0, long rows, long tw, long relu, long u0, long u1) {{
     #pragma omp parallel for schedule(static) if (u1 - u0 > 1)
     for (long u = u0; u < u1; u++) {{
@@ -229,8 +241,8 @@ def _compile(source: str) -> Path | None:
 class Kernels:
     """The compiled transforms of one algorithm in one dtype, split over threads."""
 
-    def __init__(self, lib: ctypes.CDLL, name: str, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, lib: ctypes.CDLL, name: str, dtype: torch.dtype, wide: tuple[int, ...] = ()):
+        self.dtype, self.wide = dtype, wide
         self._in, self._out = getattr(lib, f"{name}_in"), getattr(lib, f"{name}_out")
         for f in (self._in, self._out):
             f.restype = None
@@ -260,9 +272,14 @@ class Kernels:
         for f in [pool.submit(call, a, b) for a, b in itertools.pairwise(bounds) if b > a]:
             f.result()
 
-    def input(self, x: torch.Tensor, v: torch.Tensor, t0: int, rows: int, tw: int) -> None:
-        """x: NHWC contiguous [n, h, w, c]; v: [t*t, n*rows*tw, c] contiguous (written)."""
+    def input(
+        self, x: torch.Tensor, v: torch.Tensor, t0: int, rows: int, tw: int, vw: torch.Tensor | None = None
+    ) -> None:
+        """x: NHWC contiguous [n, h, w, c]; v: [t*t, n*rows*tw, c] contiguous (written; the wide
+        components' slots are not); vw: [len(wide), n*rows*tw, c] fp32 contiguous (written)."""
         n, h, w, c = x.shape
+        if self.wide and (vw is None or vw.dtype != torch.float32 or vw.shape[0] != len(self.wide)):
+            raise ValueError(f"these kernels write components {self.wide} to an fp32 vw of as many rows")
         zeros = self._zeros_for(c)
         L = ctypes.c_long
 
@@ -270,6 +287,7 @@ class Kernels:
             self._in(
                 ctypes.c_void_p(x.data_ptr()),
                 ctypes.c_void_p(v.data_ptr()),
+                ctypes.c_void_p(vw.data_ptr() if vw is not None else 0),
                 ctypes.c_void_p(zeros.data_ptr()),
                 L(n),
                 L(h),
@@ -285,8 +303,12 @@ class Kernels:
         self._split(call, n * rows)
 
     def output(self, mats: list[torch.Tensor], y: torch.Tensor, t0: int, rows: int, tw: int, relu: bool) -> None:
-        """mats: t*t GEMM outputs [n*rows*tw, k], contiguous; y: NHWC contiguous [n, h, w, k] (written)."""
+        """mats: t*t GEMM outputs [n*rows*tw, k], contiguous (fp32 for the wide components, else
+        the kernels' dtype); y: NHWC contiguous [n, h, w, k] (written)."""
         n, h, w, k = y.shape
+        want = [torch.float32 if a in self.wide else self.dtype for a in range(len(mats))]
+        if [m.dtype for m in mats] != want or not all(m.is_contiguous() for m in mats):
+            raise ValueError(f"the GEMM outputs must be contiguous, in {want}")
         pointers = (ctypes.c_void_p * len(mats))(*[m.data_ptr() for m in mats])
         L = ctypes.c_long
 
@@ -310,19 +332,21 @@ class Kernels:
 
 
 @cache
-def kernels(algorithm, dtype: torch.dtype) -> Kernels | None:
-    """Compiled transforms for `algorithm` in `dtype` (fp32 or bf16) on this CPU, or None where
-    they cannot be built (no C compiler, a failed build, another dtype)."""
-    if dtype not in _TYPES:
+def kernels(algorithm, dtype: torch.dtype, wide: tuple[int, ...] = ()) -> Kernels | None:
+    """Compiled transforms for `algorithm` in `dtype` (fp32 or bf16) on this CPU, the `wide`
+    components (a*t + b) in fp32, or None where they cannot be built (no C compiler, a failed
+    build, another dtype)."""
+    if dtype not in _TYPES or (wide and dtype == torch.float32):
         return None
     name = (
         "wg_"
         + hashlib.sha256(algorithm.name.encode()).hexdigest()[:8]
         + ("_bf16" if dtype == torch.bfloat16 else "_f32")
+        + "".join(f"_w{a}" for a in wide)
     )
-    source = _PRELUDE + _source(algorithm, dtype, name)
+    source = _PRELUDE + _source(algorithm, dtype, name, wide)
     try:
         path = _compile(source)
-        return Kernels(ctypes.CDLL(str(path)), name, dtype) if path is not None else None
+        return Kernels(ctypes.CDLL(str(path)), name, dtype, wide) if path is not None else None
     except (OSError, subprocess.SubprocessError, AttributeError):
         return None
