@@ -197,14 +197,18 @@ def _walk(root: Path, extensions: frozenset[str]) -> list[Item]:
     found: dict[str, Item] = {}
     escaped: list[Item] = []  # names that are not UTF-8, recorded as `as_text` writes them
     for folder, _, filenames in walk(root):
+        # Once per folder, not per file: its real path, its relative one, its label.
+        rel_folder = folder.relative_to(root)
+        if _is_hidden(rel_folder):
+            continue
         real_folder = folder.resolve()
+        prefix = f"{rel_folder.as_posix()}/" if rel_folder.parts else ""
+        label = rel_folder.name if rel_folder.parts else None
         for name in filenames:
-            file = folder / name
-            rel = file.relative_to(root)
-            if _is_hidden(rel):
+            if name.startswith("."):
                 continue
-            path = rel.as_posix()
-            label = rel.parent.name if len(rel.parts) > 1 else None
+            file = folder / name
+            path = prefix + name
             text = as_text(path)
             item = _look_at(file, text, None if label is None else as_text(label), extensions, real_folder)
             if item is None:
