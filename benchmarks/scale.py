@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py                       # 100k files, 1M rows of 64-D (and a tenth of each)
     python benchmarks/scale.py --files 2000 --rows 20000 --stages plan merge info   # a quick check
-    python benchmarks/scale.py --rows 100000 --dim 4096 --stages info index        # wide rows
+    python benchmarks/scale.py --rows 100000 --dim 4096 --stages info index-ivf  # wide rows
 
 Synthetic inputs, no net: the files are hard links to one tiny JPEG (one inode, little disk),
 the rows are zeros-and-noise features written with featx's store writer. Every stage runs at
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-STAGES = ("plan", "merge", "resume", "info", "index-ivf", "index-hnsw")
+STAGES = ("plan", "merge", "resume", "merge-file", "info", "index-ivf", "index-hnsw")
 PER_FOLDER = 1000  # images per class folder, as a large photo collection is laid out
 ROWS_PER_GROUP = 64  # featx extract's default --rows-per-group: how its files are grouped
 PART_ROWS = 1000  # rows per part of the dataset folder (and per piece of the single file)
@@ -87,15 +87,16 @@ def _plan(images: Path, out: Path) -> dict:
     return {"rows": len(job.items), "todo": len(todo), "discovery_s": discovered}
 
 
-def _merge(images: Path, out: Path, dim: int) -> dict:
-    """Parts written as the Ray engine writes them (untimed), then the folder's finish (timed)."""
+def _merge(images: Path, out: Path, dim: int, single_file: bool = False) -> dict:
+    """Pieces written as the engines write them (untimed), then the output's finish (timed):
+    a dataset folder's (--engine ray), or with `single_file` the one file's merge (local)."""
     from featx.extract.config import ExtractConfig
     from featx.extract.job import plan_job
-    from featx.store import DatasetFolder, feature_schema, rows_table
+    from featx.store import DatasetFolder, SingleFile, feature_schema, rows_table
 
     job = plan_job([images], ExtractConfig(model="vgg16", weights="random", layer="pool5", scales=(32,)))
     schema = feature_schema(dim, PROVENANCE | {"dim": dim})
-    folder = DatasetFolder(out)
+    folder = SingleFile(out.with_suffix(".parquet")) if single_file else DatasetFolder(out)
     with folder:
         todo = job.todo(folder, PROVENANCE)
         X = np.zeros((PART_ROWS, dim), np.float32)
@@ -105,7 +106,7 @@ def _merge(images: Path, out: Path, dim: int) -> dict:
             rows = rows_table(schema, [it.path for it in part], [it.label for it in part], ones, ones, X[: len(part)])
             folder.add(rows, [], index=i)
         t = time.perf_counter()
-        finished = folder.finish()
+        finished = folder.finish(schema) if single_file else folder.finish()
         return {"rows": finished.rows, "timed_s": time.perf_counter() - t}
 
 
@@ -138,8 +139,8 @@ def stage(args) -> None:
     t = time.perf_counter()
     if args.stage == "plan":
         r = _plan(args.images, args.out)
-    elif args.stage == "merge":
-        r = _merge(args.images, args.out, args.dim)
+    elif args.stage in ("merge", "merge-file"):
+        r = _merge(args.images, args.out, args.dim, single_file=args.stage == "merge-file")
     elif args.stage == "resume":
         r = _resume(args.images, args.out)
     elif args.stage == "info":
@@ -200,8 +201,10 @@ def main() -> None:
                         paths["out"] = root / f"fresh-{n}"
                     if stage_name == "resume" and not out.exists():
                         run_stage("merge", images=images, out=out, dim=args.dim)
-                    if stage_name == "merge":
+                    if stage_name in ("merge", "merge-file"):
                         paths["dim"] = args.dim
+                    if stage_name == "merge-file":
+                        paths["out"] = root / f"file-{n}"
                 setup = time.perf_counter() - t
                 r = run_stage(stage_name, **paths)
                 r |= {"stage": stage_name, "n": n, "us_per_row": 1e6 * r["seconds"] / n, "setup_s": setup}
