@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,9 @@ TABLE_SUFFIXES = (".parquet", ".csv")
 RECALL_QUERIES = 1000
 # Query rows per FAISS call when listing duplicates: bounds the result buffers.
 BLOCK = 4096
+# IVF's k-means learns its lists from at most this many rows per list, a seeded sample: FAISS
+# wants >= 39 per list and its docs 30-256; on every row, 1M rows (4,000 lists) cost minutes more.
+TRAIN_ROWS_PER_LIST = 50
 
 
 def faiss_module():
@@ -125,30 +130,12 @@ class Index:
         if kind not in KINDS:
             raise BadInput(f"unknown --kind {kind!r}; choose one of {', '.join(KINDS)}")
         X = normalized(X)
-        n, d = X.shape
+        n = len(X)
         if len(rows) != n:
             raise BadInput(f"{len(rows)} row names for {n} rows; give one path per row")
         t = time.perf_counter()
-        params: dict = {}
-        if kind == "flat":
-            index = faiss.IndexFlatIP(d)
-        elif kind == "hnsw":
-            if m < 4:
-                raise BadInput(f"--m {m} is too small for HNSW; use 16-64")
-            index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = max(40, 2 * m)
-            params = {"m": m, "ef_construction": index.hnsw.efConstruction, "ef_search": ef_search}
-        else:
-            # FAISS's rule of thumb: about 4 * sqrt(n) lists, each trained on >= 39 points.
-            nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
-            if not 1 <= nlist <= n:
-                raise BadInput(f"--nlist {nlist} must be between 1 and the {n} rows")
-            quantizer = faiss.IndexFlatIP(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.cp.seed = seed
-            index.train(X)
-            params = {"nlist": nlist, "nprobe": min(nprobe, nlist)}
-        index.add(X)
+        with faiss_threads(faiss):
+            index, params = _build(faiss, X, kind, m, ef_search, nlist, nprobe, seed)
         seconds = time.perf_counter() - t
         result = cls(
             index,
@@ -162,7 +149,8 @@ class Index:
         )
         result._apply_params()
         if kind != "flat":
-            result.recall = measure_recall(result, X, recall_k, seed)
+            with faiss_threads(faiss):
+                result.recall = measure_recall(result, X, recall_k, seed)
         return result
 
     def _apply_params(self) -> None:
@@ -415,6 +403,56 @@ def write_table(table: pd.DataFrame, path: str | Path) -> Path:
     else:
         store.write_atomic(pa.Table.from_pandas(table, preserve_index=False), path)
     return path
+
+
+def _build(faiss, X: np.ndarray, kind: str, m: int, ef_search: int, nlist: int | None, nprobe: int, seed: int):
+    """(a faiss index holding the rows of X, its parameters), parameters chosen from the data."""
+    n, d = X.shape
+    if kind == "flat":
+        index, params = faiss.IndexFlatIP(d), {}
+    elif kind == "hnsw":
+        if m < 4:
+            raise BadInput(f"--m {m} is too small for HNSW; use 16-64")
+        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = max(40, 2 * m)
+        params = {"m": m, "ef_construction": index.hnsw.efConstruction, "ef_search": ef_search}
+    else:
+        # FAISS's rule of thumb: about 4 * sqrt(n) lists, each trained on >= 39 points.
+        nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
+        if not 1 <= nlist <= n:
+            raise BadInput(f"--nlist {nlist} must be between 1 and the {n} rows")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        train = training_rows(n, nlist, seed)
+        index.train(X if train is None else X[train])
+        params = {"nlist": nlist, "nprobe": min(nprobe, nlist), "train_rows": n if train is None else len(train)}
+    index.add(X)
+    return index, params
+
+
+def training_rows(n: int, nlist: int, seed: int) -> np.ndarray | None:
+    """The sorted rows IVF's k-means learns from (a seeded sample), or None for all n rows."""
+    size = TRAIN_ROWS_PER_LIST * nlist
+    if n <= size:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def build_threads() -> int:
+    """The threads FAISS builds and measures with: every core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def faiss_threads(faiss) -> Iterator[None]:
+    """FAISS's OpenMP threads at every core for the block, the caller's count restored after
+    (torch or a user may have lowered the process-wide count, e.g. to one per --jobs worker)."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(build_threads())
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def normalized(X: np.ndarray) -> np.ndarray:

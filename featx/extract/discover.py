@@ -80,15 +80,21 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def _look_at(file: Path, path: str, label: str | None, extensions: frozenset[str]) -> Item | None:
+def _look_at(
+    file: Path, path: str, label: str | None, extensions: frozenset[str], real_folder: Path | None = None
+) -> Item | None:
     """The Item of one file discovery looks at, or None if it is no image.
 
     A file named like an image (or a header Pillow knows) always gets an Item, so it ends as a
     row or an errors entry: a broken link, a FIFO or an unreadable file carries its failure.
+    `real_folder`, the file's folder resolved, spares resolving each file that is no link.
     """
     named = file.suffix.lower() in extensions
     try:
-        st = file.stat()
+        st = os.lstat(file)
+        linked = stat.S_ISLNK(st.st_mode)
+        if linked:
+            st = os.stat(file)
     except OSError as e:
         if not named:
             return None
@@ -108,8 +114,14 @@ def _look_at(file: Path, path: str, label: str | None, extensions: frozenset[str
             if not is_image(file):
                 return None
         except ImageError as e:  # cannot even be read: it might be an image, so it is reported
-            return Item(file.resolve(), path, label, failure=(e.stage, e.error, e.message))
-    return Item(file.resolve(), path, label)
+            return Item(_real(file, linked, real_folder), path, label, failure=(e.stage, e.error, e.message))
+    return Item(_real(file, linked, real_folder), path, label)
+
+
+def _real(file: Path, linked: bool, real_folder: Path | None) -> Path:
+    # resolve() lstats every component of the path: per file, that was most of discovering
+    # 100k files; a file that is no link is its resolved folder's entry.
+    return file.resolve() if linked or real_folder is None else real_folder / file.name
 
 
 def discover(paths: list[str | Path]) -> list[Item]:
@@ -185,15 +197,20 @@ def _walk(root: Path, extensions: frozenset[str]) -> list[Item]:
     found: dict[str, Item] = {}
     escaped: list[Item] = []  # names that are not UTF-8, recorded as `as_text` writes them
     for folder, _, filenames in walk(root):
+        # Once per folder, not per file: its real path, its relative one, its label.
+        rel_folder = folder.relative_to(root)
+        if _is_hidden(rel_folder):
+            continue
+        real_folder = folder.resolve()
+        prefix = f"{rel_folder.as_posix()}/" if rel_folder.parts else ""
+        label = rel_folder.name if rel_folder.parts else None
         for name in filenames:
-            file = folder / name
-            rel = file.relative_to(root)
-            if _is_hidden(rel):
+            if name.startswith("."):
                 continue
-            path = rel.as_posix()
-            label = rel.parent.name if len(rel.parts) > 1 else None
+            file = folder / name
+            path = prefix + name
             text = as_text(path)
-            item = _look_at(file, text, None if label is None else as_text(label), extensions)
+            item = _look_at(file, text, None if label is None else as_text(label), extensions, real_folder)
             if item is None:
                 continue
             if text == path:

@@ -106,19 +106,25 @@ class DatasetFolder(Output):
         self._drop_stale()
         atomic.fsync_dir(self.target)
 
-    def _drop_stale(self) -> None:
-        """Rewrite each part without the rows of images gone or changed since (or duplicated)."""
+    def _drop_stale(self) -> dict[Path, list[Key]]:
+        """Rewrite each part without the rows of images gone or changed since (or duplicated);
+        the keys each part left holds, so that no caller reads the parts' keys again."""
         seen: set[Key] = set()
+        held: dict[Path, list[Key]] = {}
         for part in self.pieces():
             rows = recorded(part, self.stats)
             keep = [self.stats.get(k[0]) == s and k not in seen for k, s in rows]
-            seen.update(k for (k, _), kept in zip(rows, keep) if kept)
+            keys = [k for (k, _), kept in zip(rows, keep) if kept]
+            seen.update(keys)
+            if keys:
+                held[part] = keys
             if all(keep):
                 continue
             if any(keep):
                 atomic.write_atomic(pq.read_table(part).filter(pa.array(keep)), part)
             else:
                 part.unlink()
+        return held
 
     def rows(self) -> int:
         return sum(pq.ParquetFile(f).metadata.num_rows for f in self.pieces())
@@ -126,7 +132,7 @@ class DatasetFolder(Output):
     def finish(self) -> Finished:
         """Drop rows gone stale, list the failures beside the folder, record what changed."""
         self._start()
-        self._drop_stale()
+        held = self._drop_stale()
         state = self.read_state() or {}
         run = state.get("run", {})
         before_parts = set(run.get("before", []))
@@ -134,11 +140,10 @@ class DatasetFolder(Output):
         before = set(row_keys(pq.read_table(before_file))) if before_file.exists() else set()
         after: set[Key] = set()
         computed: set[Key] = set()
-        for part in self.pieces():
-            keys = {k for k, _ in recorded(part, self.stats)}
-            after |= keys
+        for part, keys in held.items():
+            after.update(keys)
             if part.name not in before_parts:
-                computed |= keys
+                computed.update(keys)
         changes = Changes.between(before, after, computed)
         failures = self._failures(after)
         err = self.errors_file

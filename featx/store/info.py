@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pyarrow.parquet as pq
 
 from featx.store.dataset_folder import WORK
 from featx.store.output import LAST_RUN_KEY, STATE
-from featx.store.read import feature_files, read_provenance, read_table
+from featx.store.read import feature_files, read_provenance
 from featx.store.schema import errors_path
 from featx.store.text import is_random, size_text, weights_text
 
@@ -124,8 +125,7 @@ def feature_info(path: str | Path) -> FeatureInfo:
     path = Path(path)
     prov = read_provenance(path)
     files = feature_files(path) if path.is_dir() else [path]
-    counts = read_table(path, ["label"]).column("label").value_counts().to_pylist()
-    labels = {c["values"]: c["counts"] for c in counts}
+    labels = label_counts(files)
     # Beside each file (local engine) and beside the folder itself (--engine ray).
     error_files = sorted({e for e in map(errors_path, [*files, path]) if e.exists() and e not in files})
     failures = {e: _rows(e) for e in error_files}
@@ -149,6 +149,21 @@ def _rows(file: Path) -> int | None:
         return pq.ParquetFile(file).metadata.num_rows
     except (pa.ArrowException, OSError):
         return None
+
+
+def label_counts(files: list[Path]) -> dict[str | None, int]:
+    """Rows per label over feature files, read one row group's labels at a time.
+
+    A 1M-row file's labels are counted in the memory of one group's strings, and its feature
+    column is never read.
+    """
+    counts: Counter = Counter()
+    for f in files:
+        pf = pq.ParquetFile(f)
+        for g in range(pf.num_row_groups):
+            for c in pf.read_row_group(g, columns=["label"]).column("label").value_counts().to_pylist():
+                counts[c["values"]] += c["counts"]
+    return dict(counts)
 
 
 def _last_run_text(run: dict | None) -> str:
