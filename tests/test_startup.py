@@ -89,11 +89,12 @@ def test_import_featx_is_light_and_names_resolve_lazily():
 @pytest.mark.slow
 def test_extract_imports_only_what_it_uses(tmp_path, samples):
     # pandas (0.2 s) came in through pyarrow's pandas shim (pa.array, pq.read_table) and
-    # featx.store.read; none of these is needed to write a feature file.
+    # featx.store.read; torchvision (1.2 s: it loads torch._dynamo) through VGG's builder, the
+    # resize and the provenance; none of these is needed to write a VGG feature file.
     out = tmp_path / "f.parquet"
     image = str(sorted(samples.rglob("*.jpg"))[0])
     args = ["extract", image, "-o", str(out), "--model", "vgg11", "--weights", "random", "--layer", "pool5"]
-    unused = ("pandas", "pyarrow.dataset", "sklearn", "scipy", "matplotlib", "faiss", "ray", "rich")
+    unused = ("pandas", "pyarrow.dataset", "torchvision", "sklearn", "scipy", "matplotlib", "faiss", "ray", "rich")
     assert imported_by(*args, "--scales", "32", "--no-flip", "--quiet", heavy=unused) == []
     assert out.is_file()
 

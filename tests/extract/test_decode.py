@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from featx.extract.decode import (
@@ -155,3 +156,25 @@ def test_limits_are_per_call_whatever_the_host_set(tmp_path, monkeypatch):
         assert open_upright(tmp_path / "ok.png", MAX).size == (160, 120)
     with pytest.raises(ImageError, match="over --max-pixels 1000"):
         open_upright(tmp_path / "ok.png", 1000)
+
+
+@pytest.mark.parametrize("cpu", ["native", "DEFAULT"])
+def test_resize_is_torchvisions_pixel_for_pixel(cpu, monkeypatch):
+    """featx resizes without importing torchvision: the same pixels as torchvision's
+    resize(antialias=True) on 300 random sizes, up and down, contiguous and channels-last; with a
+    CPU torch has no vectorised uint8 kernel for ("DEFAULT"), both go through float32."""
+    import torchvision.transforms.v2.functional as TF
+
+    from featx.extract.decode import resize
+
+    if cpu == "DEFAULT":
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+        monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    g = torch.Generator().manual_seed(0)
+    for i in range(300):
+        H, W, h, w = torch.randint(1, 200, (4,), generator=g).tolist()
+        image = torch.randint(0, 256, (3, H, W), dtype=torch.uint8, generator=g)
+        if i % 3 == 0:
+            image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # channels-last, as a decoder may give
+        expected = TF.resize(image, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        assert torch.equal(resize(image, h, w), expected), (H, W, h, w)

@@ -5,8 +5,8 @@ import torch
 from typer.testing import CliRunner
 
 from featx.cli import app
-from featx.net.backbones import get_backbone
-from featx.net.backbones.vgg import build, layer_table, model_summary, torchvision_model
+from featx.net.backbones import VGG_NAMES, get_backbone
+from featx.net.backbones.vgg import build, layer_table, model_summary, torchvision_model, vgg_module
 from featx.net.weights import Weights
 
 
@@ -97,3 +97,17 @@ def test_model_command_prints_the_table():
     assert "134,260,544 parameters" in result.output and "138,357,544" in result.output
     bad = CliRunner().invoke(app, ["model", "vgg16", "--size", "100x100"])
     assert bad.exit_code == 2 and "7x7" in bad.output
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in ("vgg11", "vgg11_bn") else pytest.param(n, marks=pytest.mark.slow) for n in VGG_NAMES]
+)
+def test_featx_builds_torchvisions_vgg_module_for_module(name):
+    """featx builds VGG without importing torchvision (1.2 s of start-up): the same tensors under
+    the same names, and a seeded random init gives torchvision's numbers exactly."""
+    weights = Weights({"kind": "random", "seed": 7}, None)
+    ours, theirs = vgg_module(name, weights), torchvision_model(name, weights)
+    assert [type(m) for m in ours.modules()][1:] == [type(m) for m in theirs.modules()][1:]
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]

@@ -9,7 +9,6 @@ featx.net.plan's Plan.
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 from featx.errors import BadInput, option
@@ -18,6 +17,54 @@ from featx.net.shapes import layer_out_size, spoils_padding, zero_outside
 from featx.net.weights import Weights, instantiate
 
 LAYERS = tuple(t.name for t in VGG_TAPS)  # pool5, fc6, fc7: in order from the input
+
+# torchvision's VGG configurations (torchvision.models.vgg.cfgs): a conv's channels, or "M" a max pool.
+CONFIGS = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
+}
+
+
+class VGG(nn.Module):
+    """torchvision's VGG, module for module: the same names (a torchvision state dict loads as
+    is), built in the same order and initialised the same way (a seeded random init gives
+    torchvision's numbers; tests hold it to that), without importing torchvision: its import
+    loads torch._dynamo, about 1.2 s of a short run's start-up. Only its parts are used
+    (features, classifier), so it has no forward."""
+
+    def __init__(self, model: str):
+        super().__init__()
+        batch_norm, layers, channels = model.endswith("_bn"), [], 3
+        for v in CONFIGS[model.removesuffix("_bn")]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                continue
+            conv = nn.Conv2d(channels, v, kernel_size=3, padding=1)
+            layers += [conv, nn.BatchNorm2d(v), nn.ReLU(inplace=True)] if batch_norm else [conv, nn.ReLU(inplace=True)]
+            channels = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096),
+            nn.ReLU(True),
+            nn.Dropout(p=0.5),
+            nn.Linear(4096, 4096),
+            nn.ReLU(True),
+            nn.Dropout(p=0.5),
+            nn.Linear(4096, 1000),
+        )
+        for m in self.modules():  # torchvision's init_weights, in its order
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.constant_(m.bias, 0)
 
 
 class DenseVGG(nn.Module):
@@ -190,7 +237,7 @@ def model_summary(model: str, height: int = 224, width: int = 224, layer: str = 
     torchvision counts it (VGG16: 138,357,544 parameters), the dense net to fc7 does not.
     """
     with torch.device("meta"):
-        vgg = torchvision.models.get_model(model, weights=None)
+        vgg = VGG(model)
     dense = dense_from_torchvision(vgg, layer)
     rows = layer_table(dense, height, width)
     if min(min(r.shape[1:]) for r in rows) < 1:
@@ -251,8 +298,9 @@ def linear_as_conv(linear: nn.Linear, in_channels: int, kernel: int) -> nn.Conv2
     return conv
 
 
-def dense_from_torchvision(vgg: torchvision.models.VGG, layer: str = "fc7") -> DenseVGG:
-    """Reshape torchvision's classifier into the paper's fully convolutional net, up to `layer`."""
+def dense_from_torchvision(vgg: nn.Module, layer: str = "fc7") -> DenseVGG:
+    """Reshape a torchvision VGG's classifier (or VGG's here) into the paper's fully
+    convolutional net, up to `layer`."""
     fc6, fc7 = vgg.classifier[0], vgg.classifier[3]
     head = [
         linear_as_conv(fc6, 512, 7),
@@ -263,14 +311,22 @@ def dense_from_torchvision(vgg: torchvision.models.VGG, layer: str = "fc7") -> D
     return DenseVGG(vgg.features, nn.Sequential(*head)).eval().up_to(layer)
 
 
-def torchvision_model(model: str, weights: Weights) -> torchvision.models.VGG:
-    """torchvision's own VGG with the given weights (a seeded random init for 'random')."""
+def torchvision_model(model: str, weights: Weights) -> nn.Module:
+    """torchvision's own VGG with the given weights (a seeded random init for 'random'): the
+    reference the tests hold the dense net to (featx builds VGG itself: `vgg_module`)."""
+    import torchvision
+
     return instantiate(
         lambda: torchvision.models.get_model(model, weights=None),
         weights,
         model,
         misfit=lambda g, e: _misfit(g, model, e),
     )
+
+
+def vgg_module(model: str, weights: Weights) -> VGG:
+    """featx's VGG (torchvision's, module for module) with the given weights."""
+    return instantiate(lambda: VGG(model), weights, model, misfit=lambda g, e: _misfit(g, model, e))
 
 
 def _shape_of(state: dict) -> tuple[int, bool]:
@@ -305,12 +361,12 @@ def _misfit(given: dict, model: str, expected: dict) -> str:
 def _meta_state(model: str) -> dict:
     """torchvision's `model` state dict, shapes only (on the meta device: nothing allocated)."""
     with torch.device("meta"):
-        return torchvision.models.get_model(model, weights=None).state_dict()
+        return VGG(model).state_dict()
 
 
 def build(model: str, weights: Weights, layer: str = "fc7") -> DenseVGG:
     """The dense `model` up to `layer` with `weights`, in eval mode on the CPU."""
-    return dense_from_torchvision(torchvision_model(model, weights), layer)
+    return dense_from_torchvision(vgg_module(model, weights), layer)
 
 
 def kernels(device: torch.device, dtype: torch.dtype) -> str:
