@@ -14,6 +14,14 @@ SAMPLES = REPO / "data" / "samples"
 SHARED_MINI = REPO.parent / "shared" / "data" / "caltech101-mini" / "101_ObjectCategories"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/net exercises torch alone: marked torch_only (see pyproject.toml)."""
+    net = REPO / "tests" / "net"
+    for item in items:
+        if net in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.torch_only)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_random_weights_warning():
     with warnings.catch_warnings():

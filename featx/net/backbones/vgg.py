@@ -55,6 +55,10 @@ class VGG(nn.Module):
             nn.Dropout(p=0.5),
             nn.Linear(4096, 1000),
         )
+        if self.classifier[0].weight.is_meta:
+            # Built to take a state dict's tensors (or to count): nothing to draw, and drawing on the
+            # meta device goes through torch._refs, whose first call imports torch._dynamo (~1 s).
+            return
         for m in self.modules():  # torchvision's init_weights, in its order
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
