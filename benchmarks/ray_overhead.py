@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import cpu_isa, cpu_name
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -68,8 +69,10 @@ def main() -> None:
         raise SystemExit(f"{args.folder} holds {len(images)} images; --images {args.images} needs {2 * args.images}")
     settings = ["--model", args.model, "--weights", "random", "--layer", args.layer, "--scales", args.scales]
     settings += ["--precision", args.precision, "--quiet"]
-    cpu = platform.processor() or platform.machine()
-    print(f"machine: {cpu}, {os.cpu_count()} CPUs; {args.model} {args.layer} Q={args.scales} {args.precision}")
+    print(
+        f"machine: {cpu_name()} ({cpu_isa()}), {os.cpu_count()} CPUs; "
+        f"{args.model} {args.layer} Q={args.scales} precision {args.precision}"
+    )
 
     seconds: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,8 @@
     python benchmarks/scale.py --files 2000 --rows 20000 --stages plan merge info   # a quick check
     python benchmarks/scale.py --rows 100000 --dim 4096 --stages info index-ivf  # wide rows
 
-Synthetic inputs, no net: the files are hard links to one tiny JPEG (one inode, little disk),
+Synthetic inputs, no net: the files are hard links to tiny JPEGs (one inode per LINKS_PER_INODE
+files: file systems cap an inode's links, ext4 at 65,000; little disk),
 the rows are zeros-and-noise features written with featx's store writer. Every stage runs at
 two sizes (a tenth and the whole) in a fresh process of its own, so its peak RSS is its own;
 seconds and microseconds per row at both sizes show any growth faster than linear.
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,25 +25,27 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from machine import cpu_isa, cpu_name
 
 STAGES = ("plan", "merge", "resume", "merge-file", "info", "index-ivf", "index-hnsw")
 PER_FOLDER = 1000  # images per class folder, as a large photo collection is laid out
 ROWS_PER_GROUP = 64  # featx extract's default --rows-per-group: how its files are grouped
+LINKS_PER_INODE = 10_000  # well under ext4's 65,000 links per inode
 PART_ROWS = 1000  # rows per part of the dataset folder (and per piece of the single file)
 PROVENANCE = {"settings_hash": "scale-benchmark", "model": "vgg16", "layer": "fc7"}
 
 
 def make_files(root: Path, n: int) -> Path:
-    """n images under root/images: hard links to one tiny JPEG, PER_FOLDER per class folder."""
+    """n images under root/images: hard links to tiny JPEGs, PER_FOLDER per class folder."""
     from PIL import Image
 
     images = root / f"images-{n}"
     if images.exists():
         return images
-    one = root / "one.jpg"
-    if not one.exists():
-        Image.new("RGB", (8, 8), (90, 120, 150)).save(one)
     for i in range(n):
+        one = root / f"one-{i // LINKS_PER_INODE}.jpg"
+        if not one.exists():
+            Image.new("RGB", (8, 8), (90, 120, 150)).save(one)
         folder = images / f"class_{i // PER_FOLDER:04d}"
         if i % PER_FOLDER == 0:
             folder.mkdir(parents=True)
@@ -180,8 +182,7 @@ def main() -> None:
     if args.stage:
         return stage(args)
 
-    cpu = platform.processor() or platform.machine()
-    print(f"machine: {cpu}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
+    print(f"machine: {cpu_name()} ({cpu_isa()}), {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     results = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
