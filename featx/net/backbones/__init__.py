@@ -52,6 +52,34 @@ class LayerRow:
     flops: int
 
 
+def layer_summary(
+    model: str,
+    layer: str,
+    height: int,
+    width: int,
+    rows: list[LayerRow],
+    counted_by: str,
+    reference_params: int,
+    classifier_params: int,
+) -> dict:
+    """A dense net's layer table with its totals, as every family's `model_summary` returns it.
+
+    `reference_params` is the library's own count for the whole model (`counted_by`: torchvision
+    or timm), `classifier_params` its last Linear's, which the descriptor does not use.
+    """
+    return {
+        "model": model,
+        "layer": layer,
+        "input": (3, height, width),
+        "rows": rows,
+        "params": sum(r.params for r in rows),
+        "flops": sum(r.flops for r in rows),
+        "counted_by": counted_by,
+        "reference_params": reference_params,
+        "classifier_params": classifier_params,
+    }
+
+
 class PooledForward(Protocol):
     """Batch -> each image's tap map averaged over its valid positions."""
 

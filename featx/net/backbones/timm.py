@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from featx.errors import BadInput, Unreachable
-from featx.net.backbones import TIMM_PREFIX, LayerRow, Tap, get_backbone
+from featx.net.backbones import TIMM_PREFIX, LayerRow, Tap, get_backbone, layer_summary
 from featx.net.backbones.convnet import DenseConvNet, kernels, layer_table, lines_of
 from featx.net.backbones.convnet import table_lines as summary_lines
 from featx.net.padding import Inexact, probe, randomize_
@@ -314,14 +314,6 @@ def model_summary(model: str, height: int, width: int, tap_name: str) -> dict:
     if own:
         rows.insert(0, LayerRow("embeddings", "position embeddings, tokens", (own,), own, 0))
     classifier = meta.get_classifier()
-    return {
-        "model": model,
-        "layer": t.name,
-        "input": (3, height, width),
-        "rows": rows,
-        "params": sum(r.params for r in rows),
-        "flops": sum(r.flops for r in rows),
-        "counted_by": "timm",
-        "reference_params": sum(p.numel() for p in meta.parameters()),
-        "classifier_params": sum(p.numel() for p in classifier.parameters()) if classifier is not None else 0,
-    }
+    total = sum(p.numel() for p in meta.parameters())
+    head = sum(p.numel() for p in classifier.parameters()) if classifier is not None else 0
+    return layer_summary(model, t.name, height, width, rows, "timm", total, head)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from featx.errors import BadInput, option
-from featx.net.backbones import VGG_NAMES, VGG_TAPS, LayerRow
+from featx.net.backbones import VGG_NAMES, VGG_TAPS, LayerRow, layer_summary
 from featx.net.shapes import layer_out_size, spoils_padding, zero_outside
 from featx.net.weights import Weights, instantiate
 
@@ -250,16 +250,9 @@ def model_summary(model: str, height: int = 224, width: int = 224, layer: str = 
             f"--size {height}x{width} gives a {pool5[1]}x{pool5[2]} pool5 map, smaller than fc6's "
             f"7x7 window; use at least 224x224, or --layer pool5"
         )
-    return {
-        "model": model,
-        "layer": layer,
-        "input": (3, height, width),
-        "rows": rows,
-        "params": sum(r.params for r in rows),
-        "flops": sum(r.flops for r in rows),
-        "torchvision_params": sum(p.numel() for p in vgg.parameters()),
-        "classifier_params": sum(p.numel() for p in vgg.classifier[6].parameters()),
-    }
+    total = sum(p.numel() for p in vgg.parameters())
+    classifier = sum(p.numel() for p in vgg.classifier[6].parameters())
+    return layer_summary(model, layer, height, width, rows, "torchvision", total, classifier)
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -276,7 +269,7 @@ def summary_lines(s: dict) -> list[str]:
     lines.append(f"{'mean':<9}{'over ' + str(h * w) + ' positions':<24}{c:>16}{0:>14,}{0:>9.2f}")
     lines.append(f"total: {s['params']:,} parameters, {s['flops'] / 1e9:.2f} GFLOPs per image")
     lines.append(
-        f"torchvision counts {s['torchvision_params']:,} parameters: these plus the classifier's "
+        f"{s['counted_by']} counts {s['reference_params']:,} parameters: these plus the classifier's "
         f"fc8 ({s['classifier_params']:,}), which the descriptor does not use"
         + ("" if s["layer"] == "fc7" else f", and the fc layers after {s['layer']}")
     )
