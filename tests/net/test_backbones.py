@@ -158,3 +158,20 @@ def test_vggs_settings_hashes_are_what_they_were_before_other_backbones_joined()
     )
     config = ExtractConfig(model="vgg16_bn", layer="fc6", aggregate="stack", precision="bf16", flip=False)
     assert descriptor_hash(config) == "935766e4eba057cc"
+
+
+def test_a_family_declares_its_layout_and_the_provenance_says_which_ran():
+    """ConvNeXt runs NCHW in fp32 on a CPU (its own declaration), channels-last otherwise; other families always."""
+    cpu = torch.device("cpu")
+    for name, dtype, layout in [
+        ("convnext_tiny", torch.float32, torch.contiguous_format),
+        ("convnext_tiny", torch.bfloat16, torch.channels_last),
+        ("resnet18", torch.float32, torch.channels_last),
+    ]:
+        backbone = get_backbone(name)
+        said = "NCHW" if layout is torch.contiguous_format else "channels-last"
+        assert f"oneDNN/ATen), {said}," in backbone.kernels(cpu, dtype)
+        net = backbone.build(Weights({"kind": "random", "seed": 0}, None), backbone.taps[0].name)
+        net.lower(cpu, dtype)
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=layout), (name, dtype)

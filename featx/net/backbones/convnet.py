@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from featx.errors import BadInput
-from featx.net.backbones import LayerRow, get_backbone
+from featx.net.backbones import LayerRow, get_backbone, layer_summary
 from featx.net.padding import ExactPadding, valid_mean
 from featx.net.weights import Weights, instantiate, on_meta_device
 
@@ -37,12 +37,6 @@ class Pooled2d(nn.Module):
         return self.layer(x[:, :, None, None]).flatten(1)
 
 
-# Families that run NCHW, not channels-last, in fp32 on a CPU: ConvNeXt's 7x7 depthwise convs run
-# 1.6x faster so under oneDNN's AVX2 kernels (2.68 vs 1.66 img/s for the whole net, 2 images at
-# 384x512; in bf16 the two layouts are within 5%, and ResNet-50 is 6% faster channels-last).
-NCHW_ON_CPU_FP32 = ("convnext",)
-
-
 class DenseConvNet(nn.Module):
     """trunk -> each image's map averaged over its valid positions -> head: fp32 [B, C].
 
@@ -52,10 +46,13 @@ class DenseConvNet(nn.Module):
 
     mixes_sizes = True
 
-    def __init__(self, trunk: nn.Module, head: nn.Module, *, name: str, tap: str, channels: int):
+    def __init__(
+        self, trunk: nn.Module, head: nn.Module, *, name: str, tap: str, channels: int, nchw_on_cpu_fp32: bool = False
+    ):
         super().__init__()
         self.trunk, self.head = trunk, head
         self.name, self.tap, self.channels = name, tap, channels
+        self.nchw_on_cpu_fp32 = nchw_on_cpu_fp32  # the family's declaration (TorchvisionFamily)
         self.padding = ExactPadding(trunk)
 
     def forward_pooled(
@@ -75,12 +72,12 @@ class DenseConvNet(nn.Module):
         return self.head(pooled.to(weight.dtype)).float()
 
     def lower(self, device: torch.device, dtype: torch.dtype, **options) -> Callable:
-        """forward_pooled itself (torch's kernels, channels-last but where NCHW_ON_CPU_FP32 says);
+        """forward_pooled itself (torch's kernels, channels-last but where the family says NCHW);
         on CUDA the padding is filled by one masked write per layer (few launches). Plan options
         (prepack, ...) are VGG's."""
         device = torch.device(device)
         self.padding.masks = device.type == "cuda"
-        nchw = device.type == "cpu" and dtype == torch.float32 and get_backbone(self.name).family in NCHW_ON_CPU_FP32
+        nchw = runs_nchw(device, dtype, self.nchw_on_cpu_fp32)
         layout = torch.contiguous_format if nchw else torch.channels_last
         self.eval().to(device=device, dtype=dtype, memory_format=layout)  # in place: torch runs it
         if not nchw:
@@ -92,10 +89,16 @@ class DenseConvNet(nn.Module):
         return get_backbone(self.name).summary(height, width, self.tap)["flops"]
 
 
-def kernels(device: torch.device, dtype: torch.dtype) -> str:
+def runs_nchw(device: torch.device, dtype: torch.dtype, nchw_on_cpu_fp32: bool) -> bool:
+    """Whether a net runs NCHW rather than channels-last on `device` in `dtype`."""
+    return nchw_on_cpu_fp32 and torch.device(device).type == "cpu" and dtype == torch.float32
+
+
+def kernels(device: torch.device, dtype: torch.dtype, nchw_on_cpu_fp32: bool = False) -> str:
     """How a convnet without a lowering runs, in words (provenance)."""
     where = "cuDNN" if torch.device(device).type == "cuda" else "oneDNN/ATen"
-    return f"torch's own kernels ({where}), channels-last, {str(dtype).removeprefix('torch.')}"
+    layout = "NCHW" if runs_nchw(device, dtype, nchw_on_cpu_fp32) else "channels-last"
+    return f"torch's own kernels ({where}), {layout}, {str(dtype).removeprefix('torch.')}"
 
 
 # -- the layer table -------------------------------------------------------------------------
@@ -212,24 +215,6 @@ def layer_table(
     return rows
 
 
-def summarize(
-    model: str, tap: str, height: int, width: int, trunk, head, counted_by: str, total: int, classifier: int
-) -> dict:
-    """A layer table with totals: what `featx model` prints (see table_lines)."""
-    rows = layer_table(trunk, head, height, width)
-    return {
-        "model": model,
-        "layer": tap,
-        "input": (3, height, width),
-        "rows": rows,
-        "params": sum(r.params for r in rows),
-        "flops": sum(r.flops for r in rows),
-        "counted_by": counted_by,
-        "reference_params": total,
-        "classifier_params": classifier,
-    }
-
-
 def table_lines(s: dict) -> list[str]:
     """A summary as `featx model` prints it: a header, one line per block, totals."""
     _, height, width = s["input"]
@@ -275,6 +260,9 @@ class TorchvisionFamily:
     title: str  # the family in words (messages)
     split: Callable[[nn.Module, str], tuple[nn.Module, nn.Module]]
     classifier: Callable[[nn.Module], nn.Module]  # the final Linear, which the descriptor leaves out
+    # NCHW rather than channels-last in fp32 on a CPU, where the family's layers run faster so
+    # under oneDNN (measured per family: benchmarks/README.md).
+    nchw_on_cpu_fp32: bool = False
 
     def torchvision_model(self, name: str, weights: Weights) -> nn.Module:
         """torchvision's own model with `weights` (a seeded random init for 'random'), eval, CPU."""
@@ -285,7 +273,9 @@ class TorchvisionFamily:
     def build(self, name: str, weights: Weights, tap: str) -> DenseConvNet:
         """The dense net up to `tap` with `weights`, in eval mode on the CPU."""
         trunk, head = self.split(self.torchvision_model(name, weights), tap)
-        return DenseConvNet(trunk, head, name=name, tap=tap, channels=get_backbone(name).tap(tap).channels).eval()
+        channels = get_backbone(name).tap(tap).channels
+        dense = DenseConvNet(trunk, head, name=name, tap=tap, channels=channels, nchw_on_cpu_fp32=self.nchw_on_cpu_fp32)
+        return dense.eval()
 
     def model_summary(self, name: str, height: int, width: int, tap: str) -> dict:
         """The dense net's layer table at height x width, with totals; built on the meta device."""
@@ -294,8 +284,8 @@ class TorchvisionFamily:
         model = on_meta_device(lambda: torchvision.models.get_model(name, weights=None)).eval()
         total = sum(p.numel() for p in model.parameters())
         classifier = sum(p.numel() for p in self.classifier(model).parameters())
-        trunk, head = self.split(model, tap)
-        return summarize(name, tap, height, width, trunk, head, "torchvision", total, classifier)
+        rows = layer_table(*self.split(model, tap), height, width)
+        return layer_summary(name, tap, height, width, rows, "torchvision", total, classifier)
 
     def summary_lines(self, s: dict) -> list[str]:
         """model_summary as `featx model` prints it."""
@@ -303,7 +293,7 @@ class TorchvisionFamily:
 
     def kernels(self, device: torch.device, dtype: torch.dtype) -> str:
         """How the family runs, in words (provenance)."""
-        return kernels(device, dtype)
+        return kernels(device, dtype, self.nchw_on_cpu_fp32)
 
     def mixes_sizes(self, name: str) -> bool:
         """torchvision's convnets keep a padded batch exact (featx.net.padding; tests check each family)."""
