@@ -190,7 +190,10 @@ def test_a_library_error_about_the_users_file_is_one_line_naming_it(folder, tmp_
         pq.write_table(
             table.set_column(table.schema.get_field_index("feature"), table.schema.field("feature"), feature), nan
         )
-        Run(["probe", nan, "--splits", "1"]).one_line("1 rows hold NaN or infinity", "extract the features again")
+        path = table.column("path")[2].as_py()
+        Run(["probe", nan, "--splits", "1"]).one_line(
+            f"the features of {path} (row 3) hold NaN or infinity", "extract the features again"
+        )
     else:
         cut = tmp_path / "cut.parquet"
         pq.write_table(table.drop_columns(["feature"]), cut)

@@ -87,7 +87,7 @@ def load_labelled(
         paths, stored, row_labels, multi = _from_class_folders(rows)
     classes, y = _encode(row_labels, multi)
     prov = store.read_provenance(rows.file)
-    X = features(rows.file, stored, paths, solver)
+    X = features(rows.file, stored, solver)
     return Labelled(paths, X, classes, y, multi, prov, str(rows.file), rows.errors, rows.notes)
 
 
@@ -109,9 +109,9 @@ def check_class_folders(folder: Path) -> None:
     )
 
 
-def features(file: Path, stored: np.ndarray, paths: np.ndarray, solver: str = "auto") -> np.ndarray | StoredRows:
-    """The feature rows `stored` (row numbers in the file; `paths` theirs), in that order: one
-    float32 matrix filled row group by row group (rows of NaN or infinity refused), or the rows
+def features(file: Path, stored: np.ndarray, solver: str = "auto") -> np.ndarray | StoredRows:
+    """The feature rows `stored` (row numbers in the file), in that order: one
+    float32 matrix filled row group by row group (rows of NaN or infinity refused as read), or the rows
     left in the file for `solver` to stream."""
     files = store.feature_files(file) if file.is_dir() else [file]
     positions = -np.ones(sum(pq.ParquetFile(f).metadata.num_rows for f in files), np.int64)
@@ -119,16 +119,7 @@ def features(file: Path, stored: np.ndarray, paths: np.ndarray, solver: str = "a
     dim = pq.read_schema(files[0]).field("feature").type.list_size
     if keep_on_disk(solver, len(stored), dim):
         return StoredRows(file, positions, dim)
-    X = read_features_into(file, np.empty((len(stored), dim), np.float32), positions)
-    # By blocks of rows: a whole-matrix mask would be a quarter of the matrix again.
-    bad = np.concatenate([~np.isfinite(X[i : i + 4096]).all(axis=1) for i in range(0, len(X), 4096)] or [[]])
-    bad = bad.astype(bool)
-    if bad.any():
-        raise BadInput(
-            f"{file}: {int(bad.sum())} rows hold NaN or infinity (first: {paths[bad][0]}); featx extract never "
-            "writes them: extract the features again"
-        )
-    return X
+    return read_features_into(file, np.empty((len(stored), dim), np.float32), positions)
 
 
 def _rows(source: Path, config: ExtractConfig | None, *, cache_dir, progress: bool, log) -> _Rows:

@@ -164,7 +164,9 @@ def load_xy(path: str | Path, filters=None) -> tuple[np.ndarray, np.ndarray]:
 def feature_batches(path: str | Path, rows: int = 1024):
     """The feature rows of a file or folder in their stored order, `rows` at a time: (number of
     the first row, float32 [m, D], a read-only view of Arrow memory). Memory: one batch (Arrow's
-    pre-buffering, which would read a file's whole column ahead, is off)."""
+    pre-buffering, which would read a file's whole column ahead, is off). A row holding NaN or
+    infinity is refused as it is read (featx never writes one: the file was made elsewhere or
+    damaged)."""
     path = Path(path)
     if not path.exists():
         raise MissingData(f"{path}: no such feature file or folder; run `featx extract` first")
@@ -174,10 +176,26 @@ def feature_batches(path: str | Path, rows: int = 1024):
     for file in feature_files(path) if path.is_dir() else [path]:
         parquet = pq.ParquetFile(file, pre_buffer=False)
         dim = parquet.schema_arrow.field("feature").type.list_size
+        in_file = 0
         for batch in parquet.iter_batches(batch_size=rows, columns=["feature"]):
             block = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            # A row's sum is finite when its values are (and costs half an isfinite mask); only
+            # an overflowing sum of huge finite values needs the exact look.
+            if not np.isfinite(block.sum(axis=1)).all():
+                bad = ~np.isfinite(block).all(axis=1)
+                if bad.any():
+                    _refuse_non_finite(file, in_file + int(np.argmax(bad)))
             yield start, block
             start += len(block)
+            in_file += len(block)
+
+
+def _refuse_non_finite(file: Path, row: int) -> None:
+    image = pq.ParquetFile(file).read(columns=["path"]).column("path")[row].as_py()
+    raise BadInput(
+        f"{file}: the features of {image} (row {row + 1}) hold NaN or infinity; featx extract never writes "
+        "them: extract the features again"
+    )
 
 
 def read_features_into(path: str | Path, out: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:

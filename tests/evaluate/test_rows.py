@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from featx import store
+from featx.errors import BadInput
 from featx.evaluate import rows as rows_module
 from featx.evaluate.rows import MatrixRows, StoredRows, read_ahead
 from featx.store.read import feature_batches, read_features_into
@@ -92,3 +93,29 @@ def test_reading_ahead_keeps_order_stops_with_its_consumer_and_raises_where_it_f
     assert next(ahead) == 1
     with pytest.raises(OSError, match="disk gone"):
         next(ahead)
+
+
+def _write(path, X):
+    schema = store.feature_schema(X.shape[1], {"settings_hash": "0" * 16, "dim": X.shape[1]})
+    n = len(X)
+    table = store.rows_table(schema, [f"a/{j}.jpg" for j in range(n)], ["a"] * n, [1] * n, [1] * n, X)
+    pq.write_table(table, path, row_group_size=16)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_row_of_nan_or_infinity_is_refused_as_read_naming_its_image(tmp_path, bad):
+    X = np.random.default_rng(0).normal(size=(100, 8)).astype(np.float32)
+    X[70, 3] = bad
+    _write(tmp_path / "f.parquet", X)
+    with pytest.raises(BadInput) as e:
+        read_features_into(tmp_path / "f.parquet", np.empty((100, 8), np.float32))
+    assert "the features of a/70.jpg (row 71) hold NaN or infinity" in str(e.value)
+    # The streamed rows meet the same check on their first pass.
+    with pytest.raises(BadInput, match="a/70.jpg"):
+        list(StoredRows(tmp_path / "f.parquet", np.arange(100), 8).pieces())
+
+
+def test_huge_finite_rows_whose_sums_overflow_are_kept(tmp_path):
+    X = np.full((20, 8), 3e38, np.float32)  # each row's float32 sum overflows to inf; every value is finite
+    _write(tmp_path / "f.parquet", X)
+    np.testing.assert_array_equal(read_features_into(tmp_path / "f.parquet", np.empty((20, 8), np.float32)), X)
