@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -159,6 +160,7 @@ def provenance(
     }
 
 
+@cache  # constant for the process
 def torchvision_version() -> str | None:
     """torchvision.__version__ (e.g. 0.29.1+cu130), read from its version.py without importing
     torchvision (about 1.2 s of a short run's start-up); the installed distribution's version
