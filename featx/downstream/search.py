@@ -2,7 +2,8 @@
 
 Rows are L2-normalised (arXiv 1409.1556, Appendix B), so cosine similarity is an inner
 product: the exact index is FAISS's flat inner-product index; for large sets HNSW or IVF
-answer approximately, and their recall@k against the exact answer is measured when built.
+answer approximately, and their recall@k against the exact answer is measured when built
+(featx.downstream.ann builds them).
 An index is a folder: `faiss.index`, `rows.parquet` (path, label per row) and `index.json`
 (kind, search parameters, measured recall, and the feature file's provenance, so that a
 query image is described exactly as the rows were). Contact sheets: featx.downstream.sheet.
@@ -15,8 +16,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,34 +25,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from featx import store
+from featx.downstream.ann import KINDS, build_faiss, faiss_module, faiss_threads, measure_recall, normalized
 from featx.errors import BadInput, Damaged, MissingData, SettingsMismatch, option
 from featx.extract.config import ExtractConfig
 from featx.store.atomic import replace_folder, temporary_folder, write_text
 from featx.store.paths import check_output, make_parent
 from featx.store.read import is_feature_source
 
-KINDS = ("flat", "hnsw", "ivf")
 INDEX_FILE, ROWS_FILE, META_FILE = "faiss.index", "rows.parquet", "index.json"
 # What a table of neighbours or duplicates can be written as.
 TABLE_SUFFIXES = (".parquet", ".csv")
-# Rows of the collection used as queries to measure an approximate index's recall.
-RECALL_QUERIES = 1000
 # Query rows per FAISS call when listing duplicates: bounds the result buffers.
 BLOCK = 4096
-# IVF's k-means learns its lists from at most this many rows per list, a seeded sample: FAISS
-# wants >= 39 per list and its docs 30-256; on every row, 1M rows (4,000 lists) cost minutes more.
-TRAIN_ROWS_PER_LIST = 50
-
-
-def faiss_module():
-    """The faiss module, or one line naming the extra that installs it."""
-    try:
-        import faiss
-    except ImportError:
-        raise MissingData(
-            "similarity search needs FAISS, which is not installed; pip install 'featx[search]' (faiss-cpu)"
-        ) from None
-    return faiss
 
 
 @dataclass
@@ -135,7 +118,7 @@ class Index:
             raise BadInput(f"{len(rows)} row names for {n} rows; give one path per row")
         t = time.perf_counter()
         with faiss_threads(faiss):
-            index, params = _build(faiss, X, kind, m, ef_search, nlist, nprobe, seed)
+            index, params = build_faiss(faiss, X, kind, m, ef_search, nlist, nprobe, seed)
         seconds = time.perf_counter() - t
         result = cls(
             index,
@@ -150,7 +133,7 @@ class Index:
         result._apply_params()
         if kind != "flat":
             with faiss_threads(faiss):
-                result.recall = measure_recall(result, X, recall_k, seed)
+                result.recall = measure_recall(result.index, X, recall_k, seed)
         return result
 
     def _apply_params(self) -> None:
@@ -403,93 +386,6 @@ def write_table(table: pd.DataFrame, path: str | Path) -> Path:
     else:
         store.write_atomic(pa.Table.from_pandas(table, preserve_index=False), path)
     return path
-
-
-def _build(faiss, X: np.ndarray, kind: str, m: int, ef_search: int, nlist: int | None, nprobe: int, seed: int):
-    """(a faiss index holding the rows of X, its parameters), parameters chosen from the data."""
-    n, d = X.shape
-    if kind == "flat":
-        index, params = faiss.IndexFlatIP(d), {}
-    elif kind == "hnsw":
-        if m < 4:
-            raise BadInput(f"--m {m} is too small for HNSW; use 16-64")
-        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = max(40, 2 * m)
-        params = {"m": m, "ef_construction": index.hnsw.efConstruction, "ef_search": ef_search}
-    else:
-        # FAISS's rule of thumb: about 4 * sqrt(n) lists, each trained on >= 39 points.
-        nlist = nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
-        if not 1 <= nlist <= n:
-            raise BadInput(f"--nlist {nlist} must be between 1 and the {n} rows")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        train = training_rows(n, nlist, seed)
-        index.train(X if train is None else X[train])
-        params = {"nlist": nlist, "nprobe": min(nprobe, nlist), "train_rows": n if train is None else len(train)}
-    index.add(X)
-    return index, params
-
-
-def training_rows(n: int, nlist: int, seed: int) -> np.ndarray | None:
-    """The sorted rows IVF's k-means learns from (a seeded sample), or None for all n rows."""
-    size = TRAIN_ROWS_PER_LIST * nlist
-    if n <= size:
-        return None
-    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-
-
-def build_threads() -> int:
-    """The threads FAISS builds and measures with: every core this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-@contextmanager
-def faiss_threads(faiss) -> Iterator[None]:
-    """FAISS's OpenMP threads at every core for the block, the caller's count restored after
-    (torch or a user may have lowered the process-wide count, e.g. to one per --jobs worker)."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(build_threads())
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
-def normalized(X: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, float32, C-contiguous (what FAISS takes)."""
-    X = np.asarray(X, dtype=np.float32)
-    if X.ndim != 2 or X.shape[0] == 0:
-        raise BadInput(f"features must be a non-empty [n, D] matrix, got shape {X.shape}")
-    if not np.isfinite(X).all():
-        raise BadInput("features contain NaN or infinity; extract them again")
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    if np.all(np.abs(norms - 1) < 1e-5):  # featx's rows already are: no second copy of a large matrix
-        return np.ascontiguousarray(X)
-    return np.ascontiguousarray(X / np.maximum(norms, 1e-12))
-
-
-def measure_recall(index: Index, X: np.ndarray, k: int = 10, seed: int = 0, queries: int = RECALL_QUERIES) -> dict:
-    """recall@k of `index` against exact search, queried with a seeded sample of its own rows.
-
-    recall@k = |approximate top k ∩ exact top k| / k, averaged over the queries.
-    """
-    faiss = faiss_module()
-    k = min(k, len(X))
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(len(X), size=min(queries, len(X)), replace=False))
-    exact = faiss.IndexFlatIP(X.shape[1])
-    exact.add(X)
-    _, truth = exact.search(X[sample], k)
-    t = time.perf_counter()
-    _, found = index.index.search(X[sample], k)
-    seconds = time.perf_counter() - t
-    hits = [len(np.intersect1d(f[f >= 0], t_)) for f, t_ in zip(found, truth)]
-    return {
-        "k": k,
-        "queries": len(sample),
-        "recall": float(np.mean(hits) / k),
-        "query_ms": round(1000 * seconds / len(sample), 4),
-    }
 
 
 def describe_images(

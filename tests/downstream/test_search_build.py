@@ -10,7 +10,7 @@ import pytest
 
 faiss = pytest.importorskip("faiss")
 
-from featx.downstream import search  # noqa: E402
+from featx.downstream import ann  # noqa: E402
 from featx.downstream.search import Index  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def recording(monkeypatch):
 def test_ivf_trains_on_a_bounded_seeded_sample(recording):
     X = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
     index = Index.from_matrix(X, _rows(3000), kind="ivf", nlist=4, nprobe=4)
-    assert recording[0][0] == search.TRAIN_ROWS_PER_LIST * 4 == index.params["train_rows"]
+    assert recording[0][0] == ann.TRAIN_ROWS_PER_LIST * 4 == index.params["train_rows"]
     assert len(index) == 3000  # every row is added, not just the sample
     again = Index.from_matrix(X, _rows(3000), kind="ivf", nlist=4, nprobe=4)
     np.testing.assert_array_equal(again.search(X[:20], 5)[1], index.search(X[:20], 5)[1])  # seeded
@@ -51,7 +51,7 @@ def test_a_small_set_trains_on_every_row(recording):
 
 
 def test_faiss_builds_on_every_core_and_gives_back_the_callers_threads(recording, monkeypatch):
-    monkeypatch.setattr(search, "build_threads", lambda: 3)  # a count no default has here
+    monkeypatch.setattr(ann, "build_threads", lambda: 3)  # a count no default has here
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # e.g. lowered by the caller for --jobs
     try:
