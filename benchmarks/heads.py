@@ -58,7 +58,7 @@ def write_features(path: Path, rows: int, dim: int, classes: int, seed: int, spr
     prov = {"settings_hash": "b" * 16, "dim": dim, "model": "synthetic", "descriptor": "clustered"}
     schema = store.feature_schema(dim, prov)
     tmp = path.with_suffix(".tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with pq.ParquetWriter(tmp, schema, **store.parquet_options(schema)) as writer:
         for start in range(0, rows, 16_384):
             m = min(16_384, rows - start)
             y = rng.integers(0, classes, m)

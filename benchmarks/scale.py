@@ -55,13 +55,13 @@ def make_files(root: Path, n: int) -> Path:
 
 def make_rows(path: Path, n: int, dim: int) -> Path:
     """A feature file of n rows × dim in featx's schema, in groups of ROWS_PER_GROUP."""
-    from featx.store import feature_schema, rows_table
+    from featx.store import feature_schema, parquet_options, rows_table
 
     if path.exists():
         return path
     schema = feature_schema(dim, PROVENANCE | {"dim": dim})
     rng = np.random.default_rng(0)
-    with pq.ParquetWriter(path, schema) as writer:
+    with pq.ParquetWriter(path, schema, **parquet_options(schema)) as writer:
         for start in range(0, n, 65536):
             m = min(65536, n - start)
             X = rng.standard_normal((m, dim), dtype=np.float32)

@@ -33,7 +33,8 @@ def test_extract_writes_the_protocols_descriptor_with_its_provenance(resnet_file
     assert (prov["model"], prov["layer"], prov["dim"]) == ("resnet18", "pre_logits", 512)
     assert prov["descriptor"].startswith("pre_logits: the last map averaged over positions")
     assert prov["batching"].startswith("mixed sizes share padded batches, exactly")
-    assert prov["conv_kernels"].startswith("torch's own kernels") and prov["weights_preprocessing"] is None
+    assert "BatchNorm folded, ReLU and residual sums fused" in prov["conv_kernels"]  # lowered
+    assert prov["weights_preprocessing"] is None
     assert result.batches.images_per_batch > 1  # the sample images of different sizes did share batches
     X, _ = featx.load_xy(out)
     assert X.shape == (12, 512) and np.allclose((X**2).sum(1), 1, atol=1e-5)

@@ -27,6 +27,7 @@ from featx.store.schema import (
     errors_path,
     errors_table,
     feature_schema,
+    parquet_options,
     row_keys,
     rows_table,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "feature_schema",
     "fsync_dir",
     "load_xy",
+    "parquet_options",
     "partial_dir",
     "read_features",
     "read_last_run",

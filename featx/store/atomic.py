@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from featx.store.schema import parquet_options
+
 
 def temporary(path: Path) -> Path:
     """A hidden name beside `path` that no other process or run uses."""
@@ -47,7 +49,7 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     """Write `table` to `path` so that `path` is either absent/old or complete, and durable."""
     tmp = temporary(path)
     try:
-        with pq.ParquetWriter(tmp, table.schema) as w:
+        with pq.ParquetWriter(tmp, table.schema, **parquet_options(table.schema)) as w:
             w.write_table(table)
         fsync_file(tmp)
         publish(tmp, path)

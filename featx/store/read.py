@@ -181,7 +181,9 @@ def feature_batches(path: str | Path, rows: int = 1024):
             block = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
             # A row's sum is finite when its values are (and costs half an isfinite mask); only
             # an overflowing sum of huge finite values needs the exact look.
-            if not np.isfinite(block.sum(axis=1)).all():
+            with np.errstate(over="ignore"):  # an overflow is looked at exactly below
+                sums = block.sum(axis=1)
+            if not np.isfinite(sums).all():
                 bad = ~np.isfinite(block).all(axis=1)
                 if bad.any():
                     _refuse_non_finite(file, in_file + int(np.argmax(bad)))

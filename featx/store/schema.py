@@ -38,6 +38,14 @@ def feature_schema(dim: int, provenance: dict | None = None, regions: bool = Fal
     return schema
 
 
+def parquet_options(schema: pa.Schema) -> dict:
+    """How featx writes a table of `schema`: pq.ParquetWriter's keywords. Dictionary encoding for
+    the text columns only (paths share folders, labels repeat): a descriptor's floats hardly
+    repeat, and pyarrow's default tries a dictionary for them in every row group, fills its 1 MB
+    page, falls back to plain and keeps both (a 64-row group of 4096-D rows took 1.56x its floats)."""
+    return {"use_dictionary": [f.name for f in schema if pa.types.is_string(f.type)]}
+
+
 ERROR_SCHEMA = pa.schema([pa.field(c, pa.string()) for c in ERROR_COLUMNS])
 
 

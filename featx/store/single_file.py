@@ -23,7 +23,7 @@ from featx.store.output import (
     stamp,
     with_stats,
 )
-from featx.store.schema import METADATA_KEY, row_keys
+from featx.store.schema import METADATA_KEY, parquet_options, row_keys
 
 
 def partial_dir(out: Path) -> Path:
@@ -137,7 +137,7 @@ class SingleFile(Output):
         tmp = atomic.temporary(self.state_dir / "final.parquet")
         rows = 0
         try:
-            with pq.ParquetWriter(tmp, schema) as writer:
+            with pq.ParquetWriter(tmp, schema, **parquet_options(schema)) as writer:
                 for i, source in enumerate(sources):
                     pf = pq.ParquetFile(source)
                     for g in range(pf.num_row_groups):

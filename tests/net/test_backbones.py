@@ -170,7 +170,7 @@ def test_a_family_declares_its_layout_and_the_provenance_says_which_ran():
     ]:
         backbone = get_backbone(name)
         said = "NCHW" if layout is torch.contiguous_format else "channels-last"
-        assert f"oneDNN/ATen), {said}," in backbone.kernels(cpu, dtype)
+        assert f", {said}, " in backbone.kernels(cpu, dtype)
         net = backbone.build(Weights({"kind": "random", "seed": 0}, None), backbone.taps[0].name)
         net.lower(cpu, dtype)
         conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))

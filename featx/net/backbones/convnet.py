@@ -23,6 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from featx.errors import BadInput
 from featx.net.backbones import LayerRow, get_backbone, layer_summary
 from featx.net.padding import ExactPadding, valid_mean
+from featx.net.plan import onednn_prepack_works
+from featx.net.plan.lowered import lower_convnet
 from featx.net.weights import Weights, instantiate, on_meta_device
 
 
@@ -47,12 +49,21 @@ class DenseConvNet(nn.Module):
     mixes_sizes = True
 
     def __init__(
-        self, trunk: nn.Module, head: nn.Module, *, name: str, tap: str, channels: int, nchw_on_cpu_fp32: bool = False
+        self,
+        trunk: nn.Module,
+        head: nn.Module,
+        *,
+        name: str,
+        tap: str,
+        channels: int,
+        nchw_on_cpu_fp32: bool = False,
+        lowers: bool = False,
     ):
         super().__init__()
         self.trunk, self.head = trunk, head
         self.name, self.tap, self.channels = name, tap, channels
         self.nchw_on_cpu_fp32 = nchw_on_cpu_fp32  # the family's declaration (TorchvisionFamily)
+        self.lowers = lowers  # torchvision's modules, which featx.net.plan.lowered knows
         self.padding = ExactPadding(trunk)
 
     def forward_pooled(
@@ -71,15 +82,22 @@ class DenseConvNet(nn.Module):
             return self.head(pooled)
         return self.head(pooled.to(weight.dtype)).float()
 
-    def lower(self, device: torch.device, dtype: torch.dtype, **options) -> Callable:
-        """forward_pooled itself (torch's kernels, channels-last but where the family says NCHW);
-        on CUDA the padding is filled by one masked write per layer (few launches). Plan options
-        (prepack, ...) are VGG's."""
+    def lower(self, device: torch.device, dtype: torch.dtype, prepack: bool = True, **options) -> Callable:
+        """forward_pooled on the net moved to `device` and `dtype` in place, channels-last (NCHW
+        where the family says so). A torchvision net is lowered first, once (featx.net.plan.lowered:
+        BatchNorm folded, ReLU and residual sums fused, oneDNN's packed kernels on a CPU where
+        `prepack`); on CUDA the padding is filled by one masked write per layer (few launches).
+        The other Plan options (pass_pixels, ...) are VGG's."""
         device = torch.device(device)
-        self.padding.masks = device.type == "cuda"
         nchw = runs_nchw(device, dtype, self.nchw_on_cpu_fp32)
+        self.eval()
+        if self.lowers and not nchw:
+            self.padding.close()
+            lower_convnet(self.trunk, device, dtype, packs(device, dtype, prepack))
+            self.padding = ExactPadding(self.trunk)  # on the lowered modules
+        self.padding.masks = device.type == "cuda"
         layout = torch.contiguous_format if nchw else torch.channels_last
-        self.eval().to(device=device, dtype=dtype, memory_format=layout)  # in place: torch runs it
+        self.to(device=device, dtype=dtype, memory_format=layout)  # in place: torch runs it
         if not nchw:
             return self.forward_pooled
         return lambda x, sizes=None, rezero=True: self.forward_pooled(x.contiguous(), sizes, rezero)
@@ -94,11 +112,21 @@ def runs_nchw(device: torch.device, dtype: torch.dtype, nchw_on_cpu_fp32: bool) 
     return nchw_on_cpu_fp32 and torch.device(device).type == "cpu" and dtype == torch.float32
 
 
-def kernels(device: torch.device, dtype: torch.dtype, nchw_on_cpu_fp32: bool = False) -> str:
-    """How a convnet without a lowering runs, in words (provenance)."""
-    where = "cuDNN" if torch.device(device).type == "cuda" else "oneDNN/ATen"
-    layout = "NCHW" if runs_nchw(device, dtype, nchw_on_cpu_fp32) else "channels-last"
-    return f"torch's own kernels ({where}), {layout}, {str(dtype).removeprefix('torch.')}"
+def packs(device: torch.device, dtype: torch.dtype, prepack: bool = True) -> bool:
+    """Whether a lowered net's convs run oneDNN's packed kernels on `device` in `dtype`."""
+    return prepack and torch.device(device).type == "cpu" and onednn_prepack_works(dtype)
+
+
+def kernels(device: torch.device, dtype: torch.dtype, nchw_on_cpu_fp32: bool = False, lowers: bool = False) -> str:
+    """How a convnet runs, in words (provenance): lowered (`lowers`, see DenseConvNet.lower) or torch's own."""
+    precision = str(dtype).removeprefix("torch.")
+    if runs_nchw(device, dtype, nchw_on_cpu_fp32) or not lowers:
+        where = "cuDNN" if torch.device(device).type == "cuda" else "oneDNN/ATen"
+        layout = "NCHW" if runs_nchw(device, dtype, nchw_on_cpu_fp32) else "channels-last"
+        return f"torch's own kernels ({where}), {layout}, {precision}"
+    cuda = torch.device(device).type == "cuda"
+    where = "oneDNN's packed kernels" if packs(device, dtype) else "cuDNN" if cuda else "oneDNN/ATen"
+    return f"{where}, BatchNorm folded, ReLU and residual sums fused, channels-last, {precision}"
 
 
 # -- the layer table -------------------------------------------------------------------------
@@ -274,7 +302,8 @@ class TorchvisionFamily:
         """The dense net up to `tap` with `weights`, in eval mode on the CPU."""
         trunk, head = self.split(self.torchvision_model(name, weights), tap)
         channels = get_backbone(name).tap(tap).channels
-        dense = DenseConvNet(trunk, head, name=name, tap=tap, channels=channels, nchw_on_cpu_fp32=self.nchw_on_cpu_fp32)
+        nchw = self.nchw_on_cpu_fp32
+        dense = DenseConvNet(trunk, head, name=name, tap=tap, channels=channels, nchw_on_cpu_fp32=nchw, lowers=True)
         return dense.eval()
 
     def model_summary(self, name: str, height: int, width: int, tap: str) -> dict:
@@ -293,7 +322,7 @@ class TorchvisionFamily:
 
     def kernels(self, device: torch.device, dtype: torch.dtype) -> str:
         """How the family runs, in words (provenance)."""
-        return kernels(device, dtype, self.nchw_on_cpu_fp32)
+        return kernels(device, dtype, self.nchw_on_cpu_fp32, lowers=True)
 
     def mixes_sizes(self, name: str) -> bool:
         """torchvision's convnets keep a padded batch exact (featx.net.padding; tests check each family)."""

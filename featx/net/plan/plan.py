@@ -111,6 +111,30 @@ def folded(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, dtype: torch.dtype) -> tu
     return w.to(dtype), b.to(dtype)
 
 
+def lower_conv(
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d | None,
+    relu: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    packed: bool,
+    in_size: tuple[int, int, int, int],
+    per_shape: bool | None = None,
+) -> Conv:
+    """conv [+ BN folded] [+ ReLU] as one step on `device` in `dtype`: oneDNN's fused kernel with
+    the weights packed for an input of `in_size` where `packed`, else F.conv2d and relu_.
+    `per_shape` (default: in fp32) packs them again for each input shape (steps.Conv keeps the
+    plain weight): the layout oneDNN's kernel wants may depend on the shape (benchmarks/README.md)."""
+    padding, stride, dilation = _conv_params(conv)
+    w, b = folded(conv, bn, dtype)
+    w, b = w.to(device).contiguous(memory_format=torch.channels_last), b.to(device)
+    per_shape = dtype == torch.float32 if per_shape is None else per_shape
+    plain = w if packed and per_shape else None
+    if packed:
+        w = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, conv.groups, list(in_size))
+    return Conv(w, b, tuple(conv.kernel_size), padding, stride, dilation, conv.groups, relu, packed, plain)
+
+
 def _first(v) -> int:
     return v[0] if isinstance(v, (tuple, list)) else v
 
@@ -157,7 +181,6 @@ class Plan:
 
     # -- lowering ------------------------------------------------------------------------
     def _conv(self, conv: nn.Conv2d, bn, relu: bool, in_size: tuple[int, int, int, int]) -> Conv | WinogradConv:
-        padding, stride, dilation = _conv_params(conv)
         if self.winograd and winograd_suits(conv, *self.winograd_channels):
             algorithm = winograd_algorithm(self.dtype)
             w, b = folded(conv, bn, torch.float32)  # transform in fp32, then round once
@@ -166,12 +189,7 @@ class Plan:
             # bias stays fp32: it rides on a product that is fp32 in bf16 (Algorithm.wide).
             weights = winograd.gemm_weights(u, self.dtype, algorithm, packed=True)
             return WinogradConv(weights, b.to(self.device), relu, self.workspace, algorithm)
-        w, b = folded(conv, bn, self.dtype)
-        w, b = w.to(self.device).contiguous(memory_format=torch.channels_last), b.to(self.device)
-        plain = w if self.packed and self.dtype == torch.float32 else None
-        if self.packed:
-            w = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, conv.groups, list(in_size))
-        return Conv(w, b, tuple(conv.kernel_size), padding, stride, dilation, conv.groups, relu, self.packed, plain)
+        return lower_conv(conv, bn, relu, self.device, self.dtype, self.packed, in_size)
 
     def _lower_trunk(self, modules: list[nn.Module]) -> list:
         steps: list = []

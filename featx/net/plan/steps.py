@@ -113,6 +113,35 @@ class Conv:
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.relu_(x) if self.relu else x
 
+    def add_into(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """conv(x) + `other` [then ReLU] (a residual block's end), written into `other` where
+        oneDNN's in-place form runs (packed; `other` channels-last, of out_shape(x)), else fresh."""
+        if self.packed and other.is_contiguous(memory_format=torch.channels_last) and other.dtype == x.dtype:
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                other,
+                x,
+                self.packed_for(tuple(x.shape)),
+                self.bias,
+                self.padding,
+                self.stride,
+                self.dilation,
+                self.groups,
+                "add",
+                None,
+                "relu" if self.relu else None,
+                [],
+                None,
+            )
+        w = self.plain if self.plain is not None else self.weight
+        if self.packed and self.plain is None:  # bf16 packed: no plain copy kept; oneDNN's out-of-place form
+            y = torch.ops.mkldnn._convolution_pointwise(
+                x, w, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
+            )
+        else:
+            y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = y.add_(other)
+        return F.relu_(y) if self.relu else y
+
 
 @dataclass
 class WinogradConv:

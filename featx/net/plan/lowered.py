@@ -1,0 +1,172 @@
+"""A torchvision convnet lowered in place for inference on one device and dtype.
+
+Each BatchNorm that directly follows a conv is folded into it (in fp32, rounded once to the
+dtype), and the conv, with the ReLU after it, becomes one lowered step (plan.lower_conv, as
+VGG's plan runs them): on a CPU with oneDNN's packed ops its weights are packed
+once and the ReLU runs inside the conv; elsewhere F.conv2d and an in-place ReLU. A ResNet block's
+last conv also takes the residual sum and its ReLU into the same oneDNN call. What was three or
+four passes over each map (conv, BatchNorm, ReLU, the sum) is one.
+
+"Directly follows" is read from the modules, not traced: neighbours in a Sequential that runs
+its children in order (torchvision's Conv2dNormActivation, its stems and downsamples), and the
+convK/bnK pairs of torchvision's ResNet blocks, whose forward is known. Anything else runs as
+the module it is. The numbers are the module's up to rounding (tests: every family against
+torchvision to 1e-5 in fp32, padded mixed batches included: the lowered convs are Conv2d to the
+padding hooks, with their kernel, stride and padding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featx.net.plan.plan import lower_conv
+from featx.net.plan.steps import Conv
+
+# The nominal input a conv's weights are first packed for (packed again per input shape).
+NOMINAL_HW = (64, 64)
+
+
+class LoweredConv2d(nn.Conv2d):
+    """A conv with its BatchNorm folded and its ReLU fused, run as one lowered step.
+
+    Still a Conv2d (kernel, stride, padding, groups) to featx.net.padding's hooks and to readers;
+    its weight and bias are the folded ones. `forward(x, residual)`: relu?(conv(x) + residual),
+    written into `residual` on oneDNN's packed path (a residual block's end). An input the step
+    was not made for (another device or dtype) runs F.conv2d on the module's own weights.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, relu: bool, step: Conv):
+        super().__init__(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            bias=True,
+            device="meta",
+        )
+        self.relu, self.step, self.folded = relu, step, bn is not None
+        w = step.plain if step.plain is not None else step.weight  # the folded weight, not a packing
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = nn.Parameter(step.bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if x.device == self.step.bias.device and x.dtype == self.step.bias.dtype:
+            return self.step(x) if residual is None else self.step.add_into(x, residual)
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if self.relu else y
+
+    def extra_repr(self) -> str:
+        fused = ["BatchNorm folded"] * self.folded + ["ReLU fused"] * self.relu
+        packed = "oneDNN packed" if self.step.packed else "plain"
+        return f"{super().extra_repr()}, {packed}" + "".join(f", {f}" for f in fused)
+
+
+class LoweredResidual(nn.Module):
+    """torchvision's ResNet BasicBlock or Bottleneck lowered: relu(convs(x) + shortcut(x)), the
+    sum and its ReLU inside the last conv's call (written into the shortcut's map, which nothing
+    else reads: the block's input when there is no downsample)."""
+
+    def __init__(self, convs: list[LoweredConv2d], downsample: nn.Module | None):
+        super().__init__()
+        self.convs = nn.ModuleList(convs)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = x
+        for conv in self.convs[:-1]:
+            out = conv(out)
+        return self.convs[-1](out, shortcut)
+
+
+def lower_convnet(trunk: nn.Module, device: torch.device, dtype: torch.dtype, packed: bool) -> int:
+    """Lower `trunk` in place (see the module doc); returns how many convs were lowered. Run it
+    on the net as built (fp32, eval): each BatchNorm is folded from its own statistics."""
+    with torch.no_grad():  # not inference mode: the folded weights become the modules' parameters
+        return _lower(trunk, torch.device(device), dtype, packed)
+
+
+def _lower(module: nn.Module, device: torch.device, dtype: torch.dtype, packed: bool) -> int:
+    count = 0
+    for name, child in list(module.named_children()):
+        if _is_resnet_block(child):
+            setattr(module, name, _lower_block(child, device, dtype, packed))
+            count += len(getattr(module, name).convs)
+            if child.downsample is not None:
+                count += _lower(child.downsample, device, dtype, packed)
+        else:
+            count += _lower(child, device, dtype, packed)
+    if _runs_in_order(module):
+        count += _lower_sequence(module, device, dtype, packed)
+    return count
+
+
+def _lower_sequence(seq: nn.Sequential, device, dtype, packed: bool) -> int:
+    """Conv [BatchNorm] [ReLU] neighbours of `seq` made one LoweredConv2d (the others Identity)."""
+    names = list(seq._modules)
+    count, i = 0, 0
+    while i < len(names):
+        conv = seq._modules[names[i]]
+        if type(conv) is not nn.Conv2d or isinstance(conv.padding, str):
+            i += 1
+            continue
+        j = i + 1
+        bn = seq._modules[names[j]] if j < len(names) and _foldable(seq._modules[names[j]], conv) else None
+        j += bn is not None
+        relu = j < len(names) and type(seq._modules[names[j]]) is nn.ReLU
+        seq._modules[names[i]] = _lowered(conv, bn, relu, device, dtype, packed)
+        for k in range(i + 1, j + relu):
+            seq._modules[names[k]] = nn.Identity()
+        count += 1
+        i = j + relu
+    return count
+
+
+def _lower_block(block: nn.Module, device, dtype, packed: bool) -> LoweredResidual:
+    ks = [k for k in (1, 2, 3) if hasattr(block, f"conv{k}")]
+    convs = [_lowered(getattr(block, f"conv{k}"), getattr(block, f"bn{k}"), True, device, dtype, packed) for k in ks]
+    return LoweredResidual(convs, block.downsample)
+
+
+def _lowered(conv: nn.Conv2d, bn, relu: bool, device, dtype, packed: bool) -> LoweredConv2d:
+    # Packed per input shape in every dtype: with ResNet-50's weights packed for one shape, bf16
+    # convs on 224x224-288 images ran 3x slower (oneDNN chose kernels wanting another layout and
+    # reordered the weights at every call); packing again at each new shape costs a few percent.
+    step = lower_conv(conv, bn, relu, device, dtype, packed, (2, conv.in_channels, *NOMINAL_HW), per_shape=True)
+    return LoweredConv2d(conv, bn, relu, step)
+
+
+def _foldable(bn: nn.Module, conv: nn.Conv2d) -> bool:
+    """An eval-mode BatchNorm2d with running statistics and an affine map over conv's outputs."""
+    return (
+        type(bn) is nn.BatchNorm2d
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.weight is not None
+        and bn.num_features == conv.out_channels
+    )
+
+
+def _runs_in_order(module: nn.Module) -> bool:
+    """A Sequential whose forward is Sequential's own (its children, one after another)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _is_resnet_block(module: nn.Module) -> bool:
+    """torchvision's BasicBlock or Bottleneck (their forward: conv-bn-relu pairs, then the sum
+    with the shortcut and a ReLU), every BatchNorm foldable."""
+    if type(module).__module__ != "torchvision.models.resnet" or type(module).__name__ not in (
+        "BasicBlock",
+        "Bottleneck",
+    ):
+        return False
+    ks = (1, 2, 3) if type(module).__name__ == "Bottleneck" else (1, 2)
+    convs = [getattr(module, f"conv{k}") for k in ks]
+    return all(type(c) is nn.Conv2d and _foldable(getattr(module, f"bn{k}"), c) for k, c in zip(ks, convs))
