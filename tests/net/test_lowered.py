@@ -14,7 +14,7 @@ from torch import nn
 from featx.net.backbones import get_backbone
 from featx.net.padding import randomize_
 from featx.net.plan import onednn_prepack_works
-from featx.net.plan.lowered import LoweredConv2d, LoweredResidual
+from featx.net.plan.lowered import LoweredCNBlock, LoweredConv2d, LoweredResidual
 from featx.net.weights import Weights
 
 CPU = torch.device("cpu")
@@ -93,10 +93,19 @@ def test_a_lowered_net_moved_to_another_dtype_runs_its_own_weights():
     assert close(again.float(), ours, 1e-5)
 
 
-def test_a_family_that_runs_nchw_keeps_torchs_kernels():
-    net, ours = lowered("convnext_tiny")  # NCHW in fp32 on a CPU (its declaration): not lowered
-    assert not any(isinstance(m, LoweredConv2d) for m in net.trunk.modules())
-    assert close(ours, unlowered("convnext_tiny"), 1e-5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-nchw", "bf16-channels-last"])
+def test_convnext_blocks_run_their_mlp_as_packed_gemms_with_the_modules_numbers(dtype):
+    if dtype == torch.bfloat16 and not onednn_prepack_works(dtype):
+        pytest.skip("no native bf16 in oneDNN on this CPU")
+    net, ours = lowered("convnext_tiny", dtype)
+    assert sum(isinstance(m, LoweredCNBlock) for m in net.trunk.modules()) == 18
+    exact = unlowered("convnext_tiny")
+    if dtype == torch.float32:
+        assert close(ours, exact, 1e-5)
+    else:
+        theirs = unlowered("convnext_tiny", dtype)
+        ours_cos, theirs_cos = (F.cosine_similarity(y.float(), exact).min() for y in (ours, theirs))
+        assert ours_cos >= 0.999 and 1 - ours_cos <= 2 * (1 - theirs_cos)
 
 
 def test_the_provenance_says_how_the_lowered_net_runs():
@@ -105,5 +114,5 @@ def test_the_provenance_says_how_the_lowered_net_runs():
         assert said == (
             "oneDNN's packed kernels, BatchNorm folded, ReLU and residual sums fused, channels-last, bfloat16"
         )
-    nchw = get_backbone("convnext_tiny").kernels(CPU, torch.float32)
-    assert nchw.startswith("torch's own kernels (oneDNN/ATen), NCHW")
+    convnext = get_backbone("convnext_tiny").kernels(CPU, torch.float32)
+    assert convnext.endswith("each block's MLP two packed GEMMs, GELU fused, layer scale folded, NCHW, float32")

@@ -91,7 +91,7 @@ class DenseConvNet(nn.Module):
         device = torch.device(device)
         nchw = runs_nchw(device, dtype, self.nchw_on_cpu_fp32)
         self.eval()
-        if self.lowers and not nchw:
+        if self.lowers:
             self.padding.close()
             lower_convnet(self.trunk, device, dtype, packs(device, dtype, prepack))
             self.padding = ExactPadding(self.trunk)  # on the lowered modules
@@ -117,16 +117,15 @@ def packs(device: torch.device, dtype: torch.dtype, prepack: bool = True) -> boo
     return prepack and torch.device(device).type == "cpu" and onednn_prepack_works(dtype)
 
 
-def kernels(device: torch.device, dtype: torch.dtype, nchw_on_cpu_fp32: bool = False, lowers: bool = False) -> str:
-    """How a convnet runs, in words (provenance): lowered (`lowers`, see DenseConvNet.lower) or torch's own."""
+def kernels(device: torch.device, dtype: torch.dtype, nchw_on_cpu_fp32: bool = False, lowering: str = "") -> str:
+    """How a convnet runs, in words (provenance): lowered as `lowering` says (DenseConvNet.lower), or torch's own."""
     precision = str(dtype).removeprefix("torch.")
-    if runs_nchw(device, dtype, nchw_on_cpu_fp32) or not lowers:
-        where = "cuDNN" if torch.device(device).type == "cuda" else "oneDNN/ATen"
-        layout = "NCHW" if runs_nchw(device, dtype, nchw_on_cpu_fp32) else "channels-last"
-        return f"torch's own kernels ({where}), {layout}, {precision}"
+    layout = "NCHW" if runs_nchw(device, dtype, nchw_on_cpu_fp32) else "channels-last"
     cuda = torch.device(device).type == "cuda"
+    if not lowering:
+        return f"torch's own kernels ({'cuDNN' if cuda else 'oneDNN/ATen'}), {layout}, {precision}"
     where = "oneDNN's packed kernels" if packs(device, dtype) else "cuDNN" if cuda else "oneDNN/ATen"
-    return f"{where}, BatchNorm folded, ReLU and residual sums fused, channels-last, {precision}"
+    return f"{where}, {lowering}, {layout}, {precision}"
 
 
 # -- the layer table -------------------------------------------------------------------------
@@ -291,6 +290,8 @@ class TorchvisionFamily:
     # NCHW rather than channels-last in fp32 on a CPU, where the family's layers run faster so
     # under oneDNN (measured per family: benchmarks/README.md).
     nchw_on_cpu_fp32: bool = False
+    # What featx.net.plan.lowered does to the family's modules, in words (provenance).
+    lowering: str = "BatchNorm folded, ReLU fused"
 
     def torchvision_model(self, name: str, weights: Weights) -> nn.Module:
         """torchvision's own model with `weights` (a seeded random init for 'random'), eval, CPU."""
@@ -322,7 +323,7 @@ class TorchvisionFamily:
 
     def kernels(self, device: torch.device, dtype: torch.dtype) -> str:
         """How the family runs, in words (provenance)."""
-        return kernels(device, dtype, self.nchw_on_cpu_fp32, lowers=True)
+        return kernels(device, dtype, self.nchw_on_cpu_fp32, self.lowering)
 
     def mixes_sizes(self, name: str) -> bool:
         """torchvision's convnets keep a padded batch exact (featx.net.padding; tests check each family)."""

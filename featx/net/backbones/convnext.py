@@ -21,4 +21,10 @@ def split(model: nn.Module, tap: str) -> tuple[nn.Module, nn.Module]:
 
 # NCHW in fp32 on a CPU: the 7x7 depthwise convs run 1.6x faster so under oneDNN's AVX2 kernels
 # (2.68 vs 1.66 img/s for the whole net, 2 images at 384x512; in bf16 the two layouts are within 5%).
-FAMILY = TorchvisionFamily("ConvNeXt", split, classifier=lambda model: model.classifier[-1], nchw_on_cpu_fp32=True)
+FAMILY = TorchvisionFamily(
+    "ConvNeXt",
+    split,
+    classifier=lambda model: model.classifier[-1],
+    nchw_on_cpu_fp32=True,
+    lowering="each block's MLP two packed GEMMs, GELU fused, layer scale folded",
+)

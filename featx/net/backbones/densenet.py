@@ -24,4 +24,7 @@ def split(model: nn.Module, tap: str) -> tuple[nn.Module, nn.Module]:
     return up_to(named(model, "features"), tap), nn.Identity()
 
 
-FAMILY = TorchvisionFamily("DenseNet", split, classifier=lambda model: model.classifier)
+# Its layers normalise before their convs: only the stem's BatchNorm follows a conv.
+FAMILY = TorchvisionFamily(
+    "DenseNet", split, classifier=lambda model: model.classifier, lowering="the stem's BatchNorm folded, ReLU fused"
+)

@@ -19,4 +19,6 @@ def split(model: nn.Module, tap: str) -> tuple[nn.Module, nn.Module]:
     return named(model, "features") if tap == "pre_logits" else up_to(named(model, "features"), tap), nn.Identity()
 
 
-FAMILY = TorchvisionFamily("EfficientNet", split, classifier=lambda model: model.classifier[-1])
+FAMILY = TorchvisionFamily(
+    "EfficientNet", split, classifier=lambda model: model.classifier[-1], lowering="BatchNorm folded (SiLU apart)"
+)

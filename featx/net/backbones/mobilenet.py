@@ -20,4 +20,9 @@ def split(model: nn.Module, tap: str) -> tuple[nn.Module, nn.Module]:
     return up_to(named(model, "features"), tap), nn.Identity()
 
 
-FAMILY = TorchvisionFamily("MobileNetV3", split, classifier=lambda model: model.classifier[-1])
+FAMILY = TorchvisionFamily(
+    "MobileNetV3",
+    split,
+    classifier=lambda model: model.classifier[-1],
+    lowering="BatchNorm folded, ReLU fused (Hardswish apart)",
+)

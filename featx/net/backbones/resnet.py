@@ -22,4 +22,6 @@ def split(model: nn.Module, tap: str) -> tuple[nn.Module, nn.Module]:
     return trunk if tap == "pre_logits" else up_to(trunk, tap), nn.Identity()
 
 
-FAMILY = TorchvisionFamily("ResNet", split, classifier=lambda model: model.fc)
+FAMILY = TorchvisionFamily(
+    "ResNet", split, classifier=lambda model: model.fc, lowering="BatchNorm folded, ReLU and residual sums fused"
+)

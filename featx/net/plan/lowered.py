@@ -5,11 +5,12 @@ dtype), and the conv, with the ReLU after it, becomes one lowered step (plan.low
 VGG's plan runs them): on a CPU with oneDNN's packed ops its weights are packed
 once and the ReLU runs inside the conv; elsewhere F.conv2d and an in-place ReLU. A ResNet block's
 last conv also takes the residual sum and its ReLU into the same oneDNN call. What was three or
-four passes over each map (conv, BatchNorm, ReLU, the sum) is one.
+four passes over each map (conv, BatchNorm, ReLU, the sum) is one. A ConvNeXt block's MLP runs
+as two packed GEMMs, GELU inside the first, the layer scale folded into the second.
 
 "Directly follows" is read from the modules, not traced: neighbours in a Sequential that runs
 its children in order (torchvision's Conv2dNormActivation, its stems and downsamples), and the
-convK/bnK pairs of torchvision's ResNet blocks, whose forward is known. Anything else runs as
+convK/bnK pairs of torchvision's ResNet blocks and ConvNeXt's CNBlock, whose forwards are known. Anything else runs as
 the module it is. The numbers are the module's up to rounding (tests: every family against
 torchvision to 1e-5 in fp32, padded mixed batches included: the lowered convs are Conv2d to the
 padding hooks, with their kernel, stride and padding).
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featx.net.plan.plan import lower_conv
-from featx.net.plan.steps import Conv
+from featx.net.plan.steps import Conv, Linear
 
 # The nominal input a conv's weights are first packed for (packed again per input shape).
 NOMINAL_HW = (64, 64)
@@ -86,6 +87,35 @@ class LoweredResidual(nn.Module):
         return self.convs[-1](out, shortcut)
 
 
+class LoweredCNBlock(nn.Module):
+    """torchvision's ConvNeXt block lowered: its MLP as two packed GEMMs over positions, GELU in
+    the first, the layer scale folded into the second (x + scale * fc2(gelu(fc1(norm(dw(x)))))),
+    the depthwise conv and LayerNorm as they are (stochastic depth is the identity in eval)."""
+
+    def __init__(self, block: nn.Module, device: torch.device, dtype: torch.dtype, packed: bool):
+        super().__init__()
+        seq = block.block  # dwconv, Permute to NHWC, LayerNorm, Linear, GELU, Linear, Permute back
+        self.dwconv, self.norm = seq[0], seq[2]
+        scale = block.layer_scale.detach().reshape(-1)
+        self.fc1 = _linear(seq[3], "gelu", None, device, dtype, packed)
+        self.fc2 = _linear(seq[5], "none", scale, device, dtype, packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        return self.fc2(self.fc1(y)).permute(0, 3, 1, 2).add_(x)
+
+
+def _linear(linear: nn.Linear, activation: str, scale, device, dtype, packed: bool) -> Linear:
+    """nn.Linear [x scale per output] as a GEMM step, weights rounded once to `dtype`."""
+    w, b = linear.weight.detach().float(), linear.bias.detach().float()
+    if scale is not None:
+        w, b = w * scale.float()[:, None], b * scale.float()
+    w, b = w.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype)
+    if packed:
+        w = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    return Linear(w, b, activation, packed, linear.out_features)
+
+
 def lower_convnet(trunk: nn.Module, device: torch.device, dtype: torch.dtype, packed: bool) -> int:
     """Lower `trunk` in place (see the module doc); returns how many convs were lowered. Run it
     on the net as built (fp32, eval): each BatchNorm is folded from its own statistics."""
@@ -96,7 +126,10 @@ def lower_convnet(trunk: nn.Module, device: torch.device, dtype: torch.dtype, pa
 def _lower(module: nn.Module, device: torch.device, dtype: torch.dtype, packed: bool) -> int:
     count = 0
     for name, child in list(module.named_children()):
-        if _is_resnet_block(child):
+        if _is_torchvision(child, "convnext", "CNBlock"):
+            setattr(module, name, LoweredCNBlock(child, device, dtype, packed))
+            count += 2
+        elif _is_resnet_block(child):
             setattr(module, name, _lower_block(child, device, dtype, packed))
             count += len(getattr(module, name).convs)
             if child.downsample is not None:
@@ -159,13 +192,15 @@ def _runs_in_order(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
+def _is_torchvision(module: nn.Module, family: str, *names: str) -> bool:
+    """Whether `module` is one of torchvision's classes `names` of models/`family`.py (whose forward is known)."""
+    return type(module).__module__ == f"torchvision.models.{family}" and type(module).__name__ in names
+
+
 def _is_resnet_block(module: nn.Module) -> bool:
     """torchvision's BasicBlock or Bottleneck (their forward: conv-bn-relu pairs, then the sum
     with the shortcut and a ReLU), every BatchNorm foldable."""
-    if type(module).__module__ != "torchvision.models.resnet" or type(module).__name__ not in (
-        "BasicBlock",
-        "Bottleneck",
-    ):
+    if not _is_torchvision(module, "resnet", "BasicBlock", "Bottleneck"):
         return False
     ks = (1, 2, 3) if type(module).__name__ == "Bottleneck" else (1, 2)
     convs = [getattr(module, f"conv{k}") for k in ks]

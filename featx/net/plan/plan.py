@@ -240,7 +240,7 @@ class Plan:
             w = w.to(self.device).permute(0, 2, 3, 1).reshape(m.out_channels, -1).contiguous()
             if self.packed:
                 w = torch.ops.mkldnn._reorder_linear_weight(w, None)
-            layers.append(Linear(w, b.to(self.device), relu, self.packed, m.out_channels))
+            layers.append(Linear(w, b.to(self.device), "relu" if relu else "none", self.packed, m.out_channels))
         return kernel, layers
 
     # -- running -------------------------------------------------------------------------

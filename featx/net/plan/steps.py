@@ -165,21 +165,22 @@ class WinogradConv:
 
 @dataclass
 class Linear:
-    """A position-wise layer of the head as a GEMM over rows [+ ReLU]."""
+    """A position-wise layer as a GEMM over rows [+ its activation: "relu", "gelu" (exact, erf), "none"]."""
 
     weight: torch.Tensor  # packed, or plain [out, in]
     bias: torch.Tensor
-    relu: bool
+    activation: str
     packed: bool
     out_features: int
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(
-                rows, self.weight, self.bias, "relu" if self.relu else "none", [], ""
-            )
+            algorithm = "none" if self.activation == "gelu" else ""  # GELU's: erf, not tanh
+            return torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, self.activation, [], algorithm)
         y = F.linear(rows, self.weight, self.bias)
-        return F.relu_(y) if self.relu else y
+        if self.activation == "relu":
+            return F.relu_(y)
+        return F.gelu(y) if self.activation == "gelu" else y
 
 
 def max_pool_2x2(x: torch.Tensor, out: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
