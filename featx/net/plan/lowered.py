@@ -90,30 +90,45 @@ class LoweredResidual(nn.Module):
 class LoweredCNBlock(nn.Module):
     """torchvision's ConvNeXt block lowered: its MLP as two packed GEMMs over positions, GELU in
     the first, the layer scale folded into the second (x + scale * fc2(gelu(fc1(norm(dw(x)))))),
-    the depthwise conv and LayerNorm as they are (stochastic depth is the identity in eval)."""
+    the depthwise conv and LayerNorm as they are (stochastic depth is the identity in eval).
+    fc1, fc2 keep the folded weights as modules: an input the steps were not made for (another
+    device or dtype) runs F.linear on them."""
 
     def __init__(self, block: nn.Module, device: torch.device, dtype: torch.dtype, packed: bool):
         super().__init__()
         seq = block.block  # dwconv, Permute to NHWC, LayerNorm, Linear, GELU, Linear, Permute back
         self.dwconv, self.norm = seq[0], seq[2]
-        scale = block.layer_scale.detach().reshape(-1)
-        self.fc1 = _linear(seq[3], "gelu", None, device, dtype, packed)
-        self.fc2 = _linear(seq[5], "none", scale, device, dtype, packed)
+        self.fc1 = _folded_linear(seq[3], None, device, dtype)
+        self.fc2 = _folded_linear(seq[5], block.layer_scale.detach().reshape(-1), device, dtype)
+        self.steps = [_gemm(fc, activation, packed) for fc, activation in ((self.fc1, "gelu"), (self.fc2, "none"))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
-        return self.fc2(self.fc1(y)).permute(0, 3, 1, 2).add_(x)
+        step1, step2 = self.steps
+        if y.device == step1.bias.device and y.dtype == step1.bias.dtype:
+            y = step2(step1(y))
+        else:
+            y = self.fc2(F.gelu(self.fc1(y)))
+        return y.permute(0, 3, 1, 2).add_(x)
 
 
-def _linear(linear: nn.Linear, activation: str, scale, device, dtype, packed: bool) -> Linear:
-    """nn.Linear [x scale per output] as a GEMM step, weights rounded once to `dtype`."""
+def _folded_linear(linear: nn.Linear, scale, device, dtype) -> nn.Linear:
+    """nn.Linear [x scale per output], folded in fp32 and rounded once to `dtype` on `device`."""
     w, b = linear.weight.detach().float(), linear.bias.detach().float()
     if scale is not None:
         w, b = w * scale.float()[:, None], b * scale.float()
-    w, b = w.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype)
+    folded = nn.Linear(linear.in_features, linear.out_features, device="meta")
+    folded.weight = nn.Parameter(w.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+    folded.bias = nn.Parameter(b.to(device=device, dtype=dtype), requires_grad=False)
+    return folded
+
+
+def _gemm(linear: nn.Linear, activation: str, packed: bool) -> Linear:
+    """The GEMM step of a (folded) Linear and its activation, its weights packed for oneDNN where `packed`."""
+    w = linear.weight.detach()
     if packed:
         w = torch.ops.mkldnn._reorder_linear_weight(w, None)
-    return Linear(w, b, activation, packed, linear.out_features)
+    return Linear(w, linear.bias.detach(), activation, packed, linear.out_features)
 
 
 def lower_convnet(trunk: nn.Module, device: torch.device, dtype: torch.dtype, packed: bool) -> int:
@@ -144,19 +159,20 @@ def _lower(module: nn.Module, device: torch.device, dtype: torch.dtype, packed: 
 def _lower_sequence(seq: nn.Sequential, device, dtype, packed: bool) -> int:
     """Conv [BatchNorm] [ReLU] neighbours of `seq` made one LoweredConv2d (the others Identity)."""
     names = list(seq._modules)
+    children = [seq._modules[n] for n in names]
     count, i = 0, 0
     while i < len(names):
-        conv = seq._modules[names[i]]
+        conv = children[i]
         if type(conv) is not nn.Conv2d or isinstance(conv.padding, str):
             i += 1
             continue
         j = i + 1
-        bn = seq._modules[names[j]] if j < len(names) and _foldable(seq._modules[names[j]], conv) else None
+        bn = children[j] if j < len(names) and _foldable(children[j], conv) else None
         j += bn is not None
-        relu = j < len(names) and type(seq._modules[names[j]]) is nn.ReLU
-        seq._modules[names[i]] = _lowered(conv, bn, relu, device, dtype, packed)
+        relu = j < len(names) and type(children[j]) is nn.ReLU
+        setattr(seq, names[i], _lowered(conv, bn, relu, device, dtype, packed))
         for k in range(i + 1, j + relu):
-            seq._modules[names[k]] = nn.Identity()
+            setattr(seq, names[k], nn.Identity())
         count += 1
         i = j + relu
     return count
