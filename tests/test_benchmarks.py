@@ -61,3 +61,18 @@ def test_gpu_benchmark_smoke_mode_runs_on_cpu_over_class_folders(tmp_path):
     figures = json.loads(report.read_text())
     assert figures["settings"]["images"] == 4 and figures["caltech_end_to_end_warm"]["failures"] == 0
     assert figures["caltech_buckets_autotuned"]["images"] == 4 and "seconds" in figures
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs_every_stage_at_two_sizes(tmp_path):
+    """benchmarks/scale.py at tiny sizes: every stage reports seconds and peak RSS at both sizes."""
+    out = tmp_path / "scale.json"
+    scale = REPO / "benchmarks" / "scale.py"
+    args = ["--files", "300", "--rows", "2000", "--dir", str(tmp_path), "--json", str(out)]
+    proc = subprocess.run([sys.executable, str(scale), *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    stages = {(r["stage"], r["n"]) for r in results}
+    assert {s for s, _ in stages} == {"plan", "merge", "resume", "merge-file", "info", "index-ivf", "index-hnsw"}
+    assert all(r["seconds"] >= 0 and r["peak_rss_mb"] > 0 for r in results)
+    assert ("plan", 300) in stages and ("plan", 30) in stages and ("info", 2000) in stages

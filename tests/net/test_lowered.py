@@ -83,9 +83,11 @@ def test_lowered_bf16_is_as_close_to_fp32_as_the_module_in_bf16(name):
     assert ours_cos >= 0.999 and 1 - ours_cos <= 2 * (1 - theirs_cos)
 
 
-def test_a_lowered_net_moved_to_another_dtype_runs_its_own_weights():
-    """The steps are made for one device and dtype; anything else runs F.conv2d on the folded weights."""
-    net, ours = lowered("resnet18")
+@pytest.mark.parametrize("name", ["resnet18", "convnext_tiny"])
+def test_a_lowered_net_moved_to_another_dtype_runs_its_own_weights(name):
+    """The steps are made for one device and dtype; anything else runs F.conv2d and F.linear on
+    the folded weights."""
+    net, ours = lowered(name)
     net.to(torch.float64)
     x, sizes = batch(torch.float64)
     with torch.inference_mode():
