@@ -80,36 +80,9 @@ class Conv:
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`out` (packed path only): a channels-last buffer of out_shape(x) to write into."""
         if self.packed:
-            w = self.packed_for(tuple(x.shape))
             if out is not None:  # oneDNN's in-place form, out = relu(conv(x) + out), from zero
-                out.zero_()
-                return torch.ops.mkldnn._convolution_pointwise_.binary(
-                    out,
-                    x,
-                    w,
-                    self.bias,
-                    self.padding,
-                    self.stride,
-                    self.dilation,
-                    self.groups,
-                    "add",
-                    None,
-                    "relu" if self.relu else None,
-                    [],
-                    None,
-                )
-            return torch.ops.mkldnn._convolution_pointwise(
-                x,
-                w,
-                self.bias,
-                self.padding,
-                self.stride,
-                self.dilation,
-                self.groups,
-                "relu" if self.relu else "none",
-                [],
-                "",
-            )
+                return self._sum_into(x, out.zero_())
+            return self._packed(x, "relu" if self.relu else "none")
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.relu_(x) if self.relu else x
 
@@ -117,30 +90,25 @@ class Conv:
         """conv(x) + `other` [then ReLU] (a residual block's end), written into `other` where
         oneDNN's in-place form runs (packed; `other` channels-last, of out_shape(x)), else fresh."""
         if self.packed and other.is_contiguous(memory_format=torch.channels_last) and other.dtype == x.dtype:
-            return torch.ops.mkldnn._convolution_pointwise_.binary(
-                other,
-                x,
-                self.packed_for(tuple(x.shape)),
-                self.bias,
-                self.padding,
-                self.stride,
-                self.dilation,
-                self.groups,
-                "add",
-                None,
-                "relu" if self.relu else None,
-                [],
-                None,
-            )
-        w = self.plain if self.plain is not None else self.weight
-        if self.packed and self.plain is None:  # bf16 packed: no plain copy kept; oneDNN's out-of-place form
-            y = torch.ops.mkldnn._convolution_pointwise(
-                x, w, self.bias, self.padding, self.stride, self.dilation, self.groups, "none", [], ""
-            )
+            return self._sum_into(x, other)
+        if self.packed:
+            y = self._packed(x, "none")
         else:
-            y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         y = y.add_(other)
         return F.relu_(y) if self.relu else y
+
+    def _packed(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        w = self.packed_for(tuple(x.shape))
+        args = (self.bias, self.padding, self.stride, self.dilation, self.groups)
+        return torch.ops.mkldnn._convolution_pointwise(x, w, *args, activation, [], "")
+
+    def _sum_into(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """oneDNN's in-place form: other = conv(x) + other [then ReLU]."""
+        w = self.packed_for(tuple(x.shape))
+        args = (self.bias, self.padding, self.stride, self.dilation, self.groups)
+        relu = "relu" if self.relu else None
+        return torch.ops.mkldnn._convolution_pointwise_.binary(other, x, w, *args, "add", None, relu, [], None)
 
 
 @dataclass
