@@ -97,6 +97,9 @@ def test_extract_imports_only_what_it_uses(tmp_path, samples):
     unused = ("pandas", "pyarrow.dataset", "torchvision", "sklearn", "scipy", "matplotlib", "faiss", "ray", "rich")
     assert imported_by(*args, "--scales", "32", "--no-flip", "--quiet", heavy=unused) == []
     assert out.is_file()
+    # A ResNet is built by featx too (featx.net.backbones.resnet), without torchvision.
+    args = ["extract", image, "-o", str(tmp_path / "r.parquet"), "--model", "resnet18", "--weights", "random"]
+    assert imported_by(*args, "--scales", "32", "--no-flip", "--quiet", heavy=("torchvision",)) == []
 
 
 @pytest.mark.slow

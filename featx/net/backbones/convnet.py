@@ -280,6 +280,12 @@ def up_to(trunk: nn.Sequential, tap: str) -> nn.Sequential:
     return nn.Sequential(OrderedDict([*children[:k], (first, last)]))
 
 
+def _torchvision_builds(name: str) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None)
+
+
 @dataclass(frozen=True)
 class TorchvisionFamily:
     """A torchvision convnet family: how its model splits into trunk and head at a tap, and its last Linear."""
@@ -292,16 +298,22 @@ class TorchvisionFamily:
     nchw_on_cpu_fp32: bool = False
     # What featx.net.plan.lowered does to the family's modules, in words (provenance).
     lowering: str = "BatchNorm folded, ReLU fused"
+    # The family's own builder of torchvision's model (same modules, names and seeded init,
+    # tested against torchvision), where it has one: no torchvision import, whose cost (1.1-1.6 s,
+    # most of it torch._dynamo) a short run pays. None: torchvision builds it.
+    make: Callable[[str], nn.Module] | None = None
 
     def torchvision_model(self, name: str, weights: Weights) -> nn.Module:
         """torchvision's own model with `weights` (a seeded random init for 'random'), eval, CPU."""
-        import torchvision
+        return instantiate(lambda: _torchvision_builds(name), weights, name)
 
-        return instantiate(lambda: torchvision.models.get_model(name, weights=None), weights, name)
+    def model(self, name: str) -> nn.Module:
+        """A new torchvision model `name` (random init, train mode): the family's builder, else torchvision's."""
+        return self.make(name) if self.make is not None else _torchvision_builds(name)
 
     def build(self, name: str, weights: Weights, tap: str) -> DenseConvNet:
         """The dense net up to `tap` with `weights`, in eval mode on the CPU."""
-        trunk, head = self.split(self.torchvision_model(name, weights), tap)
+        trunk, head = self.split(instantiate(lambda: self.model(name), weights, name), tap)
         channels = get_backbone(name).tap(tap).channels
         nchw = self.nchw_on_cpu_fp32
         dense = DenseConvNet(trunk, head, name=name, tap=tap, channels=channels, nchw_on_cpu_fp32=nchw, lowers=True)
@@ -309,9 +321,7 @@ class TorchvisionFamily:
 
     def model_summary(self, name: str, height: int, width: int, tap: str) -> dict:
         """The dense net's layer table at height x width, with totals; built on the meta device."""
-        import torchvision
-
-        model = on_meta_device(lambda: torchvision.models.get_model(name, weights=None)).eval()
+        model = on_meta_device(lambda: self.model(name)).eval()
         total = sum(p.numel() for p in model.parameters())
         classifier = sum(p.numel() for p in self.classifier(model).parameters())
         rows = layer_table(*self.split(model, tap), height, width)

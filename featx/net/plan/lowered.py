@@ -209,8 +209,10 @@ def _runs_in_order(module: nn.Module) -> bool:
 
 
 def _is_torchvision(module: nn.Module, family: str, *names: str) -> bool:
-    """Whether `module` is one of torchvision's classes `names` of models/`family`.py (whose forward is known)."""
-    return type(module).__module__ == f"torchvision.models.{family}" and type(module).__name__ in names
+    """Whether `module` is one of the classes `names` of torchvision's models/`family`.py, or of
+    featx's own build of them (featx.net.backbones.`family`): modules whose forward is known."""
+    where = (f"torchvision.models.{family}", f"featx.net.backbones.{family}")
+    return type(module).__module__ in where and type(module).__name__ in names
 
 
 def _is_resnet_block(module: nn.Module) -> bool:
