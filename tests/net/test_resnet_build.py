@@ -11,9 +11,6 @@ import torchvision
 
 from featx.net.backbones.resnet import CONFIGS, ResNet
 
-HEAVY = {"resnet101", "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet101_2"}
-NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in CONFIGS]
-
 
 def seeded(make, seed: int = 7):
     with torch.random.fork_rng(devices=[]):
@@ -21,7 +18,7 @@ def seeded(make, seed: int = 7):
         return make()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_same_modules_names_shapes_and_seeded_init_as_torchvision(name):
     ours = seeded(lambda: ResNet(name))
     theirs = seeded(lambda: torchvision.models.get_model(name, weights=None))
