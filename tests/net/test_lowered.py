@@ -64,6 +64,15 @@ def test_a_lowered_resnet_has_no_batchnorm_and_one_call_per_conv():
     assert all(m.relu and m.folded for m in spatial)
 
 
+def test_lowering_a_lowered_net_again_changes_nothing():
+    net, first = lowered("resnet18")
+    modules = list(net.trunk.modules())
+    run = net.lower(CPU, torch.float32)
+    assert list(net.trunk.modules()) == modules  # the same module objects: nothing left to lower
+    with torch.inference_mode():
+        torch.testing.assert_close(run(*batch()), first, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenet_v3_small", "regnet_y_400mf", "densenet121"])
 @pytest.mark.parametrize("prepack", [True, False], ids=["packed", "plain"])
 def test_lowered_is_the_module_in_fp32(name, prepack):

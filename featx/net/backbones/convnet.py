@@ -7,7 +7,8 @@ pool and the final Linear (ResNet, RegNet, EfficientNet: nothing; ConvNeXt: its 
 MobileNetV3: the classifier up to its last Linear), so at one scale without flip the descriptor is
 the model's pre-logits. Padded mixed-size batches stay exact through featx.net.padding's hooks.
 Each torchvision family's module (resnet, convnext, efficientnet, regnet, densenet, mobilenet)
-only says how its model splits into trunk and head; timm's convnets use DenseConvNet too.
+says how its model splits into trunk and head (and what lowering does to it, its CPU fp32
+layout, its own builder where it has one); timm's convnets use DenseConvNet too, unlowered.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class DenseConvNet(nn.Module):
 
     def lower(self, device: torch.device, dtype: torch.dtype, prepack: bool = True, **options) -> Callable:
         """forward_pooled on the net moved to `device` and `dtype` in place, channels-last (NCHW
-        where the family says so). A torchvision net is lowered first, once (featx.net.plan.lowered:
+        where the family says so). A torchvision net is lowered first (featx.net.plan.lowered:
         BatchNorm folded, ReLU and residual sums fused, oneDNN's packed kernels on a CPU where
         `prepack`); on CUDA the padding is filled by one masked write per layer (few launches).
         The other Plan options (pass_pixels, ...) are VGG's."""

@@ -2,18 +2,20 @@
 
 Each BatchNorm that directly follows a conv is folded into it (in fp32, rounded once to the
 dtype), and the conv, with the ReLU after it, becomes one lowered step (plan.lower_conv, as
-VGG's plan runs them): on a CPU with oneDNN's packed ops its weights are packed
-once and the ReLU runs inside the conv; elsewhere F.conv2d and an in-place ReLU. A ResNet block's
+VGG's plan runs them): on a CPU with oneDNN's packed ops its weights are packed for each input
+shape and the ReLU runs inside the conv; elsewhere F.conv2d and an in-place ReLU. A ResNet block's
 last conv also takes the residual sum and its ReLU into the same oneDNN call. What was three or
 four passes over each map (conv, BatchNorm, ReLU, the sum) is one. A ConvNeXt block's MLP runs
 as two packed GEMMs, GELU inside the first, the layer scale folded into the second.
 
 "Directly follows" is read from the modules, not traced: neighbours in a Sequential that runs
 its children in order (torchvision's Conv2dNormActivation, its stems and downsamples), and the
-convK/bnK pairs of torchvision's ResNet blocks and ConvNeXt's CNBlock, whose forwards are known. Anything else runs as
-the module it is. The numbers are the module's up to rounding (tests: every family against
-torchvision to 1e-5 in fp32, padded mixed batches included: the lowered convs are Conv2d to the
-padding hooks, with their kernel, stride and padding).
+convK/bnK pairs of ResNet's blocks; ResNet's blocks and ConvNeXt's CNBlock are the classes whose
+forwards are known (torchvision's, and featx's own ResNet build). Anything else runs as the
+module it is. Lowering a lowered net again finds nothing left to lower. The numbers are the
+module's up to rounding (tests: every family against torchvision to 1e-5 in fp32, padded mixed
+batches included: the lowered convs are Conv2d to the padding hooks, with their kernel, stride
+and padding).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class LoweredConv2d(nn.Conv2d):
         self.bias = nn.Parameter(step.bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if x.device == self.step.bias.device and x.dtype == self.step.bias.dtype:
+        if _made_for(self.step, x):
             return self.step(x) if residual is None else self.step.add_into(x, residual)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if residual is not None:
@@ -105,11 +107,13 @@ class LoweredCNBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
         step1, step2 = self.steps
-        if y.device == step1.bias.device and y.dtype == step1.bias.dtype:
-            y = step2(step1(y))
-        else:
-            y = self.fc2(F.gelu(self.fc1(y)))
+        y = step2(step1(y)) if _made_for(step1, y) else self.fc2(F.gelu(self.fc1(y)))
         return y.permute(0, 3, 1, 2).add_(x)
+
+
+def _made_for(step: Conv | Linear, x: torch.Tensor) -> bool:
+    """Whether `step` was lowered for x's device and dtype (its bias is on them)."""
+    return x.device == step.bias.device and x.dtype == step.bias.dtype
 
 
 def _folded_linear(linear: nn.Linear, scale, device, dtype) -> nn.Linear:
@@ -131,36 +135,32 @@ def _gemm(linear: nn.Linear, activation: str, packed: bool) -> Linear:
     return Linear(w, linear.bias.detach(), activation, packed, linear.out_features)
 
 
-def lower_convnet(trunk: nn.Module, device: torch.device, dtype: torch.dtype, packed: bool) -> int:
-    """Lower `trunk` in place (see the module doc); returns how many convs were lowered. Run it
-    on the net as built (fp32, eval): each BatchNorm is folded from its own statistics."""
+def lower_convnet(trunk: nn.Module, device: torch.device, dtype: torch.dtype, packed: bool) -> None:
+    """Lower `trunk` in place (see the module doc). Run it on the net as built (fp32, eval):
+    each BatchNorm is folded from its own statistics."""
     with torch.no_grad():  # not inference mode: the folded weights become the modules' parameters
-        return _lower(trunk, torch.device(device), dtype, packed)
+        _lower(trunk, torch.device(device), dtype, packed)
 
 
-def _lower(module: nn.Module, device: torch.device, dtype: torch.dtype, packed: bool) -> int:
-    count = 0
+def _lower(module: nn.Module, device: torch.device, dtype: torch.dtype, packed: bool) -> None:
     for name, child in list(module.named_children()):
         if _is_torchvision(child, "convnext", "CNBlock"):
             setattr(module, name, LoweredCNBlock(child, device, dtype, packed))
-            count += 2
         elif _is_resnet_block(child):
             setattr(module, name, _lower_block(child, device, dtype, packed))
-            count += len(getattr(module, name).convs)
             if child.downsample is not None:
-                count += _lower(child.downsample, device, dtype, packed)
+                _lower(child.downsample, device, dtype, packed)
         else:
-            count += _lower(child, device, dtype, packed)
+            _lower(child, device, dtype, packed)
     if _runs_in_order(module):
-        count += _lower_sequence(module, device, dtype, packed)
-    return count
+        _lower_sequence(module, device, dtype, packed)
 
 
-def _lower_sequence(seq: nn.Sequential, device, dtype, packed: bool) -> int:
+def _lower_sequence(seq: nn.Sequential, device, dtype, packed: bool) -> None:
     """Conv [BatchNorm] [ReLU] neighbours of `seq` made one LoweredConv2d (the others Identity)."""
     names = list(seq._modules)
     children = [seq._modules[n] for n in names]
-    count, i = 0, 0
+    i = 0
     while i < len(names):
         conv = children[i]
         if type(conv) is not nn.Conv2d or isinstance(conv.padding, str):
@@ -173,14 +173,12 @@ def _lower_sequence(seq: nn.Sequential, device, dtype, packed: bool) -> int:
         setattr(seq, names[i], _lowered(conv, bn, relu, device, dtype, packed))
         for k in range(i + 1, j + relu):
             setattr(seq, names[k], nn.Identity())
-        count += 1
         i = j + relu
-    return count
 
 
 def _lower_block(block: nn.Module, device, dtype, packed: bool) -> LoweredResidual:
-    ks = [k for k in (1, 2, 3) if hasattr(block, f"conv{k}")]
-    convs = [_lowered(getattr(block, f"conv{k}"), getattr(block, f"bn{k}"), True, device, dtype, packed) for k in ks]
+    pairs = _conv_bn_pairs(block)
+    convs = [_lowered(conv, bn, True, device, dtype, packed) for conv, bn in pairs]
     return LoweredResidual(convs, block.downsample)
 
 
@@ -220,6 +218,9 @@ def _is_resnet_block(module: nn.Module) -> bool:
     with the shortcut and a ReLU), every BatchNorm foldable."""
     if not _is_torchvision(module, "resnet", "BasicBlock", "Bottleneck"):
         return False
-    ks = (1, 2, 3) if type(module).__name__ == "Bottleneck" else (1, 2)
-    convs = [getattr(module, f"conv{k}") for k in ks]
-    return all(type(c) is nn.Conv2d and _foldable(getattr(module, f"bn{k}"), c) for k, c in zip(ks, convs))
+    return all(type(conv) is nn.Conv2d and _foldable(bn, conv) for conv, bn in _conv_bn_pairs(module))
+
+
+def _conv_bn_pairs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """A ResNet block's (convK, bnK) in order: two in a BasicBlock, three in a Bottleneck."""
+    return [(getattr(block, f"conv{k}"), getattr(block, f"bn{k}")) for k in (1, 2, 3) if hasattr(block, f"conv{k}")]
