@@ -97,9 +97,17 @@ def test_extract_imports_only_what_it_uses(tmp_path, samples):
     unused = ("pandas", "pyarrow.dataset", "torchvision", "sklearn", "scipy", "matplotlib", "faiss", "ray", "rich")
     assert imported_by(*args, "--scales", "32", "--no-flip", "--quiet", heavy=unused) == []
     assert out.is_file()
-    # A ResNet is built by featx too (featx.net.backbones.resnet), without torchvision.
-    args = ["extract", image, "-o", str(tmp_path / "r.parquet"), "--model", "resnet18", "--weights", "random"]
-    assert imported_by(*args, "--scales", "32", "--no-flip", "--quiet", heavy=("torchvision",)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["resnet18", "convnext_tiny"])
+def test_a_net_featx_builds_itself_runs_without_torchvision(tmp_path, samples, model):
+    # featx.net.backbones.resnet and .convnext build torchvision's nets module for module.
+    image = str(sorted(samples.rglob("*.jpg"))[0])
+    out = tmp_path / "f.parquet"
+    args = ["extract", image, "-o", str(out), "--model", model, "--weights", "random", "--scales", "32"]
+    assert imported_by(*args, "--no-flip", "--quiet", heavy=("torchvision",)) == []
+    assert out.is_file()
 
 
 @pytest.mark.slow

@@ -159,4 +159,5 @@ FAMILY = TorchvisionFamily(
     classifier=lambda model: model.classifier[-1],
     nchw_on_cpu_fp32=True,
     lowering="each block's MLP two packed GEMMs, GELU fused, layer scale folded",
+    make=ConvNeXt,
 )

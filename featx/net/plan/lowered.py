@@ -11,7 +11,7 @@ as two packed GEMMs, GELU inside the first, the layer scale folded into the seco
 "Directly follows" is read from the modules, not traced: neighbours in a Sequential that runs
 its children in order (torchvision's Conv2dNormActivation, its stems and downsamples), and the
 convK/bnK pairs of ResNet's blocks; ResNet's blocks and ConvNeXt's CNBlock are the classes whose
-forwards are known (torchvision's, and featx's own ResNet build). Anything else runs as the
+forwards are known (torchvision's, and featx's own builds of them). Anything else runs as the
 module it is. Lowering a lowered net again finds nothing left to lower. The numbers are the
 module's up to rounding (tests: every family against torchvision to 1e-5 in fp32, padded mixed
 batches included: the lowered convs are Conv2d to the padding hooks, with their kernel, stride
