@@ -13,6 +13,7 @@ from torch import nn
 
 from featx.net.backbones import get_backbone
 from featx.net.padding import randomize_
+from featx.net.plan import lowered as lowered_module
 from featx.net.plan import onednn_prepack_works
 from featx.net.plan.lowered import LoweredCNBlock, LoweredConv2d, LoweredResidual
 from featx.net.weights import Weights
@@ -104,10 +105,13 @@ def test_a_lowered_net_moved_to_another_dtype_runs_its_own_weights(name):
     assert close(again.float(), ours, 1e-5)
 
 
+@pytest.mark.parametrize("chunk_bytes", [lowered_module.MLP_CHUNK_BYTES, 1 << 16], ids=["one-chunk", "many-chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32-nchw", "bf16-channels-last"])
-def test_convnext_blocks_run_their_mlp_as_packed_gemms_with_the_modules_numbers(dtype):
+def test_convnext_blocks_run_their_mlp_as_packed_gemms_with_the_modules_numbers(dtype, chunk_bytes, monkeypatch):
+    """In chunks of rows too: 64 rows each (the least) against stage 1's 874, the last one short."""
     if dtype == torch.bfloat16 and not onednn_prepack_works(dtype):
         pytest.skip("no native bf16 in oneDNN on this CPU")
+    monkeypatch.setattr(lowered_module, "MLP_CHUNK_BYTES", chunk_bytes)
     net, ours = lowered("convnext_tiny", dtype)
     assert sum(isinstance(m, LoweredCNBlock) for m in net.trunk.modules()) == 18
     exact = unlowered("convnext_tiny")
