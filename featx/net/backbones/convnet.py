@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from featx.errors import BadInput
 from featx.net.backbones import LayerRow, get_backbone, layer_summary
@@ -189,6 +188,9 @@ def layer_table(
             [] if isinstance(head, nn.Identity) else lines_of(head) if type(head) in _EXPANDED else [("head", head)]
         )
         lines = lines_of(trunk) + head_lines
+    # Imported here, not with the module: it imports triton where installed (75 ms of every run).
+    from torch.utils.flop_counter import FlopCounterMode
+
     rows: list[LayerRow] = []
     counter = FlopCounterMode(display=False)
     starts: dict[str, int] = {}
