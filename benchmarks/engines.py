@@ -114,6 +114,8 @@ def export_onnx(settings: dict, path: Path) -> float:
     import torch
 
     from featx.net.backbones import get_backbone
+    from featx.net.backbones.convnet import DenseConvNet
+    from featx.net.backbones.timm import SameShape
     from featx.net.weights import resolve
 
     t = time.perf_counter()
@@ -121,11 +123,19 @@ def export_onnx(settings: dict, path: Path) -> float:
     net = get_backbone(settings["model"]).build(weights, settings["layer"]).eval()
 
     class Pooled(torch.nn.Module):
+        """x -> the descriptor before L2: VGG's dense map averaged; another convnet's trunk
+        averaged, then its head (DenseConvNet.forward_pooled for one image, without the padding
+        bookkeeping, which would fix the traced shapes); a timm model's own pooled forward."""
+
         def __init__(self, net):
             super().__init__()
             self.net = net
 
         def forward(self, x):
+            if isinstance(self.net, DenseConvNet):
+                return self.net.head(self.net.trunk(x).mean(dim=(2, 3)))
+            if isinstance(self.net, SameShape):
+                return self.net.pooled(x)
             return self.net(x).mean(dim=(2, 3))
 
     x = torch.zeros(1, 3, 224, 224)

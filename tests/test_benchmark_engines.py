@@ -63,6 +63,16 @@ def test_onnxruntime_on_the_export_gives_featx_fp32_descriptor_fc7(engines, tmp_
     assert_same_descriptors(featx_rows, engine_rows)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["resnet18", "convnext_tiny"])
+def test_onnxruntime_on_the_export_of_another_backbone_gives_featx_fp32_descriptor(engines, tmp_path, model):
+    """A torchvision convnet exports its trunk averaged, then its head (ConvNeXt's LayerNorm)."""
+    settings = {"model": model, "weights": "random", "seed": 0, "layer": "default", "scales": [64, 96]}
+    settings |= {"flip": True, "aggregate": "mean"}
+    featx_rows, engine_rows = featx_fp32_and_onnxruntime(engines, tmp_path, settings, [(70, 50), (64, 96)])
+    assert_same_descriptors(featx_rows, engine_rows)
+
+
 def test_the_export_is_made_once_per_settings(engines, tmp_path, monkeypatch):
     made = []
     monkeypatch.setattr(engines, "export_onnx", lambda settings, path: made.append(path) or path.write_bytes(b"x"))
