@@ -68,3 +68,27 @@ def assert_same_rows(a_path, b_path, atol: float = 2e-6) -> None:
     assert sorted(a) == sorted(b)
     for p in a:
         np.testing.assert_allclose(b[p], a[p], atol=atol, err_msg=p)
+
+
+def seeded(make, seed: int = 7):
+    """make() with torch's generator seeded, the caller's generator state left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+def assert_the_same_build(ours, theirs) -> None:
+    """Two nets built module for module alike: the same module names and class names, the same
+    reprs (kernels, strides, eps, ...), the same state dict keys in order, every tensor equal."""
+    import torch
+
+    assert [(n, type(m).__name__) for n, m in ours.named_modules()][1:] == [
+        (n, type(m).__name__) for n, m in theirs.named_modules()
+    ][1:]
+    assert repr(ours) == repr(theirs)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

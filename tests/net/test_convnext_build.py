@@ -11,12 +11,7 @@ import torch
 import torchvision
 
 from featx.net.backbones.convnext import CONFIGS, ConvNeXt
-
-
-def seeded(make, seed: int = 7):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make()
+from tests.conftest import assert_the_same_build, seeded
 
 
 # convnext_large: 198M parameters drawn twice (default init, then torchvision's) in each of two
@@ -27,14 +22,7 @@ def seeded(make, seed: int = 7):
 def test_the_same_modules_names_shapes_and_seeded_init_as_torchvision(name):
     ours = seeded(lambda: ConvNeXt(name))
     theirs = seeded(lambda: torchvision.models.get_model(name, weights=None))
-    assert [(n, type(m).__name__) for n, m in ours.named_modules()][1:] == [
-        (n, type(m).__name__) for n, m in theirs.named_modules()
-    ][1:]
-    assert repr(ours) == repr(theirs)
-    a, b = ours.state_dict(), theirs.state_dict()
-    assert list(a) == list(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_the_same_build(ours, theirs)
 
 
 def test_stochastic_depth_rises_linearly_to_torchvisions_last_value_and_is_the_identity_in_eval():

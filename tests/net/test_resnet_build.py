@@ -10,25 +10,14 @@ import torch
 import torchvision
 
 from featx.net.backbones.resnet import CONFIGS, ResNet
-
-
-def seeded(make, seed: int = 7):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make()
+from tests.conftest import assert_the_same_build, seeded
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_the_same_modules_names_shapes_and_seeded_init_as_torchvision(name):
     ours = seeded(lambda: ResNet(name))
     theirs = seeded(lambda: torchvision.models.get_model(name, weights=None))
-    assert [(n, type(m).__name__) for n, m in ours.named_modules()][1:] == [
-        (n, type(m).__name__) for n, m in theirs.named_modules()
-    ][1:]
-    a, b = ours.state_dict(), theirs.state_dict()
-    assert list(a) == list(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_the_same_build(ours, theirs)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])
