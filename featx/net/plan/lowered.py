@@ -115,9 +115,10 @@ class LoweredCNBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.dwconv(x)
         step1, step2 = self.steps
-        if not (step1.packed and _made_for(step1, d)):
+        made_for = _made_for(step1, d)
+        if not (made_for and step1.packed):
             y = self.norm(d.permute(0, 2, 3, 1))
-            y = step2(step1(y)) if _made_for(step1, y) else self.fc2(F.gelu(self.fc1(y)))
+            y = step2(step1(y)) if made_for else self.fc2(F.gelu(self.fc1(y)))
             return y.permute(0, 3, 1, 2).add_(x)
         # Row chunks (MLP_CHUNK_BYTES), each summed into the block's input in place: x is a map
         # this trunk made, read by nothing after this block.
